@@ -4,19 +4,29 @@ Importing this package has no side effects (no device initialization, no flags).
 """
 
 from sgpo_jax.follower import (
-    WorstCase,
     SmoothWorstCase,
+    WorstCase,
     entropic_worst_case,
     margin_window,
     w1_certificate,
     worst_case,
 )
+from sgpo_jax.losses import authors_weighted_loss, dpo_loss, sgpo_loss
+from sgpo_jax.step import PreferenceBatch, SGPOConfig, TrainState, make_sgpo_step, sgpo_step
 
 __all__ = [
-    "WorstCase",
+    "PreferenceBatch",
+    "SGPOConfig",
     "SmoothWorstCase",
+    "TrainState",
+    "WorstCase",
+    "authors_weighted_loss",
+    "dpo_loss",
     "entropic_worst_case",
+    "make_sgpo_step",
     "margin_window",
+    "sgpo_loss",
+    "sgpo_step",
     "w1_certificate",
     "worst_case",
 ]

@@ -1,0 +1,286 @@
+r"""The pure training step: policy forward on chosen and rejected responses, follower, update.
+
+``sgpo_step(state, batch) -> (state, metrics)`` is a pure function of pytrees. The model is any
+``apply_fn(params, input_ids [B, T], attention_mask [B, T]) -> logits [B, T, V]``; the optimizer
+any optax transformation. Both, and the :class:`SGPOConfig`, are static fields of the state.
+
+Per step, with :math:`h_i` the pair margins under the current policy:
+
+* ``mode="dpo"``: sigmoid DPO averaged over the pairs' masses.
+* ``mode="sgpo"``: if the batch carries follower atoms (computed per round over all pairs) they
+  are used; otherwise the exact follower runs on-device on the batch's centers
+  :math:`\xi = \text{stop\_gradient}(\sigma(\beta h))` (or :math:`\beta h` in margin space,
+  on the window ``[min - tau, max + tau]`` of the real pairs), and the leader loss
+  :func:`sgpo_jax.losses.sgpo_loss` is minimized with the atoms held fixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from sgpo_jax import follower as follower_lib
+from sgpo_jax import losses
+
+Array = jax.Array
+MODES = ("dpo", "sgpo")
+
+__all__ = [
+    "MODES", "SGPOConfig", "PreferenceBatch", "TrainState", "sgpo_step", "make_sgpo_step", "shard_batch", "auto_mesh",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class SGPOConfig:
+    """Static settings of the step (hashable; validated on construction).
+
+    Attributes:
+      mode: ``"dpo"`` or ``"sgpo"``.
+      beta: DPO temperature; centers are ``sigmoid(beta h)`` or ``beta h``.
+      label_smoothing: DPO label smoothing (``mode="dpo"`` only).
+      space: ``"probability"`` (authors' code) or ``"margin"`` (paper's main text).
+      loss: follower loss, one of :data:`sgpo_jax.follower.LOSSES`; it must suit the space.
+      leader_loss: loss the policy minimizes at the atoms; ``None`` = ``loss`` (consistent
+        game). ``"neg_log"`` with ``loss="tangents"`` is the authors' pairing.
+      num_tangents: K for the tangent losses.
+      epsilon: Wasserstein radius.
+      support: follower support in probability space.
+      window_tau: margin-space window padding ``[min - tau, max + tau]`` over each batch.
+      variant: ``"ball"`` or ``"per_entry"`` (authors' SciPy bounds), see the follower.
+      p_min: floor of ``-log p`` in the leader loss.
+    """
+
+    mode: str = "sgpo"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    space: str = "probability"
+    loss: str = "tangents"
+    leader_loss: Optional[str] = None
+    num_tangents: int = 6
+    epsilon: float = 0.01
+    support: Tuple[float, float] = (0.0, 1.0)
+    window_tau: float = 1.0
+    variant: str = "ball"
+    p_min: float = 1e-6
+
+    def __post_init__(self):
+        problems = []
+        if self.mode not in MODES:
+            problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not self.beta > 0:
+            problems.append(f"beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            problems.append(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.space not in losses.SPACES:
+            problems.append(f"space must be one of {losses.SPACES}, got {self.space!r}")
+        margin_losses = ("neg_log_sigmoid", "neg_log_sigmoid_tangents")
+        for field in ("loss", "leader_loss"):
+            name = getattr(self, field)
+            if name is None and field == "leader_loss":
+                continue
+            if name not in follower_lib.LOSSES:
+                problems.append(f"{field} must be one of {follower_lib.LOSSES}, got {name!r}")
+            elif (name in margin_losses) != (self.space == "margin"):
+                problems.append(f"{field} {name!r} does not suit space {self.space!r}")
+        if not isinstance(self.num_tangents, int) or self.num_tangents < 1:
+            problems.append(f"num_tangents must be a positive int, got {self.num_tangents!r}")
+        if not self.epsilon >= 0:
+            problems.append(f"epsilon must be >= 0, got {self.epsilon}")
+        lo, hi = self.support
+        if self.space == "probability" and not 0 <= lo < hi <= 1:
+            problems.append(f"support must satisfy 0 <= lo < hi <= 1 in probability space, got {self.support}")
+        if self.space == "probability" and self.loss == "neg_log" and lo <= 0:
+            problems.append("loss 'neg_log' needs support lower end > 0 (e.g. support=(1e-3, 1.0))")
+        if not self.window_tau >= 0:
+            problems.append(f"window_tau must be >= 0, got {self.window_tau}")
+        if self.variant not in follower_lib.VARIANTS:
+            problems.append(f"variant must be one of {follower_lib.VARIANTS}, got {self.variant!r}")
+        if not 0 < self.p_min < 1:
+            problems.append(f"p_min must be in (0, 1), got {self.p_min}")
+        if problems:
+            raise ValueError("invalid SGPOConfig: " + "; ".join(problems))
+
+
+@struct.dataclass
+class PreferenceBatch:
+    """A batch of preference pairs. ``B`` pairs, ``T`` tokens (chosen and rejected may have
+    different lengths; they are right-padded to a common length inside the step).
+
+    ``*_loss_mask`` marks response tokens (the only ones scored); ``weight`` is each pair's
+    mass (1 for real pairs, 0 for padding rows). ``atom_shift``/``atom_mass`` (``[B, J]``) are
+    precomputed follower atoms; ``None`` runs the follower inside the step. ``support``
+    (``[B, 2]``, every row the same ``(lo, hi)``) is the margin window the precomputed atoms were
+    solved on; margin space needs it (the tangent knots and the atoms live on that window).
+    """
+
+    chosen_ids: Array
+    chosen_attention: Array
+    chosen_loss_mask: Array
+    rejected_ids: Array
+    rejected_attention: Array
+    rejected_loss_mask: Array
+    ref_chosen_logps: Array
+    ref_rejected_logps: Array
+    weight: Array
+    atom_shift: Optional[Array] = None
+    atom_mass: Optional[Array] = None
+    support: Optional[Array] = None
+
+
+@struct.dataclass
+class TrainState:
+    """Training state; ``rng`` is split every step and handed to nothing else yet (kept so
+    stochastic models and in-step sampling resume deterministically)."""
+
+    step: Array
+    params: Any
+    opt_state: Any
+    rng: Array
+    apply_fn: Callable[[Any, Array, Array], Array] = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    config: SGPOConfig = struct.field(pytree_node=False)
+
+    @classmethod
+    def create(cls, *, apply_fn, params, tx, config: SGPOConfig, rng: Array) -> "TrainState":
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=rng,
+            apply_fn=apply_fn,
+            tx=tx,
+            config=config,
+        )
+
+
+def _pad_to(x: Array, length: int) -> Array:
+    return jnp.pad(x, ((0, 0), (0, length - x.shape[1])))
+
+
+def _policy_logps(apply_fn, params, batch: PreferenceBatch) -> Tuple[Array, Array]:
+    """One forward pass over ``[2B, T]`` (chosen rows then rejected rows)."""
+    length = max(batch.chosen_ids.shape[1], batch.rejected_ids.shape[1])
+    cat = lambda a, b: jnp.concatenate([_pad_to(a, length), _pad_to(b, length)])
+    ids = cat(batch.chosen_ids, batch.rejected_ids)
+    attention = cat(batch.chosen_attention, batch.rejected_attention)
+    loss_mask = cat(batch.chosen_loss_mask, batch.rejected_loss_mask)
+    logps = losses.sequence_logps(apply_fn(params, ids, attention), ids, loss_mask)
+    b = batch.chosen_ids.shape[0]
+    return logps[:b], logps[b:]
+
+
+def _in_step_follower(config: SGPOConfig, centers: Array, weight: Array):
+    """Exact follower on the batch; returns (atom_shift, atom_mass, support, metrics)."""
+    if config.space == "probability":
+        support = config.support
+    else:
+        real = weight > 0
+        lo = jnp.min(jnp.where(real, centers, jnp.inf)) - config.window_tau
+        hi = jnp.max(jnp.where(real, centers, -jnp.inf)) + config.window_tau
+        support = (lo, hi)
+        centers = jnp.clip(centers, lo, hi)  # padding rows only
+    wc = follower_lib.worst_case(
+        centers,
+        config.epsilon,
+        loss=config.loss,
+        num_tangents=config.num_tangents,
+        support=support,
+        weights=weight,
+        variant=config.variant,
+    )
+    shift, mass = wc.atoms()
+    metrics = {
+        "follower/value": wc.value,
+        "follower/dual": wc.dual,
+        "follower/moved": jnp.sum(wc.weights * wc.moved),
+        "follower/transport": wc.transport,
+    }
+    return shift, mass * weight[:, None], support, metrics
+
+
+def sgpo_step(state: TrainState, batch: PreferenceBatch) -> Tuple[TrainState, Dict[str, Array]]:
+    """One optimizer step. Returns ``(new_state, metrics)``; metrics: ``loss``, TRL's
+    ``rewards/*`` and ``logps/*``, ``grad_norm``, and ``follower/*`` when the follower runs."""
+    config = state.config
+
+    def loss_fn(params):
+        pc, pr = _policy_logps(state.apply_fn, params, batch)
+        rc, rr = batch.ref_chosen_logps, batch.ref_rejected_logps
+        if config.mode == "dpo":
+            per_pair, metrics = losses.dpo_loss(
+                pc, pr, rc, rr, beta=config.beta, label_smoothing=config.label_smoothing, weights=batch.weight
+            )
+            total, mass = jnp.sum(per_pair * batch.weight), jnp.sum(batch.weight)
+            return total / jnp.maximum(mass, jnp.finfo(total.dtype).tiny), metrics
+        support = config.support
+        extra = {}
+        if batch.atom_shift is None:
+            h = jax.lax.stop_gradient((pc - rc) - (pr - rr))
+            centers = losses.preference_centers(h, beta=config.beta, space=config.space)
+            shift, mass, support, extra = _in_step_follower(config, centers, batch.weight)
+        else:
+            shift, mass = batch.atom_shift, batch.atom_mass * batch.weight[:, None]
+            if config.space == "margin":
+                if batch.support is None:
+                    raise ValueError("margin-space batches with precomputed atoms need batch.support (the window)")
+                support = (batch.support[0, 0], batch.support[0, 1])
+        terms, metrics = losses.sgpo_loss(
+            pc, pr, rc, rr, shift, mass,
+            beta=config.beta, space=config.space, loss=config.leader_loss or config.loss,
+            num_tangents=config.num_tangents, support=support, p_min=config.p_min,
+        )
+        return terms.mean, {**metrics, **extra}
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    rng, _ = jax.random.split(state.rng)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        rng=rng,
+    )
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    return new_state, {"loss": loss, "grad_norm": grad_norm, **metrics}
+
+
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """The same devices and axis names with every axis in ``Auto`` mode (compiler-propagated
+    shardings; ``jax.make_mesh`` defaults to ``Explicit`` axes in recent JAX)."""
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def shard_batch(batch: PreferenceBatch, mesh: Mesh, batch_axes: Sequence[str] = ("data",)) -> PreferenceBatch:
+    """Places every batch leaf on ``mesh`` split along its leading (pair) axis."""
+    return jax.device_put(batch, NamedSharding(auto_mesh(mesh), P(tuple(batch_axes))))
+
+
+def make_sgpo_step(
+    mesh: Mesh,
+    state: TrainState,
+    *,
+    batch_axes: Sequence[str] = ("data",),
+    state_sharding: Optional[Any] = None,
+    donate: bool = True,
+) -> Callable[[TrainState, PreferenceBatch], Tuple[TrainState, Dict[str, Array]]]:
+    """``sgpo_step`` jitted over ``mesh``: the batch split along ``batch_axes`` on its leading
+    axis, the state placed by ``state_sharding`` (a pytree of shardings matching ``state``;
+    default: replicated) and donated, metrics replicated. The pair count must be divisible by
+    the product of the ``batch_axes`` sizes. The mesh's axes are used in ``Auto`` mode."""
+    mesh = auto_mesh(mesh)
+    replicated = NamedSharding(mesh, P())
+    if state_sharding is None:
+        state_sharding = jax.tree.map(lambda _: replicated, state)
+    batch_sharding = NamedSharding(mesh, P(tuple(batch_axes)))
+    return jax.jit(
+        sgpo_step,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=(0,) if donate else (),
+    )

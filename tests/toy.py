@@ -1,0 +1,61 @@
+"""A tiny causal LM and random preference batches for step tests (not part of the library)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sgpo_jax.step import PreferenceBatch
+
+
+class ToyLM(nn.Module):
+    """Token embedding + running mean of the (unpadded) prefix, then a linear head: causal,
+    respects the attention mask, a few hundred parameters."""
+
+    vocab: int = 11
+    dim: int = 8
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask):
+        emb = nn.Embed(self.vocab, self.dim)(input_ids)
+        m = attention_mask[..., None].astype(emb.dtype)
+        prefix = jnp.cumsum(emb * m, axis=1) / jnp.maximum(jnp.cumsum(m, axis=1), 1)
+        return nn.Dense(self.vocab)(jnp.tanh(emb + prefix))
+
+
+def init_toy(seed=0, vocab=11, dim=8, dtype=jnp.float32):
+    model = ToyLM(vocab, dim)
+    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
+    return model, params
+
+
+def apply_fn_for(model):
+    return lambda params, ids, mask: model.apply(params, ids, mask)
+
+
+def random_batch(seed=0, pairs=8, prompt=3, response=4, vocab=11, ref_scale=1.0, pad_rows=0):
+    """Random pairs: prompt tokens then response tokens, right padding on some rows."""
+    rng = np.random.default_rng(seed)
+    t = prompt + response
+
+    def side():
+        ids = rng.integers(1, vocab, size=(pairs, t))
+        lengths = rng.integers(prompt + 1, t + 1, size=pairs)
+        attention = (np.arange(t)[None, :] < lengths[:, None]).astype(np.int32)
+        ids = ids * attention
+        loss_mask = attention * (np.arange(t)[None, :] >= prompt)
+        return jnp.asarray(ids, jnp.int32), jnp.asarray(attention), jnp.asarray(loss_mask, jnp.int32)
+
+    ci, ca, cl = side()
+    ri, ra, rl = side()
+    weight = np.ones(pairs, np.float32)
+    if pad_rows:
+        weight[-pad_rows:] = 0
+    return PreferenceBatch(
+        chosen_ids=ci, chosen_attention=ca, chosen_loss_mask=cl,
+        rejected_ids=ri, rejected_attention=ra, rejected_loss_mask=rl,
+        ref_chosen_logps=jnp.asarray(rng.normal(-8, ref_scale, pairs), jnp.float32),
+        ref_rejected_logps=jnp.asarray(rng.normal(-8, ref_scale, pairs), jnp.float32),
+        weight=jnp.asarray(weight),
+    )
