@@ -130,9 +130,19 @@ class ConvexLoss:
         d = x - lower
         safe_d = jnp.where(d > 0, d, 1)
         if self.piecewise:
-            same = self.piece(x) == self.piece(lower)
-            own = -self.slopes[self.piece(x)]
-            return jnp.where(same | (d <= 0), own, (self(lower) - self(x)) / safe_d)
+            # The chord from ``lower`` never beats the slope of the piece active at ``lower``
+            # (convexity); it equals it exactly when that piece is also active at ``x``. Decide
+            # "active" up to a few ulps, so centers at the edge of the tie class (where the two
+            # pieces agree to rounding) are not split off by argmax noise.
+            p = self.piece(lower)
+            own = -self.slopes[p]
+            l_x = self(x)
+            on_p = self.slopes[p] * x + self.intercepts[p]
+            ulp = jnp.finfo(l_x.dtype).eps
+            tol = 8 * ulp * (jnp.abs(self.slopes[p] * x) + jnp.abs(self.intercepts[p]) + jnp.abs(l_x))
+            same = on_p >= l_x - tol
+            chord = jnp.minimum((self(lower) - l_x) / safe_d, own)
+            return jnp.where(same | (d <= 0), own, chord)
         if self.name == "neg_log":
             return jnp.where(d > 0, jnp.log1p(d / lower) / safe_d, 1 / x)
         # -log sigmoid: l(lo) - l(x) = log1p(sigmoid(-x) * expm1(d)), stable for small d.
@@ -157,9 +167,11 @@ def make_loss(
     _check_name(name, num_tangents)
     if name == "tangents":
         k = jnp.arange(1, num_tangents + 1, dtype=dtype)
-        knots = k / num_tangents
-        slopes = -1 / knots
-        intercepts = 1 - jnp.log(knots)
+        # -1 / (k / K) is not exactly -K in floating point (K = 7 in float32, 49 in float64), which
+        # would split the tie class below; K / k is correctly rounded, exact for k = 1.
+        ratio = num_tangents / k
+        slopes = -ratio
+        intercepts = 1 + jnp.log(ratio)
     elif name == "neg_log_sigmoid_tangents":
         lower = jnp.asarray(support[0], dtype)
         upper = jnp.asarray(support[1], dtype)
@@ -387,7 +399,7 @@ def _worst_case(centers, weights, epsilon, lower, upper, *, loss_name, num_tange
     eps = jnp.asarray(epsilon, dtype)
     lower = jnp.asarray(lower, dtype)
     solve = _solve_ball if variant == "ball" else _solve_per_entry
-    w = weights / _total(weights)
+    w = weights / jnp.maximum(_total(weights), jnp.finfo(dtype).tiny)  # all-padding batch: no NaN
     if group_size is None:
         value, dual, dual_value, transport, moved, piece_mass = solve(centers, w, eps, lower, loss)
     else:
@@ -509,7 +521,8 @@ class SmoothWorstCase:
     Attributes:
       value: ``[]`` :math:`\mathbb{E}_\pi[\ell(g)]` under the soft plan (a feasible point of the
         ball, so ``<=`` the exact value; converges to it as ``regularization -> 0``).
-      dual: ``[]`` the price :math:`\lambda` found by bisection (held fixed for gradients).
+      dual: ``[]`` the price :math:`\lambda` found by bisection (its gradient is the implicit one
+        of the active budget constraint).
       transport: ``[]`` :math:`\sum_{ij} \pi_{ij} |\xi_i - g_j|` (``<= epsilon``).
       grid: ``[M]`` destinations (``lo..hi`` evenly, plus every center).
       plan: ``[N, M]`` the soft transport plan (rows sum to the sample masses).
@@ -562,7 +575,17 @@ def _entropic(centers, weights, epsilon, lower, upper, regularization, *, loss_n
 
     free = transport(jnp.zeros((), dtype)) <= eps
     _, lam = jax.lax.fori_loop(0, bisection_steps, bisect, (jnp.zeros((), dtype), hi0))
-    lam = jax.lax.stop_gradient(jnp.where(free, 0, lam))
+    binding = (~free) & (eps > 0)
+    lam = jax.lax.stop_gradient(jnp.where(binding, lam, 0))  # eps = 0: keep inf/NaN out of grads
+    # The price depends on the centers and on epsilon through the active budget
+    # T(lam, centers) = eps. `value` is E_pi[loss], not the Lagrangian, so the envelope theorem
+    # does not apply: differentiate lam implicitly, d lam = -(dT - d eps) / (dT / d lam). The
+    # correction is exactly 0 in the forward pass.
+    t = transport(lam)
+    slope = jax.lax.stop_gradient(jax.grad(transport)(lam))
+    implicit = binding & (slope < 0)
+    resid = (t - jax.lax.stop_gradient(t)) - (eps - jax.lax.stop_gradient(eps))
+    lam = lam - jnp.where(implicit, resid / jnp.where(implicit, slope, -1), 0)
     plan = _soft_plan(lam, dist, loss_grid, w, regularization)
     stay = w[:, None] * (grid[None, :] == centers[:, None]) / jnp.sum(grid[None, :] == centers[:, None], 1, keepdims=True)
     plan = jnp.where(eps > 0, plan, stay)
@@ -596,7 +619,8 @@ def entropic_worst_case(
         \pi_\lambda = \arg\max_{\pi \mathbf{1} = w}\ \langle \pi, \ell(g) - \lambda |\xi - g| \rangle
             + \text{reg} \cdot H(\pi), \qquad \lambda: \ \langle \pi_\lambda, |\xi - g| \rangle \le \epsilon.
 
-    ``value`` is differentiable in ``centers`` (the price is held fixed: envelope theorem) and
+    ``value`` is differentiable in ``centers`` and ``epsilon`` (the price is differentiated
+    implicitly through the active budget :math:`\langle \pi_\lambda, |\xi - g| \rangle = \epsilon`) and
     converges to :func:`worst_case`'s value as ``regularization -> 0`` (the grid contains every
     center and ``lo``, where the exact worst case puts its atoms). Memory is ``O(N (N + M))``:
     meant for batches, not for millions of pairs. Ball variant, no grouping.

@@ -11,13 +11,13 @@ import pytest
 from sgpo_jax import sgpo_step
 from sgpo_jax.follower import worst_case
 from sgpo_jax.step import SGPOConfig, TrainState, make_sgpo_step, shard_batch
-from toy import apply_fn_for, init_toy, random_batch
+from toy import init_toy, random_batch
 
 
 def _state(config, lr=1e-2, tx=None, dtype=jnp.float32, seed=0):
     model, params = init_toy(seed=seed, dtype=dtype)
     return model, TrainState.create(
-        apply_fn=apply_fn_for(model), params=params, tx=tx or optax.adam(lr), config=config,
+        apply_fn=model.apply, params=params, tx=tx or optax.adam(lr), config=config,
         rng=jax.random.PRNGKey(0),
     )
 

@@ -1,37 +1,18 @@
-"""A tiny causal LM and random preference batches for step tests (not part of the library)."""
+"""A tiny causal LM and random preference batches for step tests."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgpo_jax.demo import PrefixMeanLM
 from sgpo_jax.step import PreferenceBatch
 
 
-class ToyLM(nn.Module):
-    """Token embedding + running mean of the (unpadded) prefix, then a linear head: causal,
-    respects the attention mask, a few hundred parameters."""
-
-    vocab: int = 11
-    dim: int = 8
-
-    @nn.compact
-    def __call__(self, input_ids, attention_mask):
-        emb = nn.Embed(self.vocab, self.dim)(input_ids)
-        m = attention_mask[..., None].astype(emb.dtype)
-        prefix = jnp.cumsum(emb * m, axis=1) / jnp.maximum(jnp.cumsum(m, axis=1), 1)
-        return nn.Dense(self.vocab)(jnp.tanh(emb + prefix))
-
-
 def init_toy(seed=0, vocab=11, dim=8, dtype=jnp.float32):
-    model = ToyLM(vocab, dim)
+    model = PrefixMeanLM(vocab, dim)
     params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
     params = jax.tree.map(lambda p: p.astype(dtype), params)
     return model, params
-
-
-def apply_fn_for(model):
-    return lambda params, ids, mask: model.apply(params, ids, mask)
 
 
 def random_batch(seed=0, pairs=8, prompt=3, response=4, vocab=11, ref_scale=1.0, pad_rows=0):

@@ -1,0 +1,28 @@
+"""Flax models with exact transformers counterparts."""
+
+from sgpo_jax.models.llama import (
+    SUPPORTED_MODEL_TYPES,
+    Decoder,
+    DecoderConfig,
+    KVCache,
+    Llama3RopeScaling,
+    hf_state_dict_to_params,
+    params_to_hf_state_dict,
+    rope_inv_freq,
+)
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "Decoder",
+    "DecoderConfig",
+    "KVCache",
+    "Llama3RopeScaling",
+    "hf_state_dict_to_params",
+    "params_to_hf_state_dict",
+    "rope_inv_freq",
+]
+
+from sgpo_jax.models.llama import output_head  # noqa: E402
+from sgpo_jax.models.logps import DEFAULT_CHUNK_SIZE, chunked_sequence_logps, decoder_logps_fn  # noqa: E402
+
+__all__ += ["output_head", "DEFAULT_CHUNK_SIZE", "chunked_sequence_logps", "decoder_logps_fn"]

@@ -1,0 +1,139 @@
+r"""Sequence log-probabilities without materializing the ``[B, T, V]`` logits.
+
+For a causal LM with final (normed) hidden states :math:`h_t \in \mathbb{R}^H` and output head
+:math:`W \in \mathbb{R}^{H \times V}` the logits are :math:`z_t = h_t W` and
+
+.. math::
+
+    \log p(x_{t+1} \mid x_{\le t}) = z_{t, x_{t+1}} - \operatorname{logsumexp}_v z_{t, v},
+    \qquad
+    \mathrm{logp}_b = \sum_{t=1}^{T-1} m_{b,t} \, \log p(x_{b,t} \mid x_{b,<t})
+
+(the convention of :func:`sgpo_jax.losses.sequence_logps`: logits at position ``t`` predict
+token ``t + 1``; position 0 is never scored). :func:`sgpo_jax.losses.sequence_logps` needs the
+full logits, ``B * T * V`` floats (plus as much again for the softmax in the backward pass): at
+``B = 8, T = 256, V = 32000`` that is 262 MB per copy in float32, and several copies are live
+at once under ``jax.grad``. :func:`chunked_sequence_logps` instead scans over chunks of ``C``
+sequence positions: each step computes the chunk's ``[B, C, V]`` float32 logits, their
+logsumexp and the target logit, and keeps only ``[B, C]`` numbers. The step is wrapped in
+``jax.checkpoint``, so the backward pass recomputes one chunk's logits at a time as well; the
+gradients are the usual ones,
+
+.. math::
+
+    \frac{\partial \mathrm{logp}_b}{\partial z_{t,v}} = m_{b,t+1} \left(\mathbb{1}[v = x_{t+1}]
+        - \operatorname{softmax}(z_t)_v\right),
+
+so the peak extra memory is ``O(B * C * V)`` instead of ``O(B * T * V)``, at the price of one
+more head matmul (the forward logits are recomputed in the backward pass).
+
+:func:`decoder_logps_fn` wires this to :class:`sgpo_jax.models.Decoder`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+from sgpo_jax.models.llama import Decoder, output_head
+
+Array = jax.Array
+
+DEFAULT_CHUNK_SIZE = 64
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "chunked_sequence_logps", "decoder_logps_fn"]
+
+
+def chunked_sequence_logps(hidden: Array, head: Array, input_ids: Array, loss_mask: Array, *,
+                           chunk_size: int = DEFAULT_CHUNK_SIZE, tied: bool = False) -> Array:
+    r"""Per-row :math:`\sum_t m_t \log p(x_t \mid x_{<t})` from hidden states, chunk by chunk.
+
+    Equals ``sequence_logps(hidden @ head, input_ids, loss_mask)`` (``hidden @ head.T`` when
+    ``tied``) up to float rounding, for values and gradients, without ever holding more than one
+    chunk's ``[B, chunk_size, V]`` float32 logits (forward or backward).
+
+    Args:
+      hidden: ``[B, T, H]`` final normed hidden states; ``hidden[:, t]`` predicts token ``t + 1``.
+      head: ``[H, V]`` output kernel, or with ``tied=True`` the token embedding ``[V, H]``.
+      input_ids: ``[B, T]`` int token ids (the targets are ``input_ids[:, 1:]``).
+      loss_mask: ``[B, T]``, 1 on the tokens to score, 0 elsewhere; position 0 is never scored.
+      chunk_size: sequence positions per chunk ``C`` (static); ``T - 1`` need not be a multiple
+        of it (the last chunk is zero-padded, padding is unscored). Memory of one chunk's logits
+        is ``4 * B * C * V`` bytes.
+      tied: ``head`` is the ``[V, H]`` embedding (tied word embeddings); no transposed copy is made.
+
+    Returns ``[B]`` in float32 (float64 for float64 inputs). The matmul operands are cast to the
+    promoted dtype of ``hidden`` and ``head`` (e.g. bfloat16 stays bfloat16) and accumulated in
+    float32, so bfloat16 models get float32 logits.
+    """
+    if hidden.ndim != 3:
+        raise ValueError(f"hidden must be [B, T, H], got shape {tuple(hidden.shape)}")
+    b, t, h = hidden.shape
+    if input_ids.shape != (b, t) or loss_mask.shape != (b, t):
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and loss_mask {tuple(loss_mask.shape)} must be "
+                         f"[B, T] = {(b, t)}")
+    if head.ndim != 2 or head.shape[1 if tied else 0] != h:
+        layout = "[V, H]" if tied else "[H, V]"
+        raise ValueError(f"head must be {layout} with H = {h} (tied={tied}), got shape {tuple(head.shape)}")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    operand_dtype = jnp.promote_types(hidden.dtype, head.dtype)
+    acc_dtype = jnp.promote_types(operand_dtype, jnp.float32)
+    if t < 2:
+        return jnp.zeros((b,), acc_dtype)  # nothing to score
+
+    length = t - 1  # scored positions: hidden[:, :-1] predicts input_ids[:, 1:]
+    chunk = min(chunk_size, length)
+    n_chunks = -(-length // chunk)
+    pad = n_chunks * chunk - length
+    targets = jnp.pad(input_ids[:, 1:].astype(jnp.int32), ((0, 0), (0, pad)))
+    mask = jnp.pad(loss_mask[:, 1:].astype(acc_dtype), ((0, 0), (0, pad)))
+    x = jnp.pad(hidden[:, :-1].astype(operand_dtype), ((0, 0), (0, pad), (0, 0)))
+    # [n, B, C, ...]: the scan runs over the leading axis.
+    x = jnp.moveaxis(x.reshape(b, n_chunks, chunk, h), 1, 0)
+    targets = jnp.moveaxis(targets.reshape(b, n_chunks, chunk), 1, 0)
+    mask = jnp.moveaxis(mask.reshape(b, n_chunks, chunk), 1, 0)
+    w = head.astype(operand_dtype)
+    contract = "bch,vh->bcv" if tied else "bch,hv->bcv"
+
+    @jax.checkpoint
+    def chunk_logps(w, x_c, targets_c, mask_c):
+        logits = jnp.einsum(contract, x_c, w, preferred_element_type=acc_dtype)  # [B, C, V]
+        picked = jnp.take_along_axis(logits, targets_c[..., None], axis=-1)[..., 0]
+        return (picked - jax.nn.logsumexp(logits, axis=-1)) * mask_c  # [B, C]
+
+    def step(total, xs):
+        return total + jnp.sum(chunk_logps(w, *xs), axis=-1), None
+
+    total, _ = jax.lax.scan(step, jnp.zeros((b,), acc_dtype), (x, targets, mask))
+    return total
+
+
+def decoder_logps_fn(model: Decoder, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+                     ) -> Callable[[Mapping[str, Any], Array, Optional[Array], Array], Array]:
+    r"""``logps_fn(params, input_ids, attention_mask, loss_mask) -> [B]`` for a :class:`Decoder`.
+
+    Runs ``model`` to its final normed hidden states (``return_hidden=True``) and applies
+    :func:`chunked_sequence_logps` with the model's output head (``lm_head`` kernel, or the tied
+    embedding), cast to the model's compute dtype as the model's own head does. Equal to
+    ``losses.sequence_logps(model.apply(params, input_ids, attention_mask), input_ids, loss_mask)``
+    up to rounding (exactly the same math in float32), but with ``O(B * chunk_size * V)`` instead
+    of ``O(B * T * V)`` memory for the head; in bfloat16 the logits are accumulated in float32.
+
+    ``params`` is the variables dict ``{"params": ...}`` (``variables["params"]`` alone is accepted
+    too); ``input_ids``/``attention_mask``/``loss_mask`` are ``[B, T]`` as in ``Decoder.__call__``
+    and :func:`sgpo_jax.losses.sequence_logps`. Pure and ``jit``/``grad``-able.
+    """
+    cfg = model.cfg
+
+    def logps_fn(params: Mapping[str, Any], input_ids: Array, attention_mask: Optional[Array],
+                 loss_mask: Array) -> Array:
+        variables = params if set(params) == {"params"} else {"params": params}
+        hidden = model.apply(variables, input_ids, attention_mask, return_hidden=True)
+        head = output_head(variables, cfg).astype(cfg.dtype)
+        return chunked_sequence_logps(hidden, head, input_ids, loss_mask, chunk_size=chunk_size,
+                                      tied=cfg.tie_word_embeddings)
+
+    return logps_fn

@@ -1,0 +1,126 @@
+r"""Device meshes and parameter sharding by name rules.
+
+The mesh has three named axes:
+
+* ``data``: pure data parallelism (parameters replicated along it);
+* ``fsdp``: data parallelism with parameters (and optimizer state) sharded along it, ZeRO-3 style;
+* ``tensor``: tensor (model) parallelism inside attention heads, MLP columns and the vocabulary.
+
+The batch (pair) axis of activations is split over ``("data", "fsdp")``. Parameters are placed
+by :data:`DEFAULT_RULES`: a list of ``(regex, PartitionSpec)`` matched (``re.search``) against the
+parameter's path joined with ``/`` (e.g. ``params/layers_3/self_attn/q_proj/kernel``); the first
+match wins. Kernels shard their input dimension over ``fsdp`` and their output dimension over
+``tensor`` (Megatron column/row split: q/k/v, gate and up are column-parallel, o and down are
+row-parallel), the embedding shards the vocabulary over ``tensor`` and the hidden size over
+``fsdp``, norms are replicated. Scanned layers (a leading ``[num_layers]`` axis) get ``None``
+prepended automatically.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+DEFAULT_RULES: Tuple[Tuple[str, P], ...] = (
+    (r"embed_tokens/embedding$", P("tensor", "fsdp")),  # [V, H]
+    (r"(q_proj|k_proj|v_proj)/kernel$", P("fsdp", "tensor")),  # [H, heads * D]
+    (r"(q_proj|k_proj|v_proj)/bias$", P("tensor")),
+    (r"o_proj/kernel$", P("tensor", "fsdp")),  # [heads * D, H]
+    (r"(gate_proj|up_proj)/kernel$", P("fsdp", "tensor")),  # [H, I]
+    (r"down_proj/kernel$", P("tensor", "fsdp")),  # [I, H]
+    (r"lm_head/kernel$", P("fsdp", "tensor")),  # [H, V]
+    (r"(norm|layernorm)/weight$", P()),
+)
+
+__all__ = ["AXES", "BATCH_AXES", "DEFAULT_RULES", "make_mesh", "spec_for", "param_sharding", "shard_params",
+           "batch_sharding"]
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Optional[Sequence[Any]] = None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all), axes in ``Auto`` mode.
+
+    One size may be ``-1``: it takes whatever the others leave. The product must equal the
+    device count; ``tensor`` varies fastest (neighbouring devices, i.e. within a host).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"make_mesh: sizes must be positive, at most one -1; got data={data}, fsdp={fsdp}, tensor={tensor}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"make_mesh: {len(devices)} devices are not divisible by fsdp*tensor*data = {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"make_mesh: data*fsdp*tensor = {sizes[0]}*{sizes[1]}*{sizes[2]} = {int(np.prod(sizes))} "
+            f"but there are {len(devices)} devices"
+        )
+    grid = np.asarray(devices, dtype=object).reshape(sizes)
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def _path_str(path) -> str:
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def spec_for(name: str, shape: Tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES) -> P:
+    """The PartitionSpec of one parameter; checks that every sharded dimension divides.
+
+    Unmatched parameters are replicated. A rule with fewer entries than the array's rank is
+    right-aligned (extra leading axes, e.g. scanned layers, stay unsharded).
+    """
+    for pattern, spec in rules:
+        if re.search(pattern, name):
+            break
+    else:
+        return P()
+    if not len(spec):
+        return spec
+    if len(spec) > len(shape):
+        raise ValueError(f"sharding rule {pattern!r} {spec} has more axes than parameter {name} {shape}")
+    spec = P(*([None] * (len(shape) - len(spec)) + list(spec)))
+    for dim, axes in zip(shape, spec):
+        if axes is None:
+            continue
+        axes = axes if isinstance(axes, tuple) else (axes,)
+        size = int(np.prod([mesh.shape[a] for a in axes]))
+        if dim % size:
+            raise ValueError(
+                f"cannot shard parameter {name} of shape {shape} with {spec}: dimension {dim} is not "
+                f"divisible by mesh axes {axes} of total size {size} (mesh {dict(mesh.shape)}); "
+                "choose a mesh whose axis sizes divide it, or override the rule"
+            )
+    return spec
+
+
+def param_sharding(params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+    """A pytree of ``NamedSharding`` matching ``params`` (arrays or ShapeDtypeStructs)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, spec_for(_path_str(path), tuple(x.shape), mesh, rules)), params
+    )
+
+
+def shard_params(params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+    """Places ``params`` on ``mesh`` by the rules (each device receives only its shards)."""
+    return jax.device_put(params, param_sharding(params, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (pair) axis split over ``("data", "fsdp")``, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))

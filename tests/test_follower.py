@@ -1,0 +1,705 @@
+"""The exact follower against independent oracles.
+
+Oracles (never the code's own output):
+* ``lp_oracle.paper_lp``: the paper's s/q linear program (HiGHS) for tangent losses, with the
+  authors' per-entry bounds for ``variant="per_entry"``;
+* ``lp_oracle.transport_lp`` (primal, grid of destinations holding every center, lo, hi and a fine
+  linspace) and ``lp_oracle.ball_dual_lp`` (continuous dual) for the exact smooth losses: the
+  first is a lower bound, the second an upper bound on the true optimum, so matching both pins it;
+* closed forms (everything moves, eps = 0, N = 1, group_size = 1), float64 numpy re-implementations
+  of the greedy and of the loss functions, numpy CDF Wasserstein distances.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lp_oracle import ball_dual_lp, paper_lp, transport_lp
+from sgpo_jax.follower import (
+    entropic_worst_case,
+    make_loss,
+    margin_window,
+    w1_certificate,
+    worst_case,
+)
+
+LN2 = math.log(2.0)
+
+
+# --------------------------------------------------------------------------- numpy references
+
+
+def tangents_ab(k):
+    """Slopes/intercepts of the tangents of -log p at p = j/K, j = 1..K (float64)."""
+    j = np.arange(1, k + 1, dtype=np.float64)
+    return -k / j, 1.0 + np.log(k / j)
+
+
+def nls_tangents_ab(k, lo, hi):
+    """Tangents of -log sigmoid at linspace(lo, hi, K) (K = 1: the knot lo), float64."""
+    knots = lo + (hi - lo) * np.arange(k) / max(k - 1, 1)
+    a = -1.0 / (1.0 + np.exp(knots))
+    return a, np.logaddexp(0.0, -knots) - a * knots
+
+
+def piecewise(a, b):
+    return lambda z: np.max(np.asarray(z, np.float64)[..., None] * a + b, axis=-1)
+
+
+def neg_log(z):
+    return -np.log(np.asarray(z, np.float64))
+
+
+def neg_log_sigmoid(z):
+    return np.logaddexp(0.0, -np.asarray(z, np.float64))
+
+
+def dual_objective(lam, x, eps, loss, lo, w=None):
+    """lam eps + sum_i w_i max(l(x_i), l(lo) - lam (x_i - lo)), float64 (non-increasing convex l)."""
+    x = np.asarray(x, np.float64)
+    w = np.full(len(x), 1 / len(x)) if w is None else np.asarray(w, np.float64) / np.sum(w)
+    return lam * eps + np.sum(w * np.maximum(loss(x), loss(lo) - lam * (x - lo)))
+
+
+def numpy_greedy(x, eps, loss, lo, w=None):
+    """The fractional knapsack in float64: sort ascending, move whole masses to lo while they fit."""
+    x = np.asarray(x, np.float64)
+    w = np.full(len(x), 1 / len(x)) if w is None else np.asarray(w, np.float64) / np.sum(w)
+    order = np.argsort(x, kind="stable")
+    cost = w[order] * (x[order] - lo)
+    before = np.concatenate([[0.0], np.cumsum(cost)[:-1]])
+    theta_s = np.where(cost > 0, np.clip((eps - before) / np.where(cost > 0, cost, 1), 0, 1), 0)
+    theta = np.empty_like(theta_s)
+    theta[order] = theta_s
+    lx = loss(x)
+    value = np.sum(w * (lx + theta * (loss(lo) - lx)))
+    return value, np.sum(theta_s * cost), theta
+
+
+def close(v, ref, rtol):
+    v, ref = float(v), float(ref)
+    assert abs(v - ref) <= rtol * max(1.0, abs(ref)), (v, ref, abs(v - ref))
+
+
+def prob_instances(rng, n, lo=0.0, hi=1.0):
+    """(centers, eps) pairs in probability space: plain, ties, samples at lo and hi, skewed."""
+    out = []
+    plain = rng.uniform(lo, hi, n)
+    ties = np.clip(np.round(rng.uniform(lo, hi, n), 1), lo, hi)
+    ends = rng.uniform(lo, hi, n)
+    ends[: max(1, n // 3)] = lo
+    ends[-1] = hi
+    skew = lo + (hi - lo) * rng.beta(0.5, 3.0, n)
+    for x in (plain, ties, ends, skew):
+        movable = np.mean(x - lo)
+        for eps in (0.0, 0.05 * movable, 0.4 * movable, 0.9 * movable, movable + 0.1):
+            out.append((x, float(eps)))  # python floats: one jit signature per shape
+    return out
+
+
+def check_against(r, ref, x, eps, loss, lo, rtol, w=None):
+    """value, dual_value and the dual certificate (evaluated in numpy) all equal the oracle."""
+    close(r.value, ref, rtol)
+    close(r.dual_value, ref, rtol)
+    close(dual_objective(float(r.dual), x, eps, loss, lo, w), ref, rtol)
+    assert float(r.transport) <= eps * (1 + rtol) + rtol
+    x = np.asarray(x, np.float64)
+    w = np.full(len(x), 1 / len(x)) if w is None else np.asarray(w, np.float64) / np.sum(w)
+    movable = np.sum(w * (x - lo))
+    if eps >= movable * (1 + 1e-6):  # everything moves: closed form
+        assert float(r.dual) == 0.0
+        close(r.value, loss(lo), rtol)
+        np.testing.assert_array_equal(np.asarray(r.moved)[(x > lo) & (w > 0)], 1.0)
+    if eps == 0:
+        close(r.value, np.sum(w * loss(x)), rtol)
+        assert float(r.transport) == 0.0
+
+
+# --------------------------------------------------------------------------- 1. exact values
+
+
+@pytest.mark.parametrize("k", range(1, 11))
+def test_tangents_match_paper_lp_float64(x64, k):
+    rng = np.random.default_rng(100 + k)
+    a, b = tangents_ab(k)
+    loss = piecewise(a, b)
+    for x, eps in prob_instances(rng, 9):
+        r = worst_case(x, eps, loss="tangents", num_tangents=k)
+        assert r.value.dtype == jnp.float64
+        check_against(r, paper_lp(x, eps, a, b, 0.0, 1.0), x, eps, loss, 0.0, 1e-7)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 10])
+def test_tangents_match_paper_lp_float32(k):
+    rng = np.random.default_rng(200 + k)
+    a, b = tangents_ab(k)
+    loss = piecewise(a, b)
+    for x, eps in prob_instances(rng, 9):
+        x32 = x.astype(np.float32)
+        eps32 = float(np.float32(eps))
+        r = worst_case(x32, eps32, loss="tangents", num_tangents=k)
+        assert r.value.dtype == jnp.float32
+        x64 = x32.astype(np.float64)
+        check_against(r, paper_lp(x64, eps32, a, b, 0.0, 1.0), x64, eps32, loss, 0.0, 1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 6])
+def test_single_sample_closed_form(x64, k):
+    a, b = tangents_ab(k)
+    loss = piecewise(a, b)
+    for xi in (0.0, 0.1, 0.37, 1.0):
+        for eps in (0.0, 0.02, 0.2, 5.0):
+            r = worst_case([xi], eps, num_tangents=k)
+            frac = 1.0 if xi == 0 else min(eps / xi, 1.0)
+            expected = loss(xi) + (frac if xi > 0 else 0.0) * (loss(0.0) - loss(xi))
+            close(r.value, expected, 1e-12)
+            check_against(r, paper_lp([xi], eps, a, b, 0.0, 1.0), [xi], eps, loss, 0.0, 1e-7)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 10])
+def test_neg_log_sigmoid_tangents_window_from_data(x64, k):
+    rng = np.random.default_rng(300 + k)
+    tau = 0.75
+    for trial in range(4):
+        x = rng.normal(0.5, 2.0, 11)
+        if trial == 1:
+            x = np.round(x)  # ties
+        lo, hi = x.min() - tau, x.max() + tau
+        wl, wh = margin_window(x, tau=tau)
+        close(wl, lo, 1e-15)
+        close(wh, hi, 1e-15)
+        a, b = nls_tangents_ab(k, lo, hi)
+        loss = piecewise(a, b)
+        for eps in (0.0, 0.1, 0.8, np.mean(x - lo) + 1.0):
+            r = worst_case(x, eps, loss="neg_log_sigmoid_tangents", num_tangents=k, support=(wl, wh))
+            check_against(r, paper_lp(x, eps, a, b, lo, hi), x, eps, loss, lo, 1e-7)
+
+
+def _smooth_oracle(x, eps, loss, lo, hi, w=None):
+    grid = np.unique(np.concatenate([x, [lo, hi], np.linspace(lo, hi, 41)]))
+    primal = transport_lp(x, eps, loss, grid, w)
+    dual, _ = ball_dual_lp(x, eps, loss, lo, hi, w)
+    close(primal, dual, 1e-9)  # sandwich closed: the grid holds the optimal atoms
+    return primal
+
+
+@pytest.mark.parametrize("lo", [0.05, 0.3])
+def test_neg_log_exact_float64(x64, lo):
+    rng = np.random.default_rng(int(lo * 100))
+    for x, eps in prob_instances(rng, 9, lo=lo, hi=1.0):
+        r = worst_case(x, eps, loss="neg_log", support=(lo, 1.0))
+        check_against(r, _smooth_oracle(x, eps, neg_log, lo, 1.0), x, eps, neg_log, lo, 1e-7)
+
+
+def test_neg_log_sigmoid_exact_float64(x64):
+    rng = np.random.default_rng(7)
+    for trial in range(5):
+        x = rng.normal(0.0, 3.0, 9)
+        if trial == 1:
+            x = np.round(x)
+        if trial == 2:
+            x[:3] = x.min()  # samples at the support lower end (tau = 0 below)
+        tau = 0.0 if trial == 2 else 1.0
+        lo, hi = x.min() - tau, x.max() + tau
+        if trial == 3:
+            lo = -30.0  # wide window: chord distances beyond 20 (the direct branch)
+        support = margin_window(x, tau=tau) if trial != 3 else (lo, hi)
+        for eps in (0.0, 0.05, 0.7, np.mean(x - lo) + 0.5):
+            r = worst_case(x, eps, loss="neg_log_sigmoid", support=support)
+            ref = _smooth_oracle(x, eps, neg_log_sigmoid, lo, hi)
+            check_against(r, ref, x, eps, neg_log_sigmoid, lo, 1e-7)
+
+
+def test_exact_losses_float32():
+    rng = np.random.default_rng(8)
+    for x, eps in prob_instances(rng, 9, lo=0.1, hi=1.0):
+        x32 = x.astype(np.float32)
+        x64 = x32.astype(np.float64)
+        eps32 = float(np.float32(eps))
+        r = worst_case(x32, eps32, loss="neg_log", support=(0.1, 1.0))
+        lo = float(np.float32(0.1))
+        check_against(r, _smooth_oracle(x64, eps32, neg_log, lo, 1.0), x64, eps32, neg_log, lo, 1e-5)
+    for _ in range(3):
+        x32 = rng.normal(0, 2, 9).astype(np.float32)
+        x64 = x32.astype(np.float64)
+        lo, hi = float(x32.min()) - 1.0, float(x32.max()) + 1.0
+        for eps in (0.0, 0.3, 20.0):
+            r = worst_case(x32, eps, loss="neg_log_sigmoid", support=(lo, hi))
+            ref = _smooth_oracle(x64, eps, neg_log_sigmoid, lo, hi)
+            check_against(r, ref, x64, eps, neg_log_sigmoid, lo, 1e-5)
+
+
+def test_nonuniform_weights(x64):
+    rng = np.random.default_rng(9)
+    k = 4
+    a, b = tangents_ab(k)
+    loss = piecewise(a, b)
+    for x, eps in prob_instances(rng, 9):
+        w = rng.uniform(0, 3, 9)
+        w[rng.integers(9)] = 0.0  # a padding row
+        r = worst_case(x, eps, num_tangents=k, weights=w)
+        check_against(r, paper_lp(x, eps, a, b, 0.0, 1.0, w=w), x, eps, loss, 0.0, 1e-7, w=w)
+        np.testing.assert_allclose(np.asarray(r.weights), w / w.sum(), rtol=1e-14)
+    # smooth loss with weights
+    x = rng.uniform(0.2, 1.0, 9)
+    w = rng.uniform(0, 1, 9)
+    for eps in (0.0, 0.1, 1.0):
+        r = worst_case(x, eps, loss="neg_log", support=(0.2, 1.0), weights=w)
+        ref = _smooth_oracle(x, eps, neg_log, 0.2, 1.0, w)
+        check_against(r, ref, x, eps, neg_log, 0.2, 1e-7, w=w)
+
+
+@pytest.mark.parametrize("group_size", [1, 3, 4, 10, 16])
+def test_group_size_blocks(x64, group_size):
+    rng = np.random.default_rng(10 + group_size)
+    n, k = 10, 3
+    a, b = tangents_ab(k)
+    loss = piecewise(a, b)
+    for trial in range(3):
+        x = rng.uniform(0, 1, n)
+        w = rng.uniform(0.1, 2, n) if trial else np.ones(n)
+        for eps in (0.0, 0.03, 0.2, 2.0):
+            r = worst_case(x, eps, num_tangents=k, group_size=group_size, weights=w)
+            ref = 0.0
+            for start in range(0, n, group_size):
+                blk = slice(start, start + group_size)
+                ref += w[blk].sum() / w.sum() * paper_lp(x[blk], eps, a, b, 0.0, 1.0, w=w[blk])
+            close(r.value, ref, 1e-7)
+            close(r.dual_value, ref, 1e-7)
+            assert r.dual.shape == (-(-n // group_size),)
+            if group_size == 1:  # each sample alone: move min(eps / x, 1) of it
+                frac = np.minimum(eps / np.where(x > 0, x, 1), 1.0)
+                closed = np.sum(w / w.sum() * (loss(x) + frac * (loss(0.0) - loss(x))))
+                close(r.value, closed, 1e-12)
+            if group_size >= n:
+                close(r.value, paper_lp(x, eps, a, b, 0.0, 1.0, w=w), 1e-7)
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_per_entry_matches_paper_lp(x64, k):
+    rng = np.random.default_rng(400 + k)
+    a, b = tangents_ab(k)
+    for i, (x, eps) in enumerate(prob_instances(rng, 8)):
+        w = rng.uniform(0.2, 2.0, 8) if i % 2 else None
+        r = worst_case(x, eps, num_tangents=k, variant="per_entry", weights=w)
+        ref = paper_lp(x, eps, a, b, 0.0, 1.0, w=w, per_entry=True)
+        close(r.value, ref, 1e-7)
+        close(r.dual_value, ref, 1e-7)
+        assert float(r.transport) <= eps + 1e-12
+        s, shift = r.authors_columns()
+        assert float(np.max(np.abs(np.asarray(s) * np.asarray(shift)))) <= eps + 1e-12  # |q_ik| <= eps
+    # margin-space tangents
+    x = rng.normal(0, 2, 8)
+    lo, hi = x.min() - 1, x.max() + 1
+    a, b = nls_tangents_ab(k, lo, hi)
+    for eps in (0.05, 0.5, 5.0):
+        r = worst_case(x, eps, loss="neg_log_sigmoid_tangents", num_tangents=k, support=(lo, hi),
+                       variant="per_entry")
+        close(r.value, paper_lp(x, eps, a, b, lo, hi, per_entry=True), 1e-7)
+
+
+def test_per_entry_with_groups(x64):
+    rng = np.random.default_rng(11)
+    k, n, g = 3, 9, 4
+    a, b = tangents_ab(k)
+    x = rng.uniform(0, 1, n)
+    for eps in (0.02, 0.2):
+        r = worst_case(x, eps, num_tangents=k, group_size=g, variant="per_entry")
+        ref = sum(
+            len(x[s:s + g]) / n * paper_lp(x[s:s + g], eps, a, b, 0.0, 1.0, per_entry=True)
+            for s in range(0, n, g)
+        )
+        close(r.value, ref, 1e-7)
+
+
+# --------------------------------------------------------------------------- 2. dual certificate
+
+
+def test_dual_is_marginal_chord_slope_and_zero_when_everything_moves(x64):
+    k = 6
+    a, b = tangents_ab(k)
+    loss = piecewise(a, b)
+    x = np.array([0.05, 0.1, 0.3, 0.5, 0.8, 0.9])
+    # budget covers the two lowest samples fully and half of the third: price = chord slope of 0.3
+    eps = (0.05 + 0.1 + 0.5 * 0.3) / 6
+    r = worst_case(x, eps, num_tangents=k)
+    chord = (loss(0.0) - loss(0.3)) / 0.3
+    close(r.dual, chord, 1e-12)
+    np.testing.assert_allclose(np.asarray(r.moved), [1, 1, 0.5, 0, 0, 0], atol=1e-12)
+    ref = paper_lp(x, eps, a, b, 0.0, 1.0)
+    close(r.dual_value, ref, 1e-9)
+    close(dual_objective(chord, x, eps, loss, 0.0), ref, 1e-9)
+    for eps in (np.mean(x), np.mean(x) + 1e-3, 10.0):
+        r = worst_case(x, eps, num_tangents=k)
+        assert float(r.dual) == 0.0
+        close(r.value, 1 + math.log(k), 1e-12)
+        close(r.dual_value, 1 + math.log(k), 1e-12)
+
+
+# --------------------------------------------------------------------------- 3. tie class
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_tie_class_chord_slope_exactly_k(dtype):
+    with jax.enable_x64(dtype == "float64"):
+        dt = np.dtype(dtype)
+        rng = np.random.default_rng(12)
+        for k in range(1, 41):
+            edge = 2 * LN2 / k
+            xs = np.concatenate([
+                np.linspace(0, min(edge, 1.0), 513), rng.uniform(0, min(edge, 1.0), 512),
+                [np.nextafter(dt.type(min(edge, 1.0)), dt.type(0))],
+            ]).astype(dt)
+            xs = xs[xs.astype(np.float64) <= edge]
+            loss = make_loss("tangents", k, dtype=dt)
+            assert float(loss.slopes[0]) == -k
+            c = np.asarray(loss.chord_slope(jnp.asarray(xs), jnp.asarray(0, dt)))
+            assert c.dtype == dt
+            assert np.all(c == k), (k, xs[c != k][:5], c[c != k][:5])
+            # beyond the class the chord is strictly flatter (and never steeper than K)
+            above = np.linspace(edge * 1.01, 1.0, 50).astype(dt) if edge * 1.01 < 1 else np.zeros(0, dt)
+            ca = np.asarray(loss.chord_slope(jnp.asarray(above), jnp.asarray(0, dt)))
+            assert np.all(ca < k)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("k", [2, 6, 7])
+def test_tie_class_moves_lowest_prefix(dtype, k):
+    with jax.enable_x64(dtype == "float64"):
+        dt = np.dtype(dtype)
+        rng = np.random.default_rng(13 + k)
+        edge = 2 * LN2 / k
+        x = np.concatenate([rng.uniform(0, edge, 30), rng.uniform(edge, 1.0, 10), [0.0, 0.0]])
+        x = rng.permutation(x).astype(dt)
+        x64 = x.astype(np.float64)
+        a, b = tangents_ab(k)
+        loss = piecewise(a, b)
+        for frac in (0.1, 0.3, 0.6):
+            eps = float(dt.type(frac * np.mean(x64[x64 <= edge])))  # runs out inside the tie class
+            r = worst_case(x, eps, num_tangents=k)
+            moved = np.asarray(r.moved, np.float64)
+            order = np.argsort(x64, kind="stable")
+            ms = moved[order]
+            assert np.all(np.diff(ms) <= 0), "moved must be a prefix in ascending-center order"
+            assert np.sum((ms > 0) & (ms < 1)) <= 1
+            _, _, theta = numpy_greedy(x64, eps, loss, 0.0)
+            np.testing.assert_allclose(moved[x64 > 0], theta[x64 > 0], atol=1e-5 if dt == np.float32 else 1e-12)
+            assert float(r.dual) == k  # the marginal sample is in the tie class
+            tol = 1e-5 if dt == np.float32 else 1e-7
+            check_against(r, paper_lp(x64, eps, a, b, 0.0, 1.0), x64, eps, loss, 0.0, tol)
+
+
+# --------------------------------------------------------------------------- 4. float32 at scale
+
+
+def test_float32_million_no_drift():
+    n, k = 1_000_000, 6
+    rng = np.random.default_rng(14)
+    x32 = rng.beta(2.0, 2.0, n).astype(np.float32)
+    x32[:1000] = 0.0
+    x64 = x32.astype(np.float64)
+    a, b = tangents_ab(k)
+    loss = piecewise(a, b)
+    for eps in (0.01, 0.2, float(np.float32(np.mean(x64) * 0.999))):
+        r = worst_case(jnp.asarray(x32), eps, num_tangents=k)
+        eps64 = float(np.float32(eps))
+        value, transport, _ = numpy_greedy(x64, eps64, loss, 0.0)
+        close(r.value, value, 1e-6)
+        close(r.transport, transport, 1e-6)
+        assert float(r.transport) <= eps64 * (1 + 1e-6)
+        close(r.dual_value, value, 1e-6)
+
+
+# --------------------------------------------------------------------------- 5. transformations
+
+
+def test_jit_and_vmap(x64):
+    k = 5
+    a, b = tangents_ab(k)
+    rng = np.random.default_rng(15)
+    xs = rng.uniform(0, 1, (6, 12))
+    xs[1] = np.round(xs[1], 1)
+    xs[2, :4] = 0.0
+    epss = np.array([0.0, 0.05, 0.1, 0.2, 0.4, 1.0])
+    refs = np.array([paper_lp(x, e, a, b, 0.0, 1.0) for x, e in zip(xs, epss)])
+
+    jitted = jax.jit(lambda x, e: worst_case(x, e, num_tangents=k).value)
+    batched = jax.vmap(lambda x, e: worst_case(x, e, num_tangents=k))(jnp.asarray(xs), jnp.asarray(epss))
+    assert batched.value.shape == (6,)
+    for i in range(6):
+        close(jitted(xs[i], epss[i]), refs[i], 1e-7)
+        close(batched.value[i], refs[i], 1e-7)
+        close(batched.dual_value[i], refs[i], 1e-7)
+        single = worst_case(xs[i], epss[i], num_tangents=k)
+        np.testing.assert_allclose(np.asarray(batched.moved[i]), np.asarray(single.moved), atol=1e-12)
+        close(batched.value[i], single.value, 1e-12)
+    # traced support (margin space), vmapped over problems
+    zs = rng.normal(0, 2, (3, 12))
+    win = jax.vmap(lambda z: margin_window(z, tau=1.0))(jnp.asarray(zs))
+    out = jax.vmap(lambda z, lo, hi: worst_case(z, 0.3, loss="neg_log_sigmoid", support=(lo, hi)).value)(
+        jnp.asarray(zs), *win)
+    for i in range(3):
+        lo, hi = zs[i].min() - 1, zs[i].max() + 1
+        close(out[i], _smooth_oracle(zs[i], 0.3, neg_log_sigmoid, lo, hi), 1e-7)
+
+
+def test_sharded_centers_match_unsharded():
+    assert jax.device_count() == 8
+    mesh = jax.make_mesh((8,), ("data",))
+    rng = np.random.default_rng(16)
+    x = np.round(rng.uniform(0, 1, 64), 2).astype(np.float32)
+    w = rng.uniform(0, 1, 64).astype(np.float32)
+    k = 6
+    a, b = tangents_ab(k)
+    sharding = NamedSharding(mesh, P("data"))
+    xs, ws = jax.device_put(x, sharding), jax.device_put(w, sharding)
+    assert len(xs.sharding.device_set) == 8
+    for eps in (0.0, 0.02, 0.1, 1.0):
+        ref = paper_lp(x.astype(np.float64), eps, a, b, 0.0, 1.0, w=w.astype(np.float64))
+        plain = worst_case(x, eps, num_tangents=k, weights=w)
+        sharded = worst_case(xs, eps, num_tangents=k, weights=ws)
+        in_jit = jax.jit(lambda c, v: worst_case(c, eps, num_tangents=k, weights=v))(xs, ws)
+        for r in (plain, sharded, in_jit):
+            close(r.value, ref, 1e-5)
+        close(sharded.value, plain.value, 1e-6)
+        close(in_jit.value, plain.value, 1e-6)
+        np.testing.assert_allclose(np.asarray(sharded.moved), np.asarray(plain.moved), atol=1e-6)
+        grouped = worst_case(xs, eps, num_tangents=k, weights=ws, group_size=16)
+        close(grouped.value, worst_case(x, eps, num_tangents=k, weights=w, group_size=16).value, 1e-6)
+
+
+# --------------------------------------------------------------------------- 6. certificates, atoms
+
+
+def _w1_numpy(xa, wa, xb, wb):
+    """1-D Wasserstein-1 distance as the integral of |F_a - F_b| (float64)."""
+    pts = np.concatenate([xa, xb])
+    order = np.argsort(pts, kind="stable")
+    signed = np.concatenate([wa, -wb])[order]
+    cdf_gap = np.cumsum(signed)[:-1]
+    return float(np.sum(np.abs(cdf_gap) * np.diff(pts[order])))
+
+
+@pytest.mark.parametrize("loss_name", ["tangents", "neg_log_sigmoid_tangents", "neg_log", "neg_log_sigmoid"])
+def test_atoms_w1_and_authors_columns(x64, loss_name):
+    rng = np.random.default_rng(17)
+    k = 6
+    n = 15
+    if loss_name in ("tangents", "neg_log"):
+        lo, hi = (0.0, 1.0) if loss_name == "tangents" else (0.05, 1.0)
+        x = rng.uniform(lo, hi, n)
+        x[0] = lo
+    else:
+        x = rng.normal(0, 2, n)
+        lo, hi = x.min() - 1.0, x.max() + 1.0
+    w = rng.uniform(0.2, 1.0, n)
+    wn = w / w.sum()
+    if loss_name == "tangents":
+        a, b = tangents_ab(k)
+        loss = piecewise(a, b)
+    elif loss_name == "neg_log_sigmoid_tangents":
+        a, b = nls_tangents_ab(k, lo, hi)
+        loss = piecewise(a, b)
+    else:
+        loss = neg_log if loss_name == "neg_log" else neg_log_sigmoid
+    for eps in (0.0, 0.02, 0.15, 10.0):
+        r = worst_case(x, eps, loss=loss_name, num_tangents=k, support=(lo, hi), weights=w)
+        ref = (paper_lp(x, eps, a, b, lo, hi, w=w) if loss_name.endswith("tangents")
+               else _smooth_oracle(x, eps, loss, lo, hi, w))
+        close(r.value, ref, 1e-7)
+
+        shift, mass = (np.asarray(v, np.float64) for v in r.atoms())
+        pos = x[:, None] - shift
+        assert np.all(mass >= 0) and np.allclose(mass.sum(1), 1, atol=1e-14)
+        assert np.all((pos >= lo - 1e-12) & (pos <= hi + 1e-12))
+        close(np.sum(wn[:, None] * mass * loss(pos)), ref, 1e-7)  # E_Q[l] by hand
+
+        per_sample = np.sum(mass * shift, axis=1)
+        w1 = float(w1_certificate(r))
+        w1_np = _w1_numpy(x, wn, pos.ravel(), (wn[:, None] * mass).ravel())
+        close(w1, w1_np, 1e-9)
+        close(w1, np.sum(wn * per_sample), 1e-9)  # all mass moves the same way: W1 = transport
+        assert w1 <= eps + 1e-6
+
+        if loss_name.endswith("tangents"):
+            s, sh = (np.asarray(v, np.float64) for v in r.authors_columns())
+            assert s.shape == sh.shape == (n, k)
+            assert np.all(s >= 0)
+            np.testing.assert_allclose(s.sum(1), 1.0, atol=1e-14)
+            pieces = x[:, None] - sh
+            assert np.all((pieces >= lo - 1e-12) & (pieces <= hi + 1e-12))
+            sample_loss = np.sum(s * (a * pieces + b), axis=1)  # sum_k s_ik ell_k(xi - shift_ik)
+            close(np.sum(wn * sample_loss), ref, 1e-7)
+            np.testing.assert_allclose(np.sum(s * sh, axis=1), per_sample, atol=1e-12)
+            assert np.sum(wn * np.sum(s * sh, axis=1)) <= eps + 1e-12
+        else:
+            with pytest.raises(ValueError, match="no tangent pieces"):
+                r.authors_columns()
+
+
+def test_w1_certificate_float32():
+    rng = np.random.default_rng(18)
+    x = rng.uniform(0, 1, 200).astype(np.float32)
+    for eps in (0.01, 0.1, 0.6):
+        r = worst_case(x, eps)
+        shift, mass = (np.asarray(v, np.float64) for v in r.atoms())
+        wn = np.full(200, 1 / 200)
+        x64 = x.astype(np.float64)
+        w1_np = _w1_numpy(x64, wn, (x64[:, None] - shift).ravel(), (wn[:, None] * mass).ravel())
+        assert float(w1_certificate(r)) <= eps + 1e-6
+        close(w1_certificate(r), w1_np, 1e-5)
+
+
+# --------------------------------------------------------------------------- 7. entropic follower
+
+
+@pytest.mark.parametrize("loss_name", ["tangents", "neg_log_sigmoid"])
+def test_entropic_converges_to_exact(x64, loss_name):
+    rng = np.random.default_rng(19)
+    if loss_name == "tangents":
+        x, lo, hi = rng.uniform(0, 1, 10), 0.0, 1.0
+        a, b = tangents_ab(4)
+        loss = piecewise(a, b)
+    else:
+        x = rng.normal(0, 2, 10)
+        lo, hi = x.min() - 1, x.max() + 1
+        loss = neg_log_sigmoid
+    w = rng.uniform(0.5, 1.5, 10)
+    for eps in (0.03, 0.15, 50.0):
+        exact = (paper_lp(x, eps, a, b, lo, hi, w=w) if loss_name == "tangents"
+                 else _smooth_oracle(x, eps, loss, lo, hi, w))
+        gaps = []
+        for reg in (1e-1, 1e-2, 1e-3, 1e-4):
+            s = entropic_worst_case(x, eps, regularization=reg, loss=loss_name, num_tangents=4,
+                                    support=(lo, hi), weights=w)
+            plan, grid = np.asarray(s.plan), np.asarray(s.grid)
+            np.testing.assert_allclose(plan.sum(1), w / w.sum(), atol=1e-12)
+            assert np.all(plan >= 0)
+            close(s.value, np.sum(plan * loss(grid)[None, :]), 1e-12)  # E_pi[l] by hand
+            transport = np.sum(plan * np.abs(x[:, None] - grid[None, :]))
+            assert transport <= eps + 1e-9 and float(s.transport) <= eps + 1e-9
+            assert float(s.value) <= exact + 1e-9  # a feasible point of the ball
+            gaps.append(exact - float(s.value))
+        assert all(g2 <= g1 + 1e-10 for g1, g2 in zip(gaps, gaps[1:])), gaps
+        assert gaps[-1] < 1e-6, gaps
+
+
+@pytest.mark.parametrize("loss_name,support", [("tangents", (0.0, 1.0)), ("neg_log", (0.02, 1.0)),
+                                               ("neg_log_sigmoid", (-4.0, 4.0))])
+def test_entropic_gradient_matches_finite_differences(x64, loss_name, support):
+    rng = np.random.default_rng(20)
+    x = rng.uniform(0.05, 1.0, 8) if loss_name != "neg_log_sigmoid" else rng.uniform(-3, 3, 8)
+
+    def value(c, eps):
+        return entropic_worst_case(c, eps, regularization=1e-2, loss=loss_name, num_tangents=4,
+                                   support=support).value
+
+    for eps in (0.05, 100.0):  # binding budget, and everything free
+        grad = np.asarray(jax.grad(value)(jnp.asarray(x), eps))
+        assert np.all(np.isfinite(grad))
+        h = 1e-6
+        fd = np.array([(float(value(x + h * e, eps)) - float(value(x - h * e, eps))) / (2 * h)
+                       for e in np.eye(len(x))])
+        np.testing.assert_allclose(grad, fd, atol=1e-6 * max(1.0, np.max(np.abs(fd))))
+    # derivative in epsilon (the price, by the implicit budget)
+    g_eps = float(jax.grad(value, argnums=1)(jnp.asarray(x), 0.05))
+    fd_eps = (float(value(x, 0.05 + 1e-6)) - float(value(x, 0.05 - 1e-6))) / 2e-6
+    close(g_eps, fd_eps, 1e-5)
+
+
+def test_entropic_float32_grad_finite():
+    x = np.random.default_rng(21).uniform(0, 1, 16).astype(np.float32)
+    for eps in (0.0, 0.05, 5.0):
+        g = jax.grad(lambda c: entropic_worst_case(c, eps, regularization=1e-2).value)(jnp.asarray(x))
+        assert g.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(g)))
+        s = entropic_worst_case(x, eps, regularization=1e-3)
+        a, b = tangents_ab(6)
+        assert float(s.value) <= paper_lp(x.astype(np.float64), eps, a, b, 0.0, 1.0) + 1e-5
+        assert float(s.transport) <= eps * (1 + 1e-5) + 1e-7
+
+
+# --------------------------------------------------------------------------- 8. validation
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(centers=[0.1, np.nan]), r"centers must be finite; centers\[1\] = nan"),
+    (dict(centers=[np.inf, 0.2]), r"centers must be finite; centers\[0\] = inf"),
+    (dict(centers=[0.1, 1.5]), r"centers\[1\] = 1.5 lies outside the support \[0.0, 1.0\]"),
+    (dict(centers=[-0.2, 0.5]), r"outside the support"),
+    (dict(centers=[1.0, 3.0], loss="neg_log_sigmoid", support=(-1.0, 2.0)), r"margin_window"),
+    (dict(epsilon=-0.1), r"epsilon must be a finite scalar >= 0"),
+    (dict(epsilon=np.nan), r"epsilon must be a finite scalar >= 0"),
+    (dict(centers=[]), r"centers is empty"),
+    (dict(centers=np.zeros((2, 3))), r"centers must have shape \[N\]"),
+    (dict(loss="neg_log", support=(0.0, 1.0)), r"'neg_log'.*lower end > 0.*p_min"),
+    (dict(loss="neg_log"), r"lower end > 0"),
+    (dict(loss="hinge"), r"unknown follower loss 'hinge'"),
+    (dict(num_tangents=0), r"num_tangents must be a positive int"),
+    (dict(loss="neg_log", support=(0.05, 1.0), variant="per_entry"), r"per_entry.*tangent"),
+    (dict(loss="neg_log_sigmoid", support=(-1.0, 1.0), variant="per_entry"), r"per_entry"),
+    (dict(variant="box"), r"variant must be one of"),
+    (dict(group_size=0), r"group_size must be a positive int"),
+    (dict(group_size=-2), r"group_size must be a positive int"),
+    (dict(group_size=2.5), r"group_size must be a positive int"),
+    (dict(weights=[1.0, -0.5, 1.0]), r"weights must be finite and >= 0; weights\[1\] = -0.5"),
+    (dict(weights=[0.0, 0.0, 0.0]), r"weights sum to 0"),
+    (dict(weights=[1.0, 1.0]), r"weights shape"),
+    (dict(support=(1.0, 0.0)), r"support must be finite with lo < hi"),
+    (dict(support=(-np.inf, 1.0)), r"support must be finite"),
+])
+def test_bad_input_raises(kwargs, match):
+    args = dict(centers=[0.1, 0.5, 0.9], epsilon=0.1)
+    args.update(kwargs)
+    centers, epsilon = args.pop("centers"), args.pop("epsilon")
+    with pytest.raises(ValueError, match=match):
+        worst_case(np.asarray(centers, np.float32), epsilon, **args)
+
+
+def test_bad_input_raises_entropic_and_window():
+    with pytest.raises(ValueError, match="centers must be finite"):
+        entropic_worst_case([0.1, np.nan], 0.1)
+    with pytest.raises(ValueError, match="outside the support"):
+        entropic_worst_case([0.1, 2.0], 0.1)
+    with pytest.raises(ValueError, match="regularization must be > 0"):
+        entropic_worst_case([0.1, 0.2], 0.1, regularization=0.0)
+    with pytest.raises(ValueError, match="non-empty"):
+        entropic_worst_case([], 0.1)
+    with pytest.raises(ValueError, match="unknown follower loss"):
+        entropic_worst_case([0.1], 0.1, loss="nope")
+    with pytest.raises(ValueError, match="quantiles must satisfy"):
+        margin_window([0.0, 1.0], quantiles=(0.9, 0.1))
+    with pytest.raises(ValueError, match="tau must be >= 0"):
+        margin_window([0.0, 1.0], tau=-1.0)
+
+
+# --------------------------------------------------------------------------- 9. margin window
+
+
+def test_margin_window():
+    rng = np.random.default_rng(22)
+    z = rng.normal(1.0, 3.0, 101).astype(np.float32)
+    lo, hi = margin_window(z, tau=0.5)
+    close(lo, float(z.min()) - 0.5, 1e-7)
+    close(hi, float(z.max()) + 0.5, 1e-7)
+    lo, hi = margin_window(z)  # default tau = 1
+    close(lo, float(z.min()) - 1.0, 1e-7)
+    close(hi, float(z.max()) + 1.0, 1e-7)
+    lo, hi = margin_window(z, tau=0.25, quantiles=(0.05, 0.9))
+    z64 = z.astype(np.float64)
+    close(lo, np.quantile(z64, 0.05) - 0.25, 1e-6)
+    close(hi, np.quantile(z64, 0.9) + 0.25, 1e-6)
+    lo, hi = margin_window(z, tau=0.0, quantiles=(0.0, 1.0))
+    assert float(lo) == z.min() and float(hi) == z.max()
+    # outliers beyond a quantile window are rejected until clipped into it
+    lo, hi = margin_window(z, tau=0.1, quantiles=(0.1, 0.9))
+    with pytest.raises(ValueError, match="outside the support"):
+        worst_case(z, 0.1, loss="neg_log_sigmoid", support=(lo, hi))
+    clipped = jnp.clip(z, lo, hi)
+    r = worst_case(clipped, 0.1, loss="neg_log_sigmoid", support=(lo, hi))
+    c64 = np.asarray(clipped, np.float64)
+    ref = _smooth_oracle(c64, 0.1, neg_log_sigmoid, float(lo), float(hi))
+    close(r.value, ref, 1e-5)
