@@ -54,6 +54,8 @@ class SGPOConfig:
       window_tau: margin-space window padding ``[min - tau, max + tau]`` over each batch.
       variant: ``"ball"`` or ``"per_entry"`` (authors' SciPy bounds), see the follower.
       p_min: floor of ``-log p`` in the leader loss.
+      micro_batches: gradient accumulation: the step splits its batch into this many
+        micro-batches (the pair count must divide) and gives the same update as one batch.
     """
 
     mode: str = "sgpo"
@@ -68,6 +70,7 @@ class SGPOConfig:
     window_tau: float = 1.0
     variant: str = "ball"
     p_min: float = 1e-6
+    micro_batches: int = 1
 
     def __post_init__(self):
         problems = []
@@ -103,6 +106,8 @@ class SGPOConfig:
             problems.append(f"variant must be one of {follower_lib.VARIANTS}, got {self.variant!r}")
         if not 0 < self.p_min < 1:
             problems.append(f"p_min must be in (0, 1), got {self.p_min}")
+        if not isinstance(self.micro_batches, int) or self.micro_batches < 1:
+            problems.append(f"micro_batches must be a positive int, got {self.micro_batches!r}")
         if problems:
             raise ValueError("invalid SGPOConfig: " + "; ".join(problems))
 
@@ -136,7 +141,9 @@ class PreferenceBatch:
 @struct.dataclass
 class TrainState:
     """Training state; ``rng`` is split every step and handed to nothing else yet (kept so
-    stochastic models and in-step sampling resume deterministically)."""
+    stochastic models and in-step sampling resume deterministically). ``logps_fn(params, ids,
+    attention, loss_mask) -> [rows]``, when given, replaces ``sequence_logps(apply_fn(...))``
+    (e.g. the decoder's chunked log-probs, which never hold the full ``[rows, T, V]`` logits)."""
 
     step: Array
     params: Any
@@ -145,9 +152,10 @@ class TrainState:
     apply_fn: Callable[[Any, Array, Array], Array] = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     config: SGPOConfig = struct.field(pytree_node=False)
+    logps_fn: Optional[Callable[[Any, Array, Array, Array], Array]] = struct.field(pytree_node=False, default=None)
 
     @classmethod
-    def create(cls, *, apply_fn, params, tx, config: SGPOConfig, rng: Array) -> "TrainState":
+    def create(cls, *, apply_fn, params, tx, config: SGPOConfig, rng: Array, logps_fn=None) -> "TrainState":
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -156,6 +164,7 @@ class TrainState:
             apply_fn=apply_fn,
             tx=tx,
             config=config,
+            logps_fn=logps_fn,
         )
 
 
@@ -163,14 +172,17 @@ def _pad_to(x: Array, length: int) -> Array:
     return jnp.pad(x, ((0, 0), (0, length - x.shape[1])))
 
 
-def _policy_logps(apply_fn, params, batch: PreferenceBatch) -> Tuple[Array, Array]:
+def _policy_logps(state: "TrainState", params, batch: PreferenceBatch) -> Tuple[Array, Array]:
     """One forward pass over ``[2B, T]`` (chosen rows then rejected rows)."""
     length = max(batch.chosen_ids.shape[1], batch.rejected_ids.shape[1])
     cat = lambda a, b: jnp.concatenate([_pad_to(a, length), _pad_to(b, length)])
     ids = cat(batch.chosen_ids, batch.rejected_ids)
     attention = cat(batch.chosen_attention, batch.rejected_attention)
     loss_mask = cat(batch.chosen_loss_mask, batch.rejected_loss_mask)
-    logps = losses.sequence_logps(apply_fn(params, ids, attention), ids, loss_mask)
+    if state.logps_fn is not None:
+        logps = state.logps_fn(params, ids, attention, loss_mask)
+    else:
+        logps = losses.sequence_logps(state.apply_fn(params, ids, attention), ids, loss_mask)
     b = batch.chosen_ids.shape[0]
     return logps[:b], logps[b:]
 
@@ -201,43 +213,74 @@ def _in_step_follower(config: SGPOConfig, centers: Array, weight: Array):
         "follower/moved": jnp.sum(wc.weights * wc.moved),
         "follower/transport": wc.transport,
     }
-    return shift, mass * weight[:, None], support, metrics
+    return shift, mass, support, metrics
+
+
+def _split(tree: Any, parts: int) -> Any:
+    """``[B, ...] -> [parts, B / parts, ...]`` on every leaf."""
+    return jax.tree.map(lambda x: x.reshape(parts, x.shape[0] // parts, *x.shape[1:]), tree)
+
+
+_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+            "logps/chosen", "logps/rejected")
 
 
 def sgpo_step(state: TrainState, batch: PreferenceBatch) -> Tuple[TrainState, Dict[str, Array]]:
-    """One optimizer step. Returns ``(new_state, metrics)``; metrics: ``loss``, TRL's
-    ``rewards/*`` and ``logps/*``, ``grad_norm``, and ``follower/*`` when the follower runs."""
-    config = state.config
+    """One optimizer step over the batch, as ``config.micro_batches`` micro-batches.
 
-    def loss_fn(params):
-        pc, pr = _policy_logps(state.apply_fn, params, batch)
-        rc, rr = batch.ref_chosen_logps, batch.ref_rejected_logps
+    The loss is ``sum(mass * loss) / sum(mass)`` over the *whole* batch: per micro-batch the
+    step accumulates the gradient of the numerator and the mass, then divides, so any number of
+    micro-batches gives the same update as one big batch (up to float rounding). The in-step
+    follower also sees the whole batch: with several micro-batches a forward pass computes all
+    margins first. Returns ``(new_state, metrics)``: ``loss``, TRL's ``rewards/*`` and
+    ``logps/*`` (mass-weighted), ``grad_norm``, and ``follower/*`` when the follower runs.
+    """
+    config = state.config
+    parts = config.micro_batches
+    if batch.weight.shape[0] % parts:
+        raise ValueError(f"batch of {batch.weight.shape[0]} pairs is not divisible into {parts} micro-batches")
+    extra: Dict[str, Array] = {}
+    support = config.support
+    if config.mode == "sgpo" and batch.atom_shift is None:
+        logps = jax.lax.map(lambda mb: _policy_logps(state, state.params, mb), _split(batch, parts))
+        pc, pr = (jax.lax.stop_gradient(x.reshape(-1)) for x in logps)
+        margins = (pc - batch.ref_chosen_logps) - (pr - batch.ref_rejected_logps)
+        centers = losses.preference_centers(margins, beta=config.beta, space=config.space)
+        shift, mass, support, extra = _in_step_follower(config, centers, batch.weight)
+        batch = batch.replace(atom_shift=shift, atom_mass=mass)
+    elif config.mode == "sgpo" and config.space == "margin":
+        if batch.support is None:
+            raise ValueError("margin-space batches with precomputed atoms need batch.support (the window)")
+        support = (batch.support[0, 0], batch.support[0, 1])
+
+    def numerator(params, mb: PreferenceBatch):
+        """(sum of mass * loss, (mass, metrics)) of one micro-batch."""
+        pc, pr = _policy_logps(state, params, mb)
+        rc, rr = mb.ref_chosen_logps, mb.ref_rejected_logps
         if config.mode == "dpo":
             per_pair, metrics = losses.dpo_loss(
-                pc, pr, rc, rr, beta=config.beta, label_smoothing=config.label_smoothing, weights=batch.weight
+                pc, pr, rc, rr, beta=config.beta, label_smoothing=config.label_smoothing, weights=mb.weight
             )
-            total, mass = jnp.sum(per_pair * batch.weight), jnp.sum(batch.weight)
-            return total / jnp.maximum(mass, jnp.finfo(total.dtype).tiny), metrics
-        support = config.support
-        extra = {}
-        if batch.atom_shift is None:
-            h = jax.lax.stop_gradient((pc - rc) - (pr - rr))
-            centers = losses.preference_centers(h, beta=config.beta, space=config.space)
-            shift, mass, support, extra = _in_step_follower(config, centers, batch.weight)
-        else:
-            shift, mass = batch.atom_shift, batch.atom_mass * batch.weight[:, None]
-            if config.space == "margin":
-                if batch.support is None:
-                    raise ValueError("margin-space batches with precomputed atoms need batch.support (the window)")
-                support = (batch.support[0, 0], batch.support[0, 1])
+            return jnp.sum(per_pair * mb.weight), (jnp.sum(mb.weight), metrics)
         terms, metrics = losses.sgpo_loss(
-            pc, pr, rc, rr, shift, mass,
+            pc, pr, rc, rr, mb.atom_shift, mb.atom_mass * mb.weight[:, None],
             beta=config.beta, space=config.space, loss=config.leader_loss or config.loss,
             num_tangents=config.num_tangents, support=support, p_min=config.p_min,
         )
-        return terms.mean, {**metrics, **extra}
+        return terms.total, (terms.mass, metrics)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    def accumulate(carry, mb):
+        grads, total, mass, sums = carry
+        (t, (m, metrics)), g = jax.value_and_grad(numerator, has_aux=True)(state.params, mb)
+        t, m = t.astype(zero.dtype), m.astype(zero.dtype)
+        sums = {k: sums[k] + metrics[k].astype(zero.dtype) * m for k in _METRICS}
+        return (jax.tree.map(jnp.add, grads, g), total + t, mass + m, sums), None
+
+    zero = jnp.zeros((), jnp.result_type(batch.ref_chosen_logps.dtype, jnp.float32))
+    carry = (jax.tree.map(jnp.zeros_like, state.params), zero, zero, {k: zero for k in _METRICS})
+    (grads, total, mass, sums), _ = jax.lax.scan(accumulate, carry, _split(batch, parts))
+    mass = jnp.maximum(mass, jnp.finfo(mass.dtype).tiny)
+    grads = jax.tree.map(lambda g: g / mass.astype(g.dtype), grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     rng, _ = jax.random.split(state.rng)
     new_state = state.replace(
@@ -247,7 +290,8 @@ def sgpo_step(state: TrainState, batch: PreferenceBatch) -> Tuple[TrainState, Di
         rng=rng,
     )
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-    return new_state, {"loss": loss, "grad_norm": grad_norm, **metrics}
+    metrics = {k: v / mass for k, v in sums.items()}
+    return new_state, {"loss": total / mass, "grad_norm": grad_norm, **metrics, **extra}
 
 
 def auto_mesh(mesh: Mesh) -> Mesh:

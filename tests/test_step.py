@@ -190,3 +190,28 @@ def test_in_step_follower_loss_equals_worst_case_value():
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SGPOConfig(**kwargs)
+
+
+@pytest.mark.parametrize("config", [
+    SGPOConfig(mode="dpo", label_smoothing=0.1),
+    SGPOConfig(mode="sgpo", epsilon=0.05),
+    SGPOConfig(mode="sgpo", space="margin", loss="neg_log_sigmoid", epsilon=0.2),
+], ids=["dpo", "sgpo-probability", "sgpo-margin"])
+def test_micro_batches_give_the_one_batch_update(config, x64):
+    """Accumulating 4 micro-batches (padding rows unevenly spread) equals one big batch; the
+    in-step follower sees all 12 pairs either way."""
+    import dataclasses
+
+    batch = jax.tree.map(lambda x: x.astype(jnp.float64) if x.dtype == jnp.float32 else x,
+                         random_batch(seed=8, pairs=12, pad_rows=3))
+    _, one = _state(config, tx=optax.sgd(1.0), dtype=jnp.float64)
+    _, four = _state(dataclasses.replace(config, micro_batches=4), tx=optax.sgd(1.0), dtype=jnp.float64)
+    a_state, a_metrics = jax.jit(sgpo_step)(one, batch)
+    b_state, b_metrics = jax.jit(sgpo_step)(four, batch)
+    for name, value in a_metrics.items():
+        assert float(b_metrics[name]) == pytest.approx(float(value), rel=1e-12, abs=1e-14), name
+    for a, b in zip(jax.tree.leaves(a_state.params), jax.tree.leaves(b_state.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="not divisible into 5 micro-batches"):
+        _, five = _state(dataclasses.replace(config, micro_batches=5))
+        sgpo_step(five, random_batch(seed=8, pairs=12))

@@ -1,0 +1,320 @@
+r"""Benchmark: our Flax Llama decoder vs transformers' PyTorch ``LlamaForCausalLM`` on CPU.
+
+What is measured, back to back in one process, on the same config, weights and batch:
+
+* **forward+backward throughput** (tokens/s = ``batch * seq / step time``, the median of
+  ``--iters`` steps after ``--warmup``) of the loss :math:`-\sum_b \sum_{t \ge 1} m_{b,t} \log
+  p(x_{b,t} \mid x_{b,<t})` (every real token but the first scored, ``m = 1``):
+
+  - ``jax chunked``: ``jax.jit(jax.value_and_grad(loss))`` with
+    :func:`sgpo_jax.models.decoder_logps_fn` (the head in ``--chunk-size`` sequence chunks);
+  - ``jax naive``: the same with ``losses.sequence_logps(model.apply(...))`` (full logits);
+  - ``torch``: ``model(input_ids, attention_mask).logits``, ``log_softmax`` in float32,
+    ``gather`` of the targets, masked sum, ``loss.backward()`` (gradients zeroed with
+    ``set_to_none`` before each step). ``--attn`` picks transformers' attention implementation
+    (``sdpa``, its default, or ``eager``).
+
+  Each timed step ends when the gradients are ready (``jax.block_until_ready``; torch is
+  synchronous on CPU). The loss values of the three are checked to agree (rtol 1e-4), and so is
+  one gradient tensor (``lm_head``), so the three do the same work.
+
+* **memory** of the log-prob loss step:
+
+  - XLA's compiled memory analysis (``jit(...).lower(...).compile().memory_analysis()``) of our
+    jitted value-and-grad: ``temp_size_in_bytes``, the peak of XLA's temporary buffers (arguments
+    and outputs excluded), for the whole model step and for the head alone (``[B, T, H]`` hidden
+    states and the head as inputs, so the difference is the log-prob computation only);
+  - the peak increase of the process's resident set size during one step over the RSS just
+    before it, sampled by a background thread every ~0.2 ms (``psutil``), for the three steps
+    above. This is an honest but coarse measurement of the memory a step touches: allocator
+    caching can hide some of it (memory freed earlier and reused is not counted) and very
+    short-lived peaks between samples can be missed. Compare it across rows, not with XLA's
+    numbers.
+
+Threads: ``torch.set_num_threads(--threads)`` (and one inter-op thread) and XLA's CPU client with
+``--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=--threads`` (its Eigen pool for
+matmuls); ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` are set to the same value before torch is
+imported. The default config is the project's benchmark config: Llama, vocab 32000, hidden 256,
+intermediate 688, 4 layers, 8 heads, 4 KV heads, RoPE theta 1e4, float32, random init (our
+initializer, std 0.02, copied into torch via ``params_to_hf_state_dict``); batch 8, sequence 256.
+
+Run from the repository root: ``python bench/model.py`` (``--help`` for the options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--intermediate", type=int, default=688)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--rope-theta", type=float, default=1e4)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="sequence positions per head chunk (default: sgpo_jax.models.DEFAULT_CHUNK_SIZE)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps of each implementation")
+    p.add_argument("--iters", type=int, default=7, help="timed steps of each implementation (median reported)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads and XLA CPU threads")
+    p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="transformers attn_implementation")
+    p.add_argument("--skip-torch", action="store_true", help="only time our model")
+    p.add_argument("--no-naive", action="store_true", help="skip our naive (full-logits) variant")
+    p.add_argument("--no-rss", action="store_true", help="skip the RSS measurements")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write all numbers to this JSON file")
+    return p.parse_args(argv)
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+_THREADS = str(ARGS.threads if ARGS else 2)
+os.environ["JAX_PLATFORMS"] = "cpu"  # before jax is imported anywhere
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={_THREADS}").strip()
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = _THREADS
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sgpo_jax.losses import sequence_logps  # noqa: E402
+from sgpo_jax.models import (  # noqa: E402
+    DEFAULT_CHUNK_SIZE,
+    Decoder,
+    DecoderConfig,
+    chunked_sequence_logps,
+    decoder_logps_fn,
+    output_head,
+    params_to_hf_state_dict,
+)
+
+MB = 1e6
+
+
+class PeakRSS:
+    """Context manager: peak RSS increase (bytes) over the RSS at entry, sampled in a thread."""
+
+    def __init__(self, interval=2e-4):
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval
+        self.peak = 0
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss - self.base)
+            time.sleep(self._interval)
+
+    def __enter__(self):
+        self._stop = threading.Event()
+        self.base = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.peak = max(self.peak, self._proc.memory_info().rss - self.base)
+        self._stop.set()
+        self._thread.join()
+
+
+def time_steps(step, warmup, iters):
+    """Median and all wall times (s) of ``step()`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def rss_peak(step, repeats=2):
+    """Smallest peak RSS increase of ``repeats`` calls (after warm-up), in bytes."""
+    peaks = []
+    for _ in range(repeats):
+        with PeakRSS() as probe:
+            step()
+        peaks.append(probe.peak)
+    return min(peaks)
+
+
+def main(args):
+    chunk = args.chunk_size or DEFAULT_CHUNK_SIZE
+    cfg = DecoderConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                        num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
+                        rope_theta=args.rope_theta, rms_norm_eps=1e-6, max_position_embeddings=max(2048, args.seq))
+    model = Decoder(cfg)
+    b, t = args.batch, args.seq
+    tokens = b * t
+    rng = np.random.default_rng(args.seed)
+    ids_np = rng.integers(0, cfg.vocab_size, (b, t)).astype(np.int32)
+    attn_np = np.ones((b, t), np.int32)
+    loss_mask_np = np.ones((b, t), np.int32)
+    params = jax.jit(model.init)(jax.random.PRNGKey(args.seed), jnp.zeros((1, 2), jnp.int32))
+    ids, attn, loss_mask = jnp.asarray(ids_np), jnp.asarray(attn_np), jnp.asarray(loss_mask_np)
+
+    chunked_logps = decoder_logps_fn(model, chunk_size=chunk)
+
+    def naive_logps(p, i, a, m):
+        return sequence_logps(model.apply(p, i, a), i, m)
+
+    def loss_of(logps_fn):
+        return lambda p, i, a, m: -jnp.sum(logps_fn(p, i, a, m))
+
+    results = {"config": dict(vars(args), json=str(args.json) if args.json else None, chunk_size=chunk),
+               "rows": {}, "memory": {}}
+    env = {"python": platform.python_version(), "jax": jax.__version__, "cpu_count": os.cpu_count(),
+           "machine": platform.machine(), "xla_flags": os.environ["XLA_FLAGS"]}
+
+    # ---- our model --------------------------------------------------------------------------
+    variants = {"jax chunked": chunked_logps}
+    if not args.no_naive:
+        variants["jax naive"] = naive_logps
+    losses, head_grads = {}, {}
+    for name, fn in variants.items():
+        t0 = time.perf_counter()
+        compiled = jax.jit(jax.value_and_grad(loss_of(fn))).lower(params, ids, attn, loss_mask).compile()
+        compile_s = time.perf_counter() - t0
+        temp = compiled.memory_analysis().temp_size_in_bytes
+
+        def step(compiled=compiled):
+            return jax.block_until_ready(compiled(params, ids, attn, loss_mask))
+
+        median, times = time_steps(step, args.warmup, args.iters)
+        value, grads = step()
+        losses[name] = float(value)
+        head_grads[name] = np.asarray(grads["params"]["lm_head"]["kernel"]).T
+        row = dict(step_s=median, times_s=times, tokens_per_s=tokens / median, compile_s=compile_s,
+                   xla_temp_bytes=temp)
+        if not args.no_rss:
+            row["rss_peak_bytes"] = rss_peak(step)
+        results["rows"][name] = row
+        print(f"[{name}] {median * 1e3:.1f} ms/step, {tokens / median:,.0f} tokens/s, compile {compile_s:.1f} s",
+              flush=True)
+
+    # The head alone (hidden states given): the log-prob computation's own temporary memory.
+    hidden = jax.ShapeDtypeStruct((b, t, cfg.hidden_size), jnp.float32)
+    head = jax.ShapeDtypeStruct((cfg.hidden_size, cfg.vocab_size), jnp.float32)
+
+    def head_temp(fn):
+        f = jax.jit(jax.value_and_grad(lambda h, w: -jnp.sum(fn(h, w)), argnums=(0, 1)))
+        return f.lower(hidden, head).compile().memory_analysis().temp_size_in_bytes
+
+    results["memory"]["head_only_xla_temp_bytes"] = {
+        "naive": head_temp(lambda h, w: sequence_logps(h @ w, ids, loss_mask)),
+        "chunked": head_temp(lambda h, w: chunked_sequence_logps(h, w, ids, loss_mask, chunk_size=chunk)),
+    }
+    results["memory"]["float32_logits_bytes"] = 4 * tokens * cfg.vocab_size
+
+    # ---- transformers ------------------------------------------------------------------------
+    if not args.skip_torch:
+        import torch
+        import transformers
+
+        torch.set_num_threads(args.threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set
+            pass
+        env.update(torch=torch.__version__, transformers=transformers.__version__,
+                   torch_threads=torch.get_num_threads())
+        hf_config = transformers.LlamaConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+            rope_parameters=dict(rope_type="default", rope_theta=cfg.rope_theta),
+            max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
+            attn_implementation=args.attn)
+        assert DecoderConfig.from_hf(hf_config) == cfg, "the transformers config does not round-trip"
+        torch_model = transformers.LlamaForCausalLM(hf_config).float().train()
+        state = {k: torch.from_numpy(v) for k, v in params_to_hf_state_dict(params, cfg).items()}
+        torch_model.load_state_dict(state, strict=True)
+        t_ids = torch.from_numpy(ids_np.astype(np.int64))
+        t_attn = torch.from_numpy(attn_np.astype(np.int64))
+        t_mask = torch.from_numpy(loss_mask_np[:, 1:].astype(np.float32))
+
+        def torch_step():
+            torch_model.zero_grad(set_to_none=True)
+            logits = torch_model(input_ids=t_ids, attention_mask=t_attn).logits[:, :-1].float()
+            logps = torch.log_softmax(logits, dim=-1).gather(-1, t_ids[:, 1:, None]).squeeze(-1)
+            loss = -(logps * t_mask).sum()
+            loss.backward()
+            return loss
+
+        median, times = time_steps(torch_step, args.warmup, args.iters)
+        losses["torch"] = float(torch_step())
+        head_grads["torch"] = torch_model.lm_head.weight.grad.numpy().copy()
+        row = dict(step_s=median, times_s=times, tokens_per_s=tokens / median)
+        if not args.no_rss:
+            row["rss_peak_bytes"] = rss_peak(torch_step)
+        results["rows"]["torch"] = row
+        print(f"[torch {args.attn}] {median * 1e3:.1f} ms/step, {tokens / median:,.0f} tokens/s", flush=True)
+
+    # ---- agreement ---------------------------------------------------------------------------
+    ref = "torch" if "torch" in losses else "jax chunked"
+    agreement = {}
+    for name in losses:
+        g, g_ref = head_grads[name], head_grads[ref]
+        agreement[name] = dict(loss=losses[name], loss_rel_diff=abs(losses[name] / losses[ref] - 1),
+                               lm_head_grad_rel_err=float(np.abs(g - g_ref).max() / np.abs(g_ref).max()))
+    results["agreement"] = agreement
+    results["env"] = env
+    ok = all(a["loss_rel_diff"] < 1e-4 and a["lm_head_grad_rel_err"] < 1e-3 for a in agreement.values())
+    results["agree"] = ok
+
+    print_table(results, args, chunk)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=float))
+        print(f"\nwrote {args.json}")
+    return 0 if ok else 1
+
+
+def print_table(results, args, chunk):
+    rows = results["rows"]
+    base = rows.get("torch")
+    print(f"\nLlama V={args.vocab} H={args.hidden} I={args.intermediate} L={args.layers} heads={args.heads}/"
+          f"{args.kv_heads} fp32, batch {args.batch} x seq {args.seq}, {args.threads} threads, "
+          f"torch attn={args.attn}, chunk={chunk}\n")
+    print("| implementation | fwd+bwd step (ms) | tokens/s | vs torch | XLA temp (MB) | peak RSS increase (MB) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, row in rows.items():
+        ratio = f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        temp = f"{row['xla_temp_bytes'] / MB:.0f}" if "xla_temp_bytes" in row else "-"
+        rss = f"{row['rss_peak_bytes'] / MB:.0f}" if "rss_peak_bytes" in row else "-"
+        print(f"| {name} | {row['step_s'] * 1e3:.1f} | {row['tokens_per_s']:,.0f} | {ratio} | {temp} | {rss} |")
+    mem = results["memory"]
+    head = mem["head_only_xla_temp_bytes"]
+    print(f"\nlog-prob head alone (value+grad from [B,T,H] hidden states), XLA temp: naive "
+          f"{head['naive'] / MB:.0f} MB, chunked {head['chunked'] / MB:.0f} MB "
+          f"({head['chunked'] / head['naive']:.2f}x); one float32 [B,T,V] logits array is "
+          f"{mem['float32_logits_bytes'] / MB:.0f} MB")
+    print("\nagreement (vs " + ("torch" if base else "jax chunked") + "): " + ", ".join(
+        f"{k}: loss {v['loss']:.4f} (rel {v['loss_rel_diff']:.1e}), lm_head grad rel err {v['lm_head_grad_rel_err']:.1e}"
+        for k, v in results["agreement"].items()) + ("" if results["agree"] else "  ** DISAGREE **"))
+
+
+if __name__ == "__main__":
+    sys.exit(main(ARGS))
