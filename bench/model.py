@@ -3,20 +3,26 @@ r"""Benchmark: our Flax Llama decoder vs transformers' PyTorch ``LlamaForCausalL
 What is measured, back to back in one process, on the same config, weights and batch:
 
 * **forward+backward throughput** (tokens/s = ``batch * seq / step time``, the median of
-  ``--iters`` steps after ``--warmup``) of the loss :math:`-\sum_b \sum_{t \ge 1} m_{b,t} \log
-  p(x_{b,t} \mid x_{b,<t})` (every real token but the first scored, ``m = 1``):
+  ``--iters`` steps after ``--warmup`` untimed ones) of the loss :math:`-\sum_b \sum_{t \ge 1}
+  m_{b,t} \log p(x_{b,t} \mid x_{b,<t})` (every token but the first scored, ``m = 1``, no padding).
+  The implementations are timed in interleaved rounds (each one step per round), so that load
+  from elsewhere on the machine hits them alike:
 
   - ``jax chunked``: ``jax.jit(jax.value_and_grad(loss))`` with
-    :func:`sgpo_jax.models.decoder_logps_fn` (the head in ``--chunk-size`` sequence chunks);
-  - ``jax naive``: the same with ``losses.sequence_logps(model.apply(...))`` (full logits);
+    :func:`sgpo_jax.models.decoder_logps_fn` (the head in ``--chunk-size`` sequence chunks,
+    ``method="custom_vjp"``, the default);
+  - ``jax chunked (checkpoint)``: the same with ``method="checkpoint"`` (``--no-checkpoint``
+    skips it);
+  - ``jax naive``: the same with ``losses.sequence_logps(model.apply(...))`` (full logits;
+    ``--no-naive`` skips it);
   - ``torch``: ``model(input_ids, attention_mask).logits``, ``log_softmax`` in float32,
     ``gather`` of the targets, masked sum, ``loss.backward()`` (gradients zeroed with
     ``set_to_none`` before each step). ``--attn`` picks transformers' attention implementation
     (``sdpa``, its default, or ``eager``).
 
   Each timed step ends when the gradients are ready (``jax.block_until_ready``; torch is
-  synchronous on CPU). The loss values of the three are checked to agree (rtol 1e-4), and so is
-  one gradient tensor (``lm_head``), so the three do the same work.
+  synchronous on CPU). The loss values are checked to agree (rtol 1e-4), and so is one
+  gradient tensor (``lm_head``, rel. err 1e-3), so all do the same work; exit status 1 if not.
 
 * **memory** of the log-prob loss step:
 
@@ -25,11 +31,11 @@ What is measured, back to back in one process, on the same config, weights and b
     and outputs excluded), for the whole model step and for the head alone (``[B, T, H]`` hidden
     states and the head as inputs, so the difference is the log-prob computation only);
   - the peak increase of the process's resident set size during one step over the RSS just
-    before it, sampled by a background thread every ~0.2 ms (``psutil``), for the three steps
-    above. This is an honest but coarse measurement of the memory a step touches: allocator
-    caching can hide some of it (memory freed earlier and reused is not counted) and very
-    short-lived peaks between samples can be missed. Compare it across rows, not with XLA's
-    numbers.
+    before it (``malloc_trim(0)`` first, so memory glibc kept from earlier steps is returned;
+    sampled by a background thread every ~0.2 ms with ``psutil``; the larger of two steps), for
+    every row, torch included. An honest but coarse measurement of the memory a step touches:
+    short-lived peaks between samples can be missed and allocator caching (XLA's or torch's)
+    can hide reuse. It is the only memory number given for torch.
 
 Threads: ``torch.set_num_threads(--threads)`` (and one inter-op thread) and XLA's CPU client with
 ``--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=--threads`` (its Eigen pool for
@@ -44,6 +50,8 @@ Run from the repository root: ``python bench/model.py`` (``--help`` for the opti
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -74,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="transformers attn_implementation")
     p.add_argument("--skip-torch", action="store_true", help="only time our model")
     p.add_argument("--no-naive", action="store_true", help="skip our naive (full-logits) variant")
+    p.add_argument("--no-checkpoint", action="store_true",
+                   help="skip the chunked variant with method='checkpoint' (jax.checkpoint-ed scan step)")
     p.add_argument("--no-rss", action="store_true", help="skip the RSS measurements")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write all numbers to this JSON file")
@@ -137,26 +147,40 @@ class PeakRSS:
         self._thread.join()
 
 
-def time_steps(step, warmup, iters):
-    """Median and all wall times (s) of ``step()`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        step()
-    times = []
+def time_interleaved(steps, warmup, iters):
+    """``{name: [wall times (s)]}``: ``warmup`` untimed calls of each step, then ``iters`` rounds that
+    call every step once in turn, so that load from elsewhere on the machine hits all alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
     for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _malloc_trim():
+    """Return glibc's free heap memory to the OS, so that a step's RSS increase is not hidden by
+    memory the allocator kept from earlier steps (no-op where glibc is absent)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def rss_peak(step, repeats=2):
-    """Smallest peak RSS increase of ``repeats`` calls (after warm-up), in bytes."""
+    """Largest peak RSS increase of ``repeats`` calls (after warm-up, heap trimmed before each), bytes."""
     peaks = []
     for _ in range(repeats):
+        gc.collect()
+        _malloc_trim()
         with PeakRSS() as probe:
             step()
         peaks.append(probe.peak)
-    return min(peaks)
+    return max(peaks)
 
 
 def main(args):
@@ -190,29 +214,17 @@ def main(args):
 
     # ---- our model --------------------------------------------------------------------------
     variants = {"jax chunked": chunked_logps}
+    if not args.no_checkpoint:
+        variants["jax chunked (checkpoint)"] = decoder_logps_fn(model, chunk_size=chunk, method="checkpoint")
     if not args.no_naive:
         variants["jax naive"] = naive_logps
-    losses, head_grads = {}, {}
+    steps, rows = {}, results["rows"]
     for name, fn in variants.items():
         t0 = time.perf_counter()
         compiled = jax.jit(jax.value_and_grad(loss_of(fn))).lower(params, ids, attn, loss_mask).compile()
-        compile_s = time.perf_counter() - t0
-        temp = compiled.memory_analysis().temp_size_in_bytes
-
-        def step(compiled=compiled):
-            return jax.block_until_ready(compiled(params, ids, attn, loss_mask))
-
-        median, times = time_steps(step, args.warmup, args.iters)
-        value, grads = step()
-        losses[name] = float(value)
-        head_grads[name] = np.asarray(grads["params"]["lm_head"]["kernel"]).T
-        row = dict(step_s=median, times_s=times, tokens_per_s=tokens / median, compile_s=compile_s,
-                   xla_temp_bytes=temp)
-        if not args.no_rss:
-            row["rss_peak_bytes"] = rss_peak(step)
-        results["rows"][name] = row
-        print(f"[{name}] {median * 1e3:.1f} ms/step, {tokens / median:,.0f} tokens/s, compile {compile_s:.1f} s",
-              flush=True)
+        rows[name] = dict(compile_s=time.perf_counter() - t0,
+                          xla_temp_bytes=compiled.memory_analysis().temp_size_in_bytes)
+        steps[name] = lambda compiled=compiled: jax.block_until_ready(compiled(params, ids, attn, loss_mask))
 
     # The head alone (hidden states given): the log-prob computation's own temporary memory.
     hidden = jax.ShapeDtypeStruct((b, t, cfg.hidden_size), jnp.float32)
@@ -225,6 +237,8 @@ def main(args):
     results["memory"]["head_only_xla_temp_bytes"] = {
         "naive": head_temp(lambda h, w: sequence_logps(h @ w, ids, loss_mask)),
         "chunked": head_temp(lambda h, w: chunked_sequence_logps(h, w, ids, loss_mask, chunk_size=chunk)),
+        "chunked (checkpoint)": head_temp(lambda h, w: chunked_sequence_logps(h, w, ids, loss_mask, chunk_size=chunk,
+                                                                              method="checkpoint")),
     }
     results["memory"]["float32_logits_bytes"] = 4 * tokens * cfg.vocab_size
 
@@ -261,16 +275,26 @@ def main(args):
             logps = torch.log_softmax(logits, dim=-1).gather(-1, t_ids[:, 1:, None]).squeeze(-1)
             loss = -(logps * t_mask).sum()
             loss.backward()
-            return loss
+            return loss.detach()
 
-        median, times = time_steps(torch_step, args.warmup, args.iters)
-        losses["torch"] = float(torch_step())
-        head_grads["torch"] = torch_model.lm_head.weight.grad.numpy().copy()
-        row = dict(step_s=median, times_s=times, tokens_per_s=tokens / median)
+        steps["torch"], rows["torch"] = torch_step, {}
+
+    # ---- timing (interleaved), memory, agreement ---------------------------------------------
+    print(f"timing {list(steps)}: {args.warmup} warm-up + {args.iters} interleaved rounds", flush=True)
+    for name, times in time_interleaved(steps, args.warmup, args.iters).items():
+        median = statistics.median(times)
+        rows[name].update(step_s=median, times_s=times, tokens_per_s=tokens / median)
+    losses, head_grads = {}, {}
+    for name, step in steps.items():
+        if name == "torch":
+            losses[name] = float(step())
+            head_grads[name] = torch_model.lm_head.weight.grad.numpy().copy()
+        else:
+            value, grads = step()
+            losses[name] = float(value)
+            head_grads[name] = np.asarray(grads["params"]["lm_head"]["kernel"]).T
         if not args.no_rss:
-            row["rss_peak_bytes"] = rss_peak(torch_step)
-        results["rows"]["torch"] = row
-        print(f"[torch {args.attn}] {median * 1e3:.1f} ms/step, {tokens / median:,.0f} tokens/s", flush=True)
+            rows[name]["rss_peak_bytes"] = rss_peak(step)
 
     # ---- agreement ---------------------------------------------------------------------------
     ref = "torch" if "torch" in losses else "jax chunked"
@@ -307,10 +331,11 @@ def print_table(results, args, chunk):
         print(f"| {name} | {row['step_s'] * 1e3:.1f} | {row['tokens_per_s']:,.0f} | {ratio} | {temp} | {rss} |")
     mem = results["memory"]
     head = mem["head_only_xla_temp_bytes"]
-    print(f"\nlog-prob head alone (value+grad from [B,T,H] hidden states), XLA temp: naive "
-          f"{head['naive'] / MB:.0f} MB, chunked {head['chunked'] / MB:.0f} MB "
-          f"({head['chunked'] / head['naive']:.2f}x); one float32 [B,T,V] logits array is "
-          f"{mem['float32_logits_bytes'] / MB:.0f} MB")
+    print("\nRSS: peak resident-set increase during one step over the RSS before it (heap trimmed "
+          "first, sampled every ~0.2 ms).")
+    print(f"\nlog-prob head alone (value+grad from [B,T,H] hidden states), XLA temp: " + ", ".join(
+        f"{k} {v / MB:.0f} MB ({v / head['naive']:.2f}x)" for k, v in head.items())
+          + f"; one float32 [B,T,V] logits array is {mem['float32_logits_bytes'] / MB:.0f} MB")
     print("\nagreement (vs " + ("torch" if base else "jax chunked") + "): " + ", ".join(
         f"{k}: loss {v['loss']:.4f} (rel {v['loss_rel_diff']:.1e}), lm_head grad rel err {v['lm_head_grad_rel_err']:.1e}"
         for k, v in results["agreement"].items()) + ("" if results["agree"] else "  ** DISAGREE **"))

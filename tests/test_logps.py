@@ -73,11 +73,14 @@ def prompt_response_batch(vocab, batch=3, length=T, seed=0):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-@pytest.mark.parametrize("chunk_size", [1, 3, 4, 11, 64])
-def test_chunked_equals_naive_values_and_grads(chunk_size, tied):
+@pytest.mark.parametrize("method, chunk_size, tied", [
+    ("custom_vjp", 1, False), ("custom_vjp", 4, False), ("custom_vjp", 4, True), ("custom_vjp", 11, True),
+    ("custom_vjp", 64, False), ("checkpoint", 3, False), ("checkpoint", 11, True),
+], ids=lambda v: {False: "untied", True: "tied"}.get(v, str(v)) if isinstance(v, bool) else str(v))
+def test_chunked_equals_naive_values_and_grads(method, chunk_size, tied):
     hidden, head, ids, loss_mask = random_inputs(tied=tied)
-    chunked = jax.jit(lambda h, w: chunked_sequence_logps(h, w, ids, loss_mask, chunk_size=chunk_size, tied=tied))
+    chunked = jax.jit(lambda h, w: chunked_sequence_logps(h, w, ids, loss_mask, chunk_size=chunk_size, tied=tied,
+                                                          method=method))
     naive = jax.jit(lambda h, w: naive_from_hidden(h, w, ids, loss_mask, tied))
     expected = naive(hidden, head)
     assert np.abs(expected).max() > 10.0 and expected[-1] == 0  # not vacuous; the unscored row is 0
@@ -93,17 +96,30 @@ def test_chunked_equals_naive_values_and_grads(chunk_size, tied):
     assert np.all(np.asarray(grads[0])[:, -1] == 0)
 
 
+def test_checkpoint_method_supports_forward_mode():
+    hidden, head, ids, loss_mask = random_inputs()
+    tangent = jnp.asarray(np.random.default_rng(1).normal(size=hidden.shape).astype(np.float32))
+    _, got = jax.jvp(lambda h: chunked_sequence_logps(h, head, ids, loss_mask, chunk_size=4, method="checkpoint"),
+                     (hidden,), (tangent,))
+    _, expected = jax.jvp(lambda h: naive_from_hidden(h, head, ids, loss_mask, False), (hidden,), (tangent,))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_short_sequences_and_float64(x64):
     hidden, head, ids, loss_mask = random_inputs()
     np.testing.assert_array_equal(chunked_sequence_logps(hidden[:, :1], head, ids[:, :1], loss_mask[:, :1]),
                                   np.zeros(B))
-    np.testing.assert_allclose(chunked_sequence_logps(hidden[:, :2], head, ids[:, :2], loss_mask[:, :2]),
+    np.testing.assert_allclose(jax.jit(chunked_sequence_logps)(hidden[:, :2], head, ids[:, :2], loss_mask[:, :2]),
                                naive_from_hidden(hidden[:, :2], head, ids[:, :2], loss_mask[:, :2], False),
                                rtol=1e-5)
     h64, w64 = hidden.astype(jnp.float64), head.astype(jnp.float64)
-    got = chunked_sequence_logps(h64, w64, ids, loss_mask, chunk_size=5)
-    assert got.dtype == jnp.float64
-    np.testing.assert_allclose(got, naive_from_hidden(h64, w64, ids, loss_mask, False), rtol=1e-12)
+    got, grads = jax.jit(jax.value_and_grad(
+        lambda h, w: jnp.sum(chunked_sequence_logps(h, w, ids, loss_mask, chunk_size=5)), argnums=(0, 1)))(h64, w64)
+    expected, expected_grads = jax.jit(jax.value_and_grad(
+        lambda h, w: jnp.sum(naive_from_hidden(h, w, ids, loss_mask, False)), argnums=(0, 1)))(h64, w64)
+    assert got.dtype == jnp.float64 and all(g.dtype == jnp.float64 for g in grads)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert_tree_close(grads, expected_grads, rtol=1e-10, atol=1e-12)
 
 
 def test_bfloat16_operands_accumulate_in_float32():
@@ -128,6 +144,8 @@ def test_bad_arguments_raise():
         chunked_sequence_logps(hidden, head.T, ids, loss_mask)
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_sequence_logps(hidden, head, ids, loss_mask, chunk_size=0)
+    with pytest.raises(ValueError, match="method"):
+        chunked_sequence_logps(hidden, head, ids, loss_mask, method="scan")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +206,7 @@ def test_decoder_logps_fn_with_scan_remat_and_bfloat16():
     def run(p):
         naive = sequence_logps(Decoder(cfg).apply(p, ids, attention_mask), ids, loss_mask)
         inner = decoder_logps_fn(Decoder(cfg), chunk_size=4)(p["params"], ids, attention_mask, loss_mask)
-        low = decoder_logps_fn(Decoder(bf16), chunk_size=4)(p, ids, attention_mask, loss_mask)
+        low = decoder_logps_fn(Decoder(bf16), chunk_size=4, method="checkpoint")(p, ids, attention_mask, loss_mask)
         return naive, inner, low
 
     expected, got, low = run(params)
@@ -210,20 +228,16 @@ def test_chunked_value_and_grad_needs_much_less_temporary_memory():
     model = Decoder(cfg)
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
     tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-    chunked_fn = decoder_logps_fn(model, chunk_size=chunk)
 
-    def naive(p, i, a, m):
-        return jnp.sum(sequence_logps(model.apply(p, i, a), i, m))
-
-    def chunked(p, i, a, m):
-        return jnp.sum(chunked_fn(p, i, a, m))
-
-    def temp_bytes(f):
-        compiled = jax.jit(jax.value_and_grad(f)).lower(params, tokens, tokens, tokens).compile()
+    def temp_bytes(logps_fn):
+        loss = lambda p, i, a, m: jnp.sum(logps_fn(p, i, a, m))  # noqa: E731
+        compiled = jax.jit(jax.value_and_grad(loss)).lower(params, tokens, tokens, tokens).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
-    naive_bytes, chunked_bytes = temp_bytes(naive), temp_bytes(chunked)
+    naive_bytes = temp_bytes(lambda p, i, a, m: sequence_logps(model.apply(p, i, a), i, m))
     logits_bytes = 4 * batch * length * vocab
     assert naive_bytes >= 2 * logits_bytes  # the naive path holds (at least) logits and their cotangent
-    assert chunked_bytes < 0.3 * naive_bytes, (chunked_bytes, naive_bytes)
-    assert chunked_bytes < logits_bytes, (chunked_bytes, logits_bytes)
+    for method in ("custom_vjp", "checkpoint"):
+        chunked_bytes = temp_bytes(decoder_logps_fn(model, chunk_size=chunk, method=method))
+        assert chunked_bytes < 0.3 * naive_bytes, (method, chunked_bytes, naive_bytes)
+        assert chunked_bytes < logits_bytes, (method, chunked_bytes, logits_bytes)

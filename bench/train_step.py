@@ -1,0 +1,809 @@
+r"""Benchmark: one SGPO/DPO optimizer step, ours (jitted ``sgpo_step``) vs TRL and hand-written PyTorch, CPU.
+
+Everything runs back to back in one process on the same model (random init, our initializer, std
+0.02, copied into transformers' ``LlamaForCausalLM`` with ``params_to_hf_state_dict``) and the
+same data: ``--pairs`` preference pairs per optimizer step, each sequence a ``--prompt``-token
+prompt plus a ``--response``-token response (the last response token is EOS), no padding. The
+throughput is ``tokens/s = pairs * 2 * (prompt + response) / step time`` (chosen and rejected
+tokens processed per optimizer step), the step time the median of all timed steps. Compilation
+and warm-up steps are excluded. To spread the noise of a shared machine over all methods, the
+timed steps run in ``--rounds`` rounds that interleave the methods (round 1 warms up with
+``--warmup`` steps, later rounds with one).
+
+Methods (every one does clip-by-global-norm 1.0 and AdamW, lr 1e-6, betas (0.9, 0.999), eps
+1e-8, no weight decay, beta 0.1):
+
+* **ours** -- ``jax.jit(sgpo_step, donate_argnums=0)`` with ``SGPOConfig(mode="sgpo",
+  epsilon=0.01, num_tangents=6)`` (probability space, tangent loss) and *no* precomputed atoms
+  in the batch, so the exact follower runs inside the step on the batch's margins; optax
+  ``chain(clip_by_global_norm(1.0), adamw(...))``. The policy log-probs come from one of:
+
+  - ``logits``: the default path, ``losses.sequence_logps(model.apply(...))`` (full
+    ``[2B, T, V]`` logits);
+  - ``chunked``: ``logps_fn=decoder_logps_fn(model, chunk_size=--chunk-size)``;
+  - ``resp-chunked`` / ``resp-logits``: a ``logps_fn`` defined here from the library's public
+    pieces that scores only response positions: the decoder's final hidden states are sliced to
+    positions ``[prompt - 1, T - 1)`` (those predicting response tokens) before the head, then
+    ``chunked_sequence_logps`` (``--resp-chunk-size``) or a plain ``sequence_logps`` on the
+    ``[2B, response, V]`` logits. Exact here because the prompt length is static and the loss
+    mask is 0 on the prompt (checked).
+
+  Each variant runs two ways: **(i) cached**: the batch carries reference log-probs computed
+  once before timing (the pipeline's design: they are precomputed per round and cached);
+  **(ii) ref fwd**: each timed step first runs a separately jitted forward of the frozen
+  reference params (same log-prob path) producing the batch's reference log-probs, then the
+  step -- the same work per step as the PyTorch baselines.
+
+* **(a) TRL** ``DPOTrainer`` (``--trl-configs``): the real trainer on a text dataset that a
+  word-level tokenizer built here maps to exactly the same token ids; ``per_device_train_batch_size
+  = pairs``, no gradient accumulation, ``max_length = T``, float32 (``bf16=False``), constant LR,
+  ``max_grad_norm=1.0``, the default optimizer (``adamw_torch_fused``), sdpa attention.
+  ``ref``: a reference model (TRL's default, ``precompute_ref_log_probs=False``; passed as a
+  ``ref_model`` copy with the same weights, which is what TRL builds itself from a hub id);
+  ``precompute``: ``precompute_ref_log_probs=True`` (reference log-probs computed once before
+  training, untimed). Gradient checkpointing is off (TRL's default is on; ``ref-gc`` runs that).
+  The step time is measured by a ``TrainerCallback`` from ``on_step_begin`` to ``on_step_end``
+  (forward, backward, clipping, optimizer and scheduler step, ``zero_grad``; the data loader
+  and collator run before ``on_step_begin`` and are not counted, which favours TRL).
+
+* **(b) torch** hand-written: ``policy(cat[chosen, rejected]).logits``, ``log_softmax`` in
+  float32, ``gather``, masked sum; the frozen reference forward the same under ``no_grad``;
+  ``-logsigmoid(beta * margin).mean()``, ``backward``, ``clip_grad_norm_(1.0)``,
+  ``torch.optim.AdamW(fused=True)`` step. **(b') torch resp-only**: the same but the hidden
+  states (``policy.model(...).last_hidden_state``) are sliced to response positions before
+  ``lm_head``.
+
+Checks: TRL's tokenized dataset equals our token ids; the reference log-probs of ours and torch
+agree (rtol 1e-4); every step's loss is finite.
+
+``--diagnostics`` (default on) adds, for the fastest ``ours`` variant: the same step with
+``mode="dpo"`` (no follower, no extra forward), a bench-local prototype of a single-forward SGPO
+step (``jax.vjp`` of the policy log-probs, follower on the stop-gradient margins, loss gradient
+pulled back through the VJP; the library's ``sgpo_step`` runs the policy forward twice), and
+timings of the step's parts (policy forward, forward+backward, follower, optimizer update).
+
+Threads: ``torch.set_num_threads(--threads)`` (one inter-op thread); ``OMP/MKL/OPENBLAS_NUM_THREADS``
+set before torch is imported; XLA CPU with ``--xla_cpu_multi_thread_eigen=true
+intra_op_parallelism_threads=--threads`` (as ``bench/model.py``; XLA's CPU client sizes its
+pool to the visible cores, 2 here). Run from the repository root: ``python bench/train_step.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+OURS_VARIANTS = ("logits", "chunked", "resp-chunked", "resp-logits")
+TRL_CONFIGS = ("ref", "precompute", "ref-gc")
+TORCH_VARIANTS = ("full", "resp")
+
+
+def _csv(choices):
+    def parse(text):
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        bad = [s for s in items if s not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {choices}")
+        return items
+    return parse
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model (the project's benchmark config)")
+    g.add_argument("--vocab", type=int, default=32000)
+    g.add_argument("--hidden", type=int, default=256)
+    g.add_argument("--intermediate", type=int, default=688)
+    g.add_argument("--layers", type=int, default=4)
+    g.add_argument("--heads", type=int, default=8)
+    g.add_argument("--kv-heads", type=int, default=4)
+    g.add_argument("--rope-theta", type=float, default=1e4)
+    g = p.add_argument_group("data")
+    g.add_argument("--pairs", type=int, default=8, help="preference pairs per optimizer step")
+    g.add_argument("--prompt", type=int, default=64, help="prompt tokens per sequence")
+    g.add_argument("--response", type=int, default=192, help="response tokens per sequence (last one is EOS)")
+    g.add_argument("--batches", type=int, default=4, help="distinct batches in the dataset (steps cycle through them)")
+    g = p.add_argument_group("methods")
+    g.add_argument("--ours", type=_csv(OURS_VARIANTS), default=list(OURS_VARIANTS),
+                   help=f"our log-prob variants, comma-separated from {OURS_VARIANTS}")
+    g.add_argument("--chunk-size", type=int, default=None,
+                   help="decoder_logps_fn chunk (default: sgpo_jax.models.DEFAULT_CHUNK_SIZE)")
+    g.add_argument("--resp-chunk-size", type=int, default=None,
+                   help="chunk of the response-only chunked variant (default: --chunk-size)")
+    g.add_argument("--epsilon", type=float, default=0.01)
+    g.add_argument("--tangents", type=int, default=6)
+    g.add_argument("--beta", type=float, default=0.1)
+    g.add_argument("--lr", type=float, default=1e-6)
+    g.add_argument("--trl-configs", type=_csv(TRL_CONFIGS), default=["ref", "precompute"],
+                   help=f"TRL DPOTrainer runs, comma-separated from {TRL_CONFIGS} ('' for none)")
+    g.add_argument("--torch", type=_csv(TORCH_VARIANTS), default=list(TORCH_VARIANTS),
+                   help=f"hand-written PyTorch variants from {TORCH_VARIANTS} ('' for none)")
+    g.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="transformers attn_implementation")
+    g.add_argument("--diag-variant", choices=OURS_VARIANTS, default="resp-chunked",
+                   help="ours variant the diagnostics rows use (the first of --ours if not listed there)")
+    g.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
+                   help="skip the dpo-mode / single-forward prototype rows and the breakdown")
+    g = p.add_argument_group("timing")
+    g.add_argument("--warmup", type=int, default=2, help="untimed steps per method in round 1 (later rounds: 1)")
+    g.add_argument("--iters", type=int, default=4, help="timed steps per method per round")
+    g.add_argument("--rounds", type=int, default=2, help="rounds interleaving the methods")
+    g.add_argument("--threads", type=int, default=2, help="torch intra-op threads and XLA CPU threads")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", type=Path, default=None, help="write all numbers to this JSON file")
+    args = p.parse_args(argv)
+    if args.prompt < 1 or args.response < 2:
+        p.error("need --prompt >= 1 and --response >= 2")
+    return args
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+_THREADS = str(ARGS.threads if ARGS else 2)
+os.environ["JAX_PLATFORMS"] = "cpu"  # before jax is imported anywhere
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={_THREADS}").strip()
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = _THREADS
+for _var in ("TRANSFORMERS_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from sgpo_jax import losses as losses_lib  # noqa: E402
+from sgpo_jax.models import (  # noqa: E402
+    DEFAULT_CHUNK_SIZE,
+    Decoder,
+    DecoderConfig,
+    chunked_sequence_logps,
+    decoder_logps_fn,
+    output_head,
+    params_to_hf_state_dict,
+)
+from sgpo_jax.step import PreferenceBatch, SGPOConfig, TrainState, sgpo_step  # noqa: E402
+
+EOS_ID, PAD_ID, UNK_ID = 2, 2, 0  # token ids of the word-level tokenizer built for TRL
+FIRST_WORD_ID = 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def make_data(args, vocab):
+    """``batches`` lists of numpy arrays: prompt ``[N, P]``, chosen/rejected responses ``[N, R]``."""
+    rng = np.random.default_rng(args.seed)
+    n = args.pairs * args.batches
+
+    def words(shape):
+        return rng.integers(FIRST_WORD_ID, vocab, shape).astype(np.int64)
+
+    prompt = words((n, args.prompt))
+    chosen = np.concatenate([words((n, args.response - 1)), np.full((n, 1), EOS_ID)], axis=1)
+    rejected = np.concatenate([words((n, args.response - 1)), np.full((n, 1), EOS_ID)], axis=1)
+    return dict(prompt=prompt, chosen=chosen, rejected=rejected)
+
+
+def batch_slices(args):
+    return [slice(i * args.pairs, (i + 1) * args.pairs) for i in range(args.batches)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Ours
+# ----------------------------------------------------------------------------------------------
+
+
+def resp_logps_fn(model, prompt_len, *, chunk_size=None):
+    """``logps_fn`` scoring only positions ``>= prompt_len`` (static): hidden states sliced before the head.
+
+    ``chunk_size=None``: full logits of the response positions and ``losses.sequence_logps``;
+    else ``chunked_sequence_logps`` with that chunk. Equals ``decoder_logps_fn`` whenever the
+    loss mask is 0 on positions ``< prompt_len``.
+    """
+    cfg = model.cfg
+    start = prompt_len - 1  # hidden[start] predicts token prompt_len, the first response token
+
+    def logps_fn(params, input_ids, attention_mask, loss_mask):
+        variables = params if set(params) == {"params"} else {"params": params}
+        hidden = model.apply(variables, input_ids, attention_mask, return_hidden=True)[:, start:]
+        head = output_head(variables, cfg).astype(cfg.dtype)
+        ids, mask = input_ids[:, start:], loss_mask[:, start:]
+        if chunk_size is None:
+            logits = hidden @ (head.T if cfg.tie_word_embeddings else head)
+            return losses_lib.sequence_logps(logits, ids, mask)
+        return chunked_sequence_logps(hidden, head, ids, mask, chunk_size=chunk_size, tied=cfg.tie_word_embeddings)
+
+    return logps_fn
+
+
+def ours_logps_fns(model, args, chunk, resp_chunk):
+    def logits_path(params, ids, att, mask):
+        return losses_lib.sequence_logps(model.apply(params, ids, att), ids, mask)
+
+    return {
+        "logits": (None, logits_path),
+        "chunked": (decoder_logps_fn(model, chunk_size=chunk), None),
+        "resp-chunked": (resp_logps_fn(model, args.prompt, chunk_size=resp_chunk), None),
+        "resp-logits": (resp_logps_fn(model, args.prompt, chunk_size=None), None),
+    }
+
+
+def make_tx(args):
+    return optax.chain(optax.clip_by_global_norm(1.0),
+                       optax.adamw(args.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0))
+
+
+def single_forward_sgpo_step(state, batch):
+    """Prototype (bench-local, not the library): ``sgpo_step`` for ``micro_batches=1`` with the
+    in-step follower, but with ONE policy forward: ``jax.vjp`` of the policy log-probs, the
+    follower on their stop-gradient margins, the leader loss's gradient w.r.t. the log-probs
+    pulled back through the VJP. Same update as ``sgpo_step`` (the loss depends on the params
+    only through the log-probs)."""
+    from sgpo_jax.step import _in_step_follower, _policy_logps  # private: prototype only
+
+    config = state.config
+    assert config.mode == "sgpo" and config.micro_batches == 1 and config.space == "probability"
+    (pc, pr), pullback = jax.vjp(lambda p: _policy_logps(state, p, batch), state.params)
+    margins = (pc - batch.ref_chosen_logps) - (pr - batch.ref_rejected_logps)
+    centers = losses_lib.preference_centers(jax.lax.stop_gradient(margins), beta=config.beta, space=config.space)
+    shift, mass, support, extra = _in_step_follower(config, centers, batch.weight)
+
+    def numerator(pc, pr):
+        terms, metrics = losses_lib.sgpo_loss(
+            pc, pr, batch.ref_chosen_logps, batch.ref_rejected_logps, shift, mass * batch.weight[:, None],
+            beta=config.beta, space=config.space, loss=config.leader_loss or config.loss,
+            num_tangents=config.num_tangents, support=support, p_min=config.p_min)
+        return terms.total, (terms.mass, metrics)
+
+    (total, (total_mass, metrics)), cotangents = jax.value_and_grad(numerator, argnums=(0, 1), has_aux=True)(pc, pr)
+    (grads,) = pullback(cotangents)
+    total_mass = jnp.maximum(total_mass, jnp.finfo(total_mass.dtype).tiny)
+    grads = jax.tree.map(lambda g: g / total_mass.astype(g.dtype), grads)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    rng, _ = jax.random.split(state.rng)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state, rng=rng)
+    return new_state, {"loss": total / total_mass, **metrics, **extra}
+
+
+class OursMethod:
+    """A jitted, donated train step on a fresh copy of the initial params; ``run(n)`` -> step times."""
+
+    def __init__(self, name, *, model, params, ref_params, batches, config, tx, apply_fn, logps_fn,
+                 ref_logps, ref_in_step, step_fn=sgpo_step):
+        self.name = name
+        self.batches = batches
+        self.ref_params = ref_params
+        self.ref_in_step = ref_in_step
+        self.ref_logps = jax.jit(ref_logps)
+        self.state = TrainState.create(apply_fn=apply_fn, params=jax.tree.map(jnp.copy, params), tx=tx,
+                                       config=config, rng=jax.random.PRNGKey(0), logps_fn=logps_fn)
+        self.step = jax.jit(step_fn, donate_argnums=0)
+        self.i = 0
+        self.losses = []
+        t0 = time.perf_counter()
+        self.step = self.step.lower(self.state, batches[0]).compile()
+        if ref_in_step:
+            b0 = batches[0]
+            self.ref_logps = self.ref_logps.lower(ref_params, b0.chosen_ids, b0.chosen_attention, b0.chosen_loss_mask,
+                                                  b0.rejected_ids, b0.rejected_attention,
+                                                  b0.rejected_loss_mask).compile()
+        self.compile_s = time.perf_counter() - t0
+
+    def one_step(self):
+        batch = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        if self.ref_in_step:
+            rc, rr = self.ref_logps(self.ref_params, batch.chosen_ids, batch.chosen_attention, batch.chosen_loss_mask,
+                                    batch.rejected_ids, batch.rejected_attention, batch.rejected_loss_mask)
+            batch = batch.replace(ref_chosen_logps=rc, ref_rejected_logps=rr)
+        self.state, metrics = self.step(self.state, batch)
+        jax.block_until_ready((self.state, metrics))
+        return metrics
+
+    def run(self, n):
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            metrics = self.one_step()
+            times.append(time.perf_counter() - t0)
+            self.losses.append(float(metrics["loss"]))
+        return times
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch
+# ----------------------------------------------------------------------------------------------
+
+
+def torch_models(args, cfg, params, attn):
+    import torch
+    import transformers
+
+    hf_config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters=dict(rope_type="default", rope_theta=cfg.rope_theta),
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=EOS_ID, pad_token_id=PAD_ID, attn_implementation=attn)
+    assert DecoderConfig.from_hf(hf_config) == cfg, "the transformers config does not round-trip"
+    state = {k: torch.from_numpy(v) for k, v in params_to_hf_state_dict(params, cfg).items()}
+
+    def build(train):
+        m = transformers.LlamaForCausalLM(hf_config).float()
+        m.load_state_dict(state, strict=True)
+        m.train(train)
+        if not train:
+            m.requires_grad_(False)
+        return m
+
+    return hf_config, build
+
+
+class TorchMethod:
+    """Hand-written PyTorch DPO step: policy fwd, frozen reference fwd (no_grad), DPO, backward, clip, AdamW."""
+
+    def __init__(self, name, *, build, data, slices, args, resp_only):
+        import torch
+
+        self.name = name
+        self.torch = torch
+        self.policy, self.ref = build(True), build(False)
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                                     weight_decay=0.0, fused=True)
+        self.beta, self.start = args.beta, (args.prompt - 1 if resp_only else 0)
+        self.resp_only = resp_only
+        t = args.prompt + args.response
+        self.batches = []
+        for s in slices:
+            chosen = np.concatenate([data["prompt"][s], data["chosen"][s]], axis=1)
+            rejected = np.concatenate([data["prompt"][s], data["rejected"][s]], axis=1)
+            ids = torch.from_numpy(np.concatenate([chosen, rejected]))
+            mask = torch.zeros(ids.shape, dtype=torch.float32)
+            mask[:, args.prompt:] = 1.0
+            self.batches.append((ids, torch.ones_like(ids), mask[:, 1:].contiguous()))
+            assert ids.shape[1] == t
+        self.i = 0
+        self.losses = []
+        self.compile_s = 0.0
+
+    def logps(self, model, ids, att, shifted_mask):
+        torch = self.torch
+        if self.resp_only:
+            hidden = model.model(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
+            logits = model.lm_head(hidden[:, self.start:-1])
+            targets, mask = ids[:, self.start + 1:], shifted_mask[:, self.start:]
+        else:
+            logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1]
+            targets, mask = ids[:, 1:], shifted_mask
+        token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+        return (token_logps * mask).sum(-1)
+
+    def one_step(self):
+        torch = self.torch
+        ids, att, mask = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            ref = self.logps(self.ref, ids, att, mask)
+        pol = self.logps(self.policy, ids, att, mask)
+        pc, pr = pol.chunk(2)
+        rc, rr = ref.chunk(2)
+        loss = -torch.nn.functional.logsigmoid(self.beta * ((pc - rc) - (pr - rr))).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
+        self.opt.step()
+        return float(loss)
+
+    def run(self, n):
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.losses.append(self.one_step())
+            times.append(time.perf_counter() - t0)
+        return times
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL
+# ----------------------------------------------------------------------------------------------
+
+
+def word_tokenizer(vocab):
+    """A transformers fast tokenizer mapping ``"t{i}"`` to id ``i`` (ids 0-2: ``<unk> <s> </s>``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": UNK_ID, "<s>": 1, "</s>": EOS_ID}
+    words.update({f"t{i}": i for i in range(FIRST_WORD_ID, vocab)})
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+    assert fast("t5 t7 </s>")["input_ids"] == [5, 7, EOS_ID], fast("t5 t7 </s>")
+    return fast
+
+
+def text_dataset(data):
+    from datasets import Dataset
+
+    def text(ids, lead):
+        return lead + " ".join("</s>" if i == EOS_ID else f"t{i}" for i in ids)
+
+    return Dataset.from_dict({
+        "prompt": [text(r, "") for r in data["prompt"]],
+        "chosen": [text(r, " ") for r in data["chosen"]],
+        "rejected": [text(r, " ") for r in data["rejected"]],
+    })
+
+
+class TRLMethod:
+    """TRL's DPOTrainer; ``run(n)`` calls ``trainer.train()`` for n optimizer steps, timed by a callback."""
+
+    def __init__(self, name, *, build, data, args, config, out_dir):
+        import torch
+        from transformers import TrainerCallback
+        from trl import DPOConfig, DPOTrainer
+
+        self.name = name
+        self.torch = torch
+        times = self.step_times = []
+        self.losses = []
+
+        class StepTimer(TrainerCallback):
+            def on_step_begin(self, a, state, control, **kw):
+                self.t0 = time.perf_counter()
+
+            def on_step_end(self, a, state, control, **kw):
+                times.append(time.perf_counter() - self.t0)
+
+        precompute = config == "precompute"
+        self.dpo_args = DPOConfig(
+            output_dir=str(out_dir / name.replace(" ", "_")), per_device_train_batch_size=args.pairs,
+            gradient_accumulation_steps=1, max_length=args.prompt + args.response, max_steps=1,
+            learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+            adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, beta=args.beta,
+            loss_type=["sigmoid"], bf16=False, fp16=False, gradient_checkpointing=(config == "ref-gc"),
+            use_cpu=True, report_to="none", logging_steps=10**9, save_strategy="no", disable_tqdm=True,
+            dataloader_num_workers=0, seed=args.seed, precompute_ref_log_probs=precompute,
+            precompute_ref_batch_size=args.pairs)
+        t0 = time.perf_counter()
+        self.trainer = DPOTrainer(model=build(True), ref_model=None if precompute else build(False),
+                                  args=self.dpo_args, train_dataset=text_dataset(data),
+                                  processing_class=word_tokenizer(args.vocab), callbacks=[StepTimer()])
+        self.compile_s = time.perf_counter() - t0  # dataset preparation (+ reference precompute)
+        self.check_dataset(data)
+        torch.set_num_threads(args.threads)
+
+    def check_dataset(self, data):
+        ds = self.trainer.train_dataset
+        got = {k: np.array(ds[f"{k}_ids"]) for k in ("prompt", "chosen", "rejected")}
+        for k, v in got.items():
+            if v.shape != data[k].shape or not np.array_equal(v, data[k]):
+                raise AssertionError(f"TRL's tokenized {k} ids differ from ours")
+
+    def run(self, n):
+        self.trainer.args.max_steps = n
+        start = len(self.step_times)
+        out = self.trainer.train()
+        self.losses.append(float(out.training_loss))
+        return self.step_times[start:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def main(args):
+    chunk = args.chunk_size or DEFAULT_CHUNK_SIZE
+    resp_chunk = args.resp_chunk_size or chunk
+    t = args.prompt + args.response
+    tokens = args.pairs * 2 * t
+    cfg = DecoderConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                        num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
+                        rope_theta=args.rope_theta, rms_norm_eps=1e-6, max_position_embeddings=max(2048, t))
+    model = Decoder(cfg)
+    params = jax.jit(model.init)(jax.random.PRNGKey(args.seed), jnp.zeros((1, 2), jnp.int32))
+    ref_params = jax.tree.map(jnp.copy, params)  # frozen reference, never donated
+    data = make_data(args, cfg.vocab_size)
+    slices = batch_slices(args)
+
+    def jax_batch(s):
+        def seq(resp):
+            return jnp.asarray(np.concatenate([data["prompt"][s], resp[s]], axis=1).astype(np.int32))
+
+        mask = np.zeros((args.pairs, t), np.int32)
+        mask[:, args.prompt:] = 1
+        mask, ones = jnp.asarray(mask), jnp.ones((args.pairs, t), jnp.int32)
+        zeros = jnp.zeros((args.pairs,), jnp.float32)
+        return PreferenceBatch(chosen_ids=seq(data["chosen"]), chosen_attention=ones, chosen_loss_mask=mask,
+                               rejected_ids=seq(data["rejected"]), rejected_attention=ones, rejected_loss_mask=mask,
+                               ref_chosen_logps=zeros, ref_rejected_logps=zeros, weight=jnp.ones((args.pairs,)))
+
+    raw_batches = [jax_batch(s) for s in slices]
+    fns = ours_logps_fns(model, args, chunk, resp_chunk)
+    sgpo = SGPOConfig(mode="sgpo", beta=args.beta, epsilon=args.epsilon, num_tangents=args.tangents,
+                      loss="tangents", space="probability")
+    tx = make_tx(args)
+
+    def pair_logps(fn):
+        def ref(p, ci, ca, cm, ri, ra, rm):
+            lp = fn(p, jnp.concatenate([ci, ri]), jnp.concatenate([ca, ra]), jnp.concatenate([cm, rm]))
+            return lp[:ci.shape[0]], lp[ci.shape[0]:]
+        return ref
+
+    # Cached reference log-probs (computed once, full-logits path, the definition).
+    ref_all = jax.jit(pair_logps(fns["logits"][1]))
+    cached = []
+    for b in raw_batches:
+        rc, rr = ref_all(ref_params, b.chosen_ids, b.chosen_attention, b.chosen_loss_mask,
+                         b.rejected_ids, b.rejected_attention, b.rejected_loss_mask)
+        cached.append(b.replace(ref_chosen_logps=rc, ref_rejected_logps=rr))
+
+    methods = {}
+    info = {}
+
+    def add(name, factory, **meta):
+        t0 = time.perf_counter()
+        m = factory()
+        methods[name] = m
+        info[name] = dict(meta, setup_s=time.perf_counter() - t0, compile_s=m.compile_s)
+        print(f"  set up {name}: {info[name]['setup_s']:.1f} s", flush=True)
+
+    print("setting up ours", flush=True)
+    for variant in args.ours:
+        logps_fn, _ = fns[variant]
+        eval_fn = logps_fn or fns["logits"][1]
+        for ref_in_step in (False, True):
+            name = f"ours {variant}, " + ("ref fwd" if ref_in_step else "cached ref")
+            add(name, lambda: OursMethod(name, model=model, params=params, ref_params=ref_params, batches=cached,
+                                         config=sgpo, tx=tx, apply_fn=model.apply, logps_fn=logps_fn,
+                                         ref_logps=pair_logps(eval_fn), ref_in_step=ref_in_step),
+                kind="ours", variant=variant, ref="in step" if ref_in_step else "cached")
+
+    # Agreement of every log-prob path with the definition on batch 0 (reference params).
+    agreement = {}
+    b0 = cached[0]
+    for variant in args.ours:
+        fn = fns[variant][0] or fns["logits"][1]
+        rc, rr = jax.jit(pair_logps(fn))(ref_params, b0.chosen_ids, b0.chosen_attention, b0.chosen_loss_mask,
+                                         b0.rejected_ids, b0.rejected_attention, b0.rejected_loss_mask)
+        agreement[f"ours {variant}"] = float(jnp.max(jnp.abs(rc - b0.ref_chosen_logps) / jnp.abs(b0.ref_chosen_logps)))
+
+    env = {"python": platform.python_version(), "jax": jax.__version__, "cpu_count": os.cpu_count(),
+           "machine": platform.machine(), "xla_flags": os.environ["XLA_FLAGS"]}
+    if args.torch or args.trl_configs:
+        import torch
+        import transformers
+
+        torch.set_num_threads(args.threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass
+        torch.manual_seed(args.seed)
+        env.update(torch=torch.__version__, transformers=transformers.__version__, torch_threads=torch.get_num_threads())
+        _, build = torch_models(args, cfg, params, args.attn)
+        print("setting up torch", flush=True)
+        for variant in args.torch:
+            name = "torch hand-written" + (" resp-only" if variant == "resp" else "")
+            add(name, lambda: TorchMethod(name, build=build, data=data, slices=slices, args=args,
+                                          resp_only=variant == "resp"),
+                kind="torch", variant=variant, ref="in step")
+            if variant == "full":
+                m = methods[name]
+                with torch.no_grad():
+                    ref = m.logps(m.ref, *m.batches[0])[:args.pairs].numpy()
+                agreement["torch vs ours ref logps"] = float(np.max(np.abs(ref - np.asarray(b0.ref_chosen_logps))
+                                                                    / np.abs(ref)))
+        if args.trl_configs:
+            import trl
+
+            env["trl"] = trl.__version__
+            out_dir = Path(tempfile.mkdtemp(prefix="sgpo_bench_trl_"))
+            print("setting up TRL", flush=True)
+            for config in args.trl_configs:
+                name = f"TRL DPOTrainer ({config})"
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    add(name, lambda: TRLMethod(name, build=build, data=data, args=args, config=config,
+                                                out_dir=out_dir),
+                        kind="trl", variant=config, ref="precomputed" if config == "precompute" else "in step")
+        env["torch_threads_after_setup"] = torch.get_num_threads()
+
+    diag = {}
+    if args.diagnostics and args.ours:
+        diag_setup(args, methods, info, add, model, params, ref_params, cached, fns, sgpo, tx, pair_logps)
+
+    # ---- timing: rounds interleaving the methods ------------------------------------------------
+    times = {name: [] for name in methods}
+    for r in range(args.rounds):
+        for name, m in methods.items():
+            warm = args.warmup if r == 0 else 1
+            got = m.run(warm + args.iters)
+            times[name] += got[warm:]
+            print(f"  round {r + 1} {name}: " + " ".join(f"{x:.2f}" for x in got[warm:]) + " s", flush=True)
+
+    rows = {}
+    for name, m in methods.items():
+        med = statistics.median(times[name])
+        rows[name] = dict(info[name], step_s=med, times_s=times[name], tokens_per_s=tokens / med,
+                          losses=m.losses[:3] + m.losses[-1:], finite=all(np.isfinite(m.losses)))
+    if args.diagnostics and args.ours:
+        diag = diag_breakdown(args, methods, rows, model, params, ref_params, cached, fns, sgpo, tx)
+
+    results = {"config": dict(vars(args), json=str(args.json) if args.json else None, chunk_size=chunk,
+                              resp_chunk_size=resp_chunk, tokens_per_step=tokens),
+               "rows": rows, "agreement": agreement, "breakdown": diag, "env": env}
+    results["targets"] = targets(rows)
+    print_table(results, args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=float))
+        print(f"\nwrote {args.json}")
+    ok = all(r["finite"] for r in rows.values()) and all(v < 1e-4 for v in agreement.values())
+    return 0 if ok else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostics
+# ----------------------------------------------------------------------------------------------
+
+
+def _best_ours(rows_or_info, methods):
+    """Fastest cached-ref library variant (by name order before timing: the first listed)."""
+    cands = [n for n, v in rows_or_info.items() if v.get("kind") == "ours" and v.get("ref") == "cached"]
+    if cands and all("step_s" in rows_or_info[n] for n in cands):
+        return min(cands, key=lambda n: rows_or_info[n]["step_s"])
+    return cands[0] if cands else None
+
+
+def diag_setup(args, methods, info, add, model, params, ref_params, cached, fns, sgpo, tx, pair_logps):
+    """Diagnostic rows for ``--diag-variant``: ``mode="dpo"``, and the single-forward SGPO prototype."""
+    import dataclasses
+
+    variant = args.diag_variant if args.diag_variant in args.ours else args.ours[0]
+    logps_fn = fns[variant][0]
+    eval_fn = logps_fn or fns["logits"][1]
+    dpo = dataclasses.replace(sgpo, mode="dpo")
+    name = f"diag: ours {variant}, mode=dpo (no follower, one forward), cached ref"
+    add(name, lambda: OursMethod(name, model=model, params=params, ref_params=ref_params, batches=cached,
+                                 config=dpo, tx=tx, apply_fn=model.apply, logps_fn=logps_fn,
+                                 ref_logps=pair_logps(eval_fn), ref_in_step=False),
+        kind="diag", variant=variant, ref="cached")
+    for ref_in_step in (False, True):
+        name = f"prototype: ours {variant}, single-forward sgpo step, " + ("ref fwd" if ref_in_step else "cached ref")
+        add(name, lambda: OursMethod(name, model=model, params=params, ref_params=ref_params, batches=cached,
+                                     config=sgpo, tx=tx, apply_fn=model.apply, logps_fn=logps_fn,
+                                     ref_logps=pair_logps(eval_fn), ref_in_step=ref_in_step,
+                                     step_fn=single_forward_sgpo_step),
+            kind="prototype", variant=variant, ref="in step" if ref_in_step else "cached")
+
+
+def _time(fn, *a, n=5):
+    jax.block_until_ready(fn(*a))
+    jax.block_until_ready(fn(*a))
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*a))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def diag_breakdown(args, methods, rows, model, params, ref_params, cached, fns, sgpo, tx):
+    """Timings of the parts of the fastest cached-ref ours variant's step."""
+    from sgpo_jax import follower as follower_lib
+
+    best = _best_ours(rows, methods)
+    if best is None:
+        return {}
+    variant = rows[best]["variant"]
+    fn = fns[variant][0] or fns["logits"][1]
+    b = cached[0]
+    ids = jnp.concatenate([b.chosen_ids, b.rejected_ids])
+    att = jnp.concatenate([b.chosen_attention, b.rejected_attention])
+    mask = jnp.concatenate([b.chosen_loss_mask, b.rejected_loss_mask])
+    fwd = jax.jit(fn)
+    vg = jax.jit(jax.value_and_grad(lambda p: jnp.sum(fn(p, ids, att, mask))))
+    xi = jax.nn.sigmoid(jnp.linspace(-1.0, 1.0, args.pairs))
+    foll = jax.jit(lambda x: follower_lib.worst_case(x, args.epsilon, loss="tangents",
+                                                     num_tangents=args.tangents).atoms())
+    opt_state = tx.init(params)
+    upd = jax.jit(lambda g, s, p: optax.apply_updates(p, tx.update(g, s, p)[0]))
+    out = {"variant": best,
+           "policy_forward_s": _time(fwd, params, ids, att, mask),
+           "forward_backward_s": _time(vg, params),
+           "follower_s": _time(foll, xi),
+           "optimizer_update_s": _time(upd, params, opt_state, params)}
+    if variant != "logits":
+        full = jax.jit(decoder_logps_fn(model, chunk_size=10**9))  # one chunk == no chunking
+        out["policy_forward_unchunked_head_s"] = _time(full, params, ids, att, mask)
+    hidden_fn = jax.jit(lambda p: model.apply(p, ids, att, return_hidden=True))
+    out["decoder_body_forward_s"] = _time(hidden_fn, params)
+    out["step_s"] = rows[best]["step_s"]
+    return out
+
+
+def targets(rows):
+    def best(kind, ref=None):
+        c = {n: r for n, r in rows.items() if r.get("kind") == kind and (ref is None or r["ref"] == ref)}
+        return max(c.items(), key=lambda kv: kv[1]["tokens_per_s"]) if c else (None, None)
+
+    out = {}
+    trl_ref = rows.get("TRL DPOTrainer (ref)")
+    trl_pre = rows.get("TRL DPOTrainer (precompute)")
+    torch_name, torch_row = best("torch")
+    for ref, label in (("cached", "i"), ("in step", "ii")):
+        name, row = best("ours", ref)
+        if row is None:
+            continue
+        entry = {"ours": name, "tokens_per_s": row["tokens_per_s"]}
+        trl = trl_pre if ref == "cached" and trl_pre else trl_ref
+        if trl:
+            entry["vs_trl"] = row["tokens_per_s"] / trl["tokens_per_s"]
+            entry["trl_row"] = "TRL DPOTrainer (precompute)" if trl is trl_pre else "TRL DPOTrainer (ref)"
+            entry["vs_trl_ref"] = row["tokens_per_s"] / trl_ref["tokens_per_s"] if trl_ref else None
+            entry["trl_target_3x"] = entry["vs_trl"] >= 3.0
+        if torch_row:
+            entry["vs_best_torch"] = row["tokens_per_s"] / torch_row["tokens_per_s"]
+            entry["best_torch_row"] = torch_name
+            entry["torch_target_1.2x"] = entry["vs_best_torch"] >= 1.2
+        out[label] = entry
+    return out
+
+
+def print_table(results, args):
+    rows = results["rows"]
+    trl = rows.get("TRL DPOTrainer (ref)")
+    torch_best = max((r["tokens_per_s"] for r in rows.values() if r["kind"] == "torch"), default=None)
+    cfg = results["config"]
+    print(f"\nLlama V={args.vocab} H={args.hidden} I={args.intermediate} L={args.layers} heads={args.heads}/"
+          f"{args.kv_heads} fp32; {args.pairs} pairs x (prompt {args.prompt} + response {args.response}) = "
+          f"{cfg['tokens_per_step']} tokens/step; {args.threads} threads; chunk {cfg['chunk_size']}, "
+          f"resp chunk {cfg['resp_chunk_size']}; median of {args.rounds} x {args.iters} steps\n")
+    print("| method | reference log-probs | step (ms) | tokens/s | vs TRL (ref) | vs best torch |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        vt = f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}x" if trl else "-"
+        vb = f"{r['tokens_per_s'] / torch_best:.2f}x" if torch_best else "-"
+        print(f"| {name} | {r['ref']} | {r['step_s'] * 1e3:,.0f} | {r['tokens_per_s']:,.0f} | {vt} | {vb} |")
+    print()
+    for label, e in results["targets"].items():
+        parts = [f"({label}) best ours with {'cached' if label == 'i' else 'in-step'} reference: {e['ours']}, "
+                 f"{e['tokens_per_s']:,.0f} tokens/s"]
+        if "vs_trl" in e:
+            parts.append(f"{e['vs_trl']:.2f}x {e['trl_row']} (target 3x: {'PASS' if e['trl_target_3x'] else 'FAIL'})")
+        if "vs_best_torch" in e:
+            parts.append(f"{e['vs_best_torch']:.2f}x {e['best_torch_row']} "
+                         f"(target 1.2x: {'PASS' if e['torch_target_1.2x'] else 'FAIL'})")
+        print("; ".join(parts))
+    if results["breakdown"]:
+        bd = results["breakdown"]
+        print(f"\nbreakdown of {bd['variant']} (medians, ms): " + ", ".join(
+            f"{k[:-2]} {v * 1e3:,.0f}" for k, v in bd.items() if k.endswith("_s")))
+    print("\nagreement (max rel diff of reference log-probs vs the full-logits definition): " + ", ".join(
+        f"{k} {v:.1e}" for k, v in results["agreement"].items()))
+    print("first/last losses: " + "; ".join(f"{n}: {', '.join(f'{x:.4f}' for x in r['losses'])}"
+                                            for n, r in rows.items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main(ARGS))

