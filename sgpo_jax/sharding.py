@@ -18,8 +18,10 @@ prepended automatically.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Iterator, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -40,7 +42,10 @@ DEFAULT_RULES: Tuple[Tuple[str, P], ...] = (
 )
 
 __all__ = ["AXES", "BATCH_AXES", "DEFAULT_RULES", "make_mesh", "spec_for", "param_sharding", "shard_params",
-           "batch_sharding"]
+           "batch_sharding", "activation_sharding", "constrain_batch"]
+
+_ACTIVATION_MESH: contextvars.ContextVar[Optional[Mesh]] = contextvars.ContextVar("sgpo_activation_mesh",
+                                                                                  default=None)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Optional[Sequence[Any]] = None) -> Mesh:
@@ -124,3 +129,25 @@ def shard_params(params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (pair) axis split over ``("data", "fsdp")``, the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES))
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh) -> Iterator[Mesh]:
+    """While active (around tracing), :func:`constrain_batch` pins activations to ``mesh``."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield mesh
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Sharding constraint for an activation ``[B, ...]``: batch split over ``("data", "fsdp")``,
+    other axes replicated, so the compiler keeps the residual stream data-parallel between layers
+    instead of guessing from the (FSDP-sharded) weights. A no-op outside
+    :func:`activation_sharding` (single device, or callers that do not shard)."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None:
+        return x
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(axes, *([None] * (x.ndim - 1)))))

@@ -27,6 +27,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from sgpo_jax import follower as follower_lib
 from sgpo_jax import losses
+from sgpo_jax.sharding import activation_sharding
 
 Array = jax.Array
 MODES = ("dpo", "sgpo")
@@ -322,8 +323,13 @@ def make_sgpo_step(
     if state_sharding is None:
         state_sharding = jax.tree.map(lambda _: replicated, state)
     batch_sharding = NamedSharding(mesh, P(tuple(batch_axes)))
+
+    def step(state: TrainState, batch: PreferenceBatch):
+        with activation_sharding(mesh):  # models' constrain_batch() calls see the mesh while tracing
+            return sgpo_step(state, batch)
+
     return jax.jit(
-        sgpo_step,
+        step,
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, replicated),
         donate_argnums=(0,) if donate else (),

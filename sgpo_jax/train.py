@@ -320,7 +320,8 @@ def train(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
     logps_fn = decoder_logps_fn(model, chunk_size=config.model.logps_chunk)
 
     d = config.data
-    dataset = load_preferences(d.source, split=d.split, prompt_column=d.prompt_column,
+    sources = [part for part in d.source.split(",") if part]
+    dataset = load_preferences(sources if len(sources) > 1 else d.source, split=d.split, prompt_column=d.prompt_column,
                                chosen_column=d.chosen_column, rejected_column=d.rejected_column)
     pairs, report = tokenize_preferences(dataset, tokenizer, max_length=d.max_length,
                                          max_prompt_length=d.max_prompt_length, on_bad_row=d.on_bad_row,

@@ -109,7 +109,7 @@ def check_against(r, ref, x, eps, loss, lo, rtol, w=None):
     close(r.value, ref, rtol)
     close(r.dual_value, ref, rtol)
     close(dual_objective(float(r.dual), x, eps, loss, lo, w), ref, rtol)
-    assert float(r.transport) <= eps * (1 + rtol) + rtol
+    assert float(r.transport) <= eps * (1 + rtol) + 1e-12
     x = np.asarray(x, np.float64)
     w = np.full(len(x), 1 / len(x)) if w is None else np.asarray(w, np.float64) / np.sum(w)
     movable = np.sum(w * (x - lo))
@@ -247,7 +247,7 @@ def test_neg_log_sigmoid_exact_float64(x64):
         if trial == 2:
             x[:3] = x.min()  # samples at the support lower end (tau = 0 below)
         tau = 0.0 if trial == 2 else 1.0
-        lo, hi = x.min() - tau, x.max() + tau
+        lo, hi = float(x.min() - tau), float(x.max() + tau)
         if trial == 3:
             lo = -30.0  # wide window: chord distances beyond 20 (the direct branch)
         support = tuple(map(float, margin_window(x, tau=tau))) if trial != 3 else (lo, hi)
@@ -336,7 +336,7 @@ def test_group_size_blocks(x64):
 
 
 def test_per_entry_matches_paper_lp(x64):
-    ks = (1, 3, 6)
+    ks = (1, 6)
     rng = np.random.default_rng(400)
     insts = prob_instances(rng, N)
     ws = [rng.uniform(0.2, 2.0, N) if i % 2 else np.ones(N) for i in range(len(insts))]
@@ -393,11 +393,13 @@ def test_dual_is_marginal_chord_slope_and_zero_when_everything_moves(x64):
     ref = paper_lp(x, eps, a, b, 0.0, 1.0)
     close(r.dual_value, ref, 1e-9)
     close(dual_objective(chord, x, eps, loss, 0.0), ref, 1e-9)
-    for eps in (np.mean(x), np.mean(x) + 1e-3, 10.0):
+    for eps in (float(np.mean(x)), float(np.mean(x)) + 1e-3, 10.0):
         r = worst_case(x, eps, num_tangents=k)
-        assert float(r.dual) == 0.0
-        close(r.value, 1 + math.log(k), 1e-12)
+        close(r.value, 1 + math.log(k), 1e-12)  # everything at lo: l(0) = 1 + log K
         close(r.dual_value, 1 + math.log(k), 1e-12)
+        if eps > np.mean(x):  # (at equality any price in [0, chord of the last sample] is optimal)
+            assert float(r.dual) == 0.0
+            np.testing.assert_array_equal(np.asarray(r.moved), 1.0)
 
 
 # --------------------------------------------------------------------------- 3. tie class
@@ -406,7 +408,7 @@ def test_dual_is_marginal_chord_slope_and_zero_when_everything_moves(x64):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_tie_class_chord_slope_exactly_k(dtype):
     """With K tangents every center <= 2 ln2 / K lies on the steepest tangent: chord slope == K."""
-    ks = list(range(1, 13)) + [13, 21, 49, 98]  # 7 (float32) and 49 (float64): fl(1 / fl(1/K)) != K
+    ks = list(range(1, 11)) + [49]  # K = 7 (float32) and 49 (float64): fl(1 / fl(1/K)) != K
     with jax.enable_x64(dtype == "float64"):
         dt = np.dtype(dtype)
         rng = np.random.default_rng(12)
@@ -523,38 +525,33 @@ def test_jit_and_vmap(x64):
 
 
 def test_sharded_centers_match_unsharded():
+    """Centers and weights sharded over an 8-device mesh (``jax.make_mesh``: Explicit axes in
+    recent JAX; Auto-axis meshes are what ``sgpo_step`` uses, covered in test_step.py)."""
     assert jax.device_count() == 8
-    explicit = jax.make_mesh((8,), ("data",))  # Explicit axes by default in recent JAX
-    auto = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = jax.make_mesh((8,), ("data",))
     rng = np.random.default_rng(16)
     n = 64
     x = np.round(rng.uniform(0, 1, n), 2).astype(np.float32)
     w = rng.uniform(0, 1, n).astype(np.float32)
     k = 6
     a, b = tangents_ab(k)
-    xe, we = (jax.device_put(v, NamedSharding(explicit, P("data"))) for v in (x, w))
-    xa, wa = (jax.device_put(v, NamedSharding(auto, P("data"))) for v in (x, w))
-    assert len(xe.sharding.device_set) == 8 and len(xa.sharding.device_set) == 8
+    xs, ws = (jax.device_put(v, NamedSharding(mesh, P("data"))) for v in (x, w))
+    assert len(xs.sharding.device_set) == 8
     for eps in (0.0, 0.02, 0.1, 1.0):
         ref = paper_lp(x.astype(np.float64), eps, a, b, 0.0, 1.0, w=w.astype(np.float64))
         plain = worst_case(x, eps, num_tangents=k, weights=w)
-        for r in (plain, worst_case(xe, eps, num_tangents=k, weights=we),
-                  worst_case(xa, eps, num_tangents=k, weights=wa)):
+        sharded = worst_case(xs, eps, num_tangents=k, weights=ws)
+        for r in (plain, sharded):
             close(r.value, ref, 1e-5)
             close(r.dual_value, ref, 1e-5)
-            close(r.value, plain.value, 1e-6)
-            np.testing.assert_allclose(np.asarray(r.moved), np.asarray(plain.moved), atol=1e-6)
-    # grouped (a vmap over blocks inside) on explicitly sharded centers
-    grouped = worst_case(xe, 0.05, num_tangents=k, weights=we, group_size=16)
-    ref = sum(w[s:s + 16].sum() / w.sum() * paper_lp(x[s:s + 16].astype(np.float64), 0.05, a, b, 0.0, 1.0,
-                                                     w=w[s:s + 16].astype(np.float64)) for s in range(0, n, 16))
-    close(grouped.value, ref, 1e-5)
-    # entropic follower on explicitly sharded centers
-    xs16 = jax.device_put(x[:16], NamedSharding(explicit, P("data")))
-    smooth = entropic_worst_case(xs16, 0.05, regularization=1e-2)
+        close(sharded.value, plain.value, 1e-6)
+        close(sharded.transport, plain.transport, 1e-6)
+        np.testing.assert_allclose(np.asarray(sharded.moved), np.asarray(plain.moved), atol=1e-6)
+    # the entropic follower on sharded centers (16: shares its compile with the float32 test)
+    x16 = jax.device_put(x[:16], NamedSharding(mesh, P("data")))
+    smooth = entropic_worst_case(x16, 0.05, regularization=1e-2)
     close(smooth.value, entropic_worst_case(x[:16], 0.05, regularization=1e-2).value, 1e-5)
-    a6, b6 = tangents_ab(6)
-    assert float(smooth.value) <= paper_lp(x[:16].astype(np.float64), 0.05, a6, b6, 0.0, 1.0) + 1e-5
+    assert float(smooth.value) <= paper_lp(x[:16].astype(np.float64), 0.05, a, b, 0.0, 1.0) + 1e-5
 
 
 # --------------------------------------------------------------------------- 6. certificates, atoms

@@ -195,3 +195,19 @@ def test_cli_help_explains_the_flags():
                          cwd=ROOT, timeout=120)
     assert out.returncode in (0, 1), out.stderr  # absl exits 1 after printing the usage
     assert "--config" in out.stdout and "--workdir" in out.stdout and "resume" in out.stdout
+
+
+def test_out_of_memory_names_the_settings_to_reduce(tokenizer_dir, data_file):
+    import types
+
+    config = tiny(tokenizer_dir, data_file)
+
+    def exhausted(state, batch):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 bytes.")
+
+    batch = types.SimpleNamespace(chosen_ids=np.zeros((8, 48)))
+    with pytest.raises(MemoryError, match=r"train\.batch_size \(8\).*train\.micro_batches.*data\.max_length \(48\)"
+                                          r".*model\.remat.*mesh\.fsdp"):
+        train_lib._run_step(exhausted, None, batch, config)
+    with pytest.raises(ValueError, match="unrelated"):  # other errors pass through untouched
+        train_lib._run_step(lambda s, b: (_ for _ in ()).throw(ValueError("unrelated")), None, batch, config)

@@ -1,0 +1,206 @@
+r"""Benchmark: :func:`sgpo_jax.sampling.generate` vs transformers' PyTorch ``generate`` on CPU.
+
+Both sample ``--new-tokens`` tokens after each of ``--batch`` prompts of ``--prompt`` random
+tokens (no padding) from the same model: our :class:`~sgpo_jax.models.Decoder` with a random
+init (our initializer, std 0.02), copied into transformers' ``LlamaForCausalLM`` with
+``params_to_hf_state_dict``. Sampling is ancestral with ``--temperature``, ``--top-p`` and
+``--top-k`` (0 = off) and no EOS token (transformers' ``generation_config.eos_token_id = None``,
+our ``eos_token_ids=()``), so both generate exactly ``batch * new_tokens`` tokens (checked).
+
+* **ours**: ``generate(model, params, ids, mask, rng=..., ...)`` plus ``jax.block_until_ready``:
+  one jitted prefill of the prompts into a KV cache, then a ``while_loop`` of cached one-token
+  steps; the first call (compilation) is excluded.
+* **torch**: ``model.generate(input_ids, attention_mask, do_sample=True, ...)`` under
+  ``torch.inference_mode()`` with transformers' default (dynamic) KV cache and ``--attn``
+  attention (``sdpa`` by default).
+
+Throughput is ``new tokens/s = batch * new_tokens / wall time`` of one whole call (prefill
+included), the median of ``--iters`` timed calls after ``--warmup`` untimed ones; the two run in
+interleaved rounds (one call each per round), so that load from elsewhere on the machine hits
+both alike. The ratio is ours over torch; the target is >= ``--target`` (exit status 1 if missed).
+
+Threads: ``torch.set_num_threads(--threads)`` (one inter-op thread) and XLA's CPU client with
+``--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=--threads``;
+``OMP_NUM_THREADS``/``MKL_NUM_THREADS``/``OPENBLAS_NUM_THREADS`` are set to the same value before
+torch or jax is imported, and ``JAX_PLATFORMS=cpu``.
+
+Run from the repository root: ``python bench/sampling.py`` (``--help`` for the options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--intermediate", type=int, default=688)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--rope-theta", type=float, default=1e4)
+    p.add_argument("--scan-layers", action="store_true", help="our model with scan_layers=True")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt", type=int, default=64, help="prompt tokens per row")
+    p.add_argument("--new-tokens", type=int, default=128, help="new tokens per row")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls of each implementation")
+    p.add_argument("--iters", type=int, default=5, help="timed calls of each implementation (median reported)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads and XLA CPU threads")
+    p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="transformers attn_implementation")
+    p.add_argument("--skip-torch", action="store_true", help="only time ours")
+    p.add_argument("--target", type=float, default=2.0, help="required ratio ours / torch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write all numbers to this JSON file")
+    return p.parse_args(argv)
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+_THREADS = str(ARGS.threads if ARGS else 2)
+os.environ["JAX_PLATFORMS"] = "cpu"  # before jax is imported anywhere
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={_THREADS}").strip()
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = _THREADS
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sgpo_jax.models import Decoder, DecoderConfig, params_to_hf_state_dict  # noqa: E402
+from sgpo_jax.sampling import generate  # noqa: E402
+
+
+def time_interleaved(calls, warmup, iters):
+    """``{name: [wall times (s)]}``: ``warmup`` untimed calls of each, then ``iters`` rounds of one call each."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times = {name: [] for name in calls}
+    for _ in range(iters):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def main(args):
+    cfg = DecoderConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                        num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
+                        rope_theta=args.rope_theta, rms_norm_eps=1e-6, scan_layers=args.scan_layers,
+                        max_position_embeddings=max(2048, args.prompt + args.new_tokens))
+    model = Decoder(cfg)
+    b, new = args.batch, args.new_tokens
+    ids_np = np.random.default_rng(args.seed).integers(0, cfg.vocab_size, (b, args.prompt)).astype(np.int32)
+    mask_np = np.ones_like(ids_np)
+    params = jax.jit(model.init)(jax.random.PRNGKey(args.seed), jnp.zeros((1, 2), jnp.int32))
+    ids, mask = jnp.asarray(ids_np), jnp.asarray(mask_np)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    env = {"python": platform.python_version(), "jax": jax.__version__, "cpu_count": os.cpu_count(),
+           "machine": platform.machine(), "xla_flags": os.environ["XLA_FLAGS"]}
+    rng = {"key": jax.random.key(args.seed)}
+    counts = {}
+
+    def ours():
+        rng["key"], key = jax.random.split(rng["key"])
+        out = jax.block_until_ready(generate(model, params, ids, mask, rng=key, max_new_tokens=new, **sampling))
+        counts["ours"] = int(np.sum(np.asarray(out.lengths)))
+
+    t0 = time.perf_counter()
+    ours()
+    rows = {"ours": {"first_call_s": time.perf_counter() - t0}}
+    calls = {"ours": ours}
+
+    if not args.skip_torch:
+        import torch
+        import transformers
+
+        torch.set_num_threads(args.threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set
+            pass
+        torch.manual_seed(args.seed)
+        env.update(torch=torch.__version__, transformers=transformers.__version__,
+                   torch_threads=torch.get_num_threads())
+        hf_config = transformers.LlamaConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+            rope_parameters=dict(rope_type="default", rope_theta=cfg.rope_theta),
+            max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
+            attn_implementation=args.attn)
+        torch_model = transformers.LlamaForCausalLM(hf_config).float().eval()
+        state = {k: torch.from_numpy(v) for k, v in params_to_hf_state_dict(params, cfg).items()}
+        torch_model.load_state_dict(state, strict=True)
+        torch_model.generation_config.eos_token_id = None
+        torch_model.generation_config.pad_token_id = 0
+        t_ids, t_mask = torch.from_numpy(ids_np.astype(np.int64)), torch.from_numpy(mask_np.astype(np.int64))
+
+        def torch_generate():
+            with torch.inference_mode():
+                out = torch_model.generate(input_ids=t_ids, attention_mask=t_mask, do_sample=True,
+                                           max_new_tokens=new, temperature=args.temperature, top_p=args.top_p,
+                                           top_k=args.top_k)
+            counts["torch"] = int(out.shape[0] * (out.shape[1] - args.prompt))
+
+        t0 = time.perf_counter()
+        torch_generate()
+        rows["torch"] = {"first_call_s": time.perf_counter() - t0}
+        calls["torch"] = torch_generate
+
+    print(f"timing {list(calls)}: {args.warmup} warm-up + {args.iters} interleaved rounds", flush=True)
+    for name, times in time_interleaved(calls, args.warmup, args.iters).items():
+        median = statistics.median(times)
+        rows[name].update(call_s=median, times_s=times, new_tokens_per_s=b * new / median,
+                          new_tokens=counts[name])
+    complete = all(c == b * new for c in counts.values())
+    ratio = rows["ours"]["new_tokens_per_s"] / rows["torch"]["new_tokens_per_s"] if "torch" in rows else None
+    results = {"config": dict(vars(args), json=str(args.json) if args.json else None), "rows": rows,
+               "ratio": ratio, "complete": complete, "env": env}
+    print_table(results, args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=float))
+        print(f"\nwrote {args.json}")
+    return 0 if complete and (ratio is None or ratio >= args.target) else 1
+
+
+def print_table(results, args):
+    rows, ratio = results["rows"], results["ratio"]
+    print(f"\nLlama V={args.vocab} H={args.hidden} I={args.intermediate} L={args.layers} heads={args.heads}/"
+          f"{args.kv_heads} fp32 (scan_layers={args.scan_layers}); batch {args.batch}, prompt {args.prompt}, "
+          f"{args.new_tokens} new tokens, temperature {args.temperature}, top_p {args.top_p}, top_k {args.top_k}, "
+          f"{args.threads} threads, torch attn={args.attn}\n")
+    print("| implementation | call (s), median | new tokens/s | vs torch | first call (s) | new tokens |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, row in rows.items():
+        rel = f"{row['new_tokens_per_s'] / rows['torch']['new_tokens_per_s']:.2f}x" if "torch" in rows else "-"
+        print(f"| {name} | {row['call_s']:.3f} | {row['new_tokens_per_s']:,.0f} | {rel} | {row['first_call_s']:.2f} "
+              f"| {row['new_tokens']} |")
+    if ratio is not None:
+        verdict = "PASS" if ratio >= args.target else "FAIL"
+        print(f"\nratio ours / torch = {ratio:.2f} (target >= {args.target:g}): {verdict}")
+    if not results["complete"]:
+        print("** some call generated fewer than batch * new_tokens tokens **")
+
+
+if __name__ == "__main__":
+    sys.exit(main(ARGS))

@@ -1,0 +1,279 @@
+r"""Jitted, batched sampling from a :class:`~sgpo_jax.models.llama.Decoder` with its KV cache.
+
+:func:`generate` continues ``B`` left-padded prompts ``num_samples`` times each, all on device and
+with static shapes:
+
+1. **Prefill.** The ``[B, P]`` prompts run once through the model into a :class:`KVCache` of
+   ``S = P + max_new_tokens - 1`` slots. The prompt mask goes into the cache's mask, so padding
+   slots are never attended and RoPE positions count real tokens only: a left-padded prompt has
+   exactly the logits (and greedy continuation) of the same prompt unpadded.
+2. **Repeat.** The last-position logits ``[B, V]`` and the cache are repeated ``n = num_samples``
+   times along the batch, prompt-major (row ``b * n + j`` is sample ``j`` of prompt ``b``), so the
+   prompt is encoded once per prompt, not per sample.
+3. **Decode.** A ``jax.lax.while_loop`` samples one token per step for all ``N = B * n`` rows and
+   feeds it back through the cache (``T = 1``). A row is finished once it emits one of
+   ``eos_token_ids``: from then on it emits ``pad_token_id`` and its fed-back tokens are masked
+   out of the cache. The loop ends after ``max_new_tokens`` tokens or as soon as every row is
+   finished. The last token is never fed back, hence ``max_new_tokens - 1`` cached steps.
+
+**Sampling rule.** With logits :math:`\ell \in \mathbb{R}^V` (float32), temperature
+:math:`\tau > 0`, the allowed set :math:`A` and :math:`q_i \propto \exp(\ell_i / \tau)`:
+
+.. math::
+
+    p_i = \frac{q_i \, [i \in A]}{\sum_{j \in A} q_j}, \qquad
+    A = K \cap \Big\{ i : \sum_{j \in K:\, \ell_j > \ell_i} \tilde q_j < \texttt{top\_p} \Big\}
+
+where :math:`K` is the ``top_k`` largest logits (ties with the ``k``-th largest included; all of
+``V`` when ``top_k = 0``) and :math:`\tilde q` is :math:`q` renormalized on :math:`K`. So top-k is
+applied first and the nucleus is the smallest prefix of the tokens sorted by probability whose
+mass reaches ``top_p`` (as transformers' ``TopKLogitsWarper`` then ``TopPLogitsWarper``; tokens
+tied with the nucleus' last one are kept too). Both filters use ``lax.top_k``/``sort`` and
+``cumsum`` on device and are compiled out when disabled (``top_k = 0``, ``top_p = 1``).
+``temperature = 0`` is greedy: ``argmax`` (the first maximum), ignoring ``top_k``/``top_p``.
+
+A token is drawn by inverting the CDF: with one uniform :math:`u_r \in [0, 1)` per row and step
+and :math:`c = \mathrm{cumsum}(p)`, row ``r`` takes the first ``i`` with :math:`p_i > 0` and
+:math:`c_i > u_r c_V`. That costs one random number per row and step instead of ``V`` for the
+Gumbel-max trick, and never picks a token outside :math:`A`. The uniforms of step ``t`` are
+``jax.random.uniform(jax.random.fold_in(rng, t), [N])``: samples are a deterministic function of
+``rng`` (and independent of how the batch is sharded), and differ between rows and samples.
+
+**Memory.** The cache holds ``2 * L * N * S * K * D`` elements of the compute dtype (``L``
+layers, ``K`` key/value heads of width ``D``), ``n`` times that of one sample per prompt; the
+decode loop also keeps ``[N, V]`` float32 logits and ``[N, max_new_tokens]`` int32 tokens. For
+the 135M-parameter SmolLM2 (``L = 30, K = 3, D = 64``, float32) that is 46 KB per row and slot:
+64 prompts x 8 samples x 512 slots take 12 GB.
+
+**Sharding.** :func:`generate` is one ``jax.jit`` that follows the shardings of its inputs:
+with params placed by :func:`sgpo_jax.sharding.shard_params` and the prompts by
+:func:`sgpo_jax.sharding.batch_sharding`, the batch stays split over the data axes and XLA
+inserts the tensor-parallel collectives; results equal the unsharded ones up to float rounding.
+
+**Stop strings** cannot be matched on device (they depend on decoding), so :func:`generate`
+only records them; :func:`decode_text` decodes the rows on the host and cuts each text before
+the earliest occurrence of any stop string. ``tokens``/``lengths`` are not cut.
+
+Compilation is cached per model, batch and prompt shape and the static settings
+(``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``num_samples``, ``eos_token_ids``,
+``pad_token_id``); changing any of them recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from sgpo_jax.models.llama import Decoder, KVCache
+
+Array = jax.Array
+
+__all__ = ["GenerationOutput", "generate", "sample_logits", "decode_text"]
+
+
+@struct.dataclass
+class GenerationOutput:
+    """What :func:`generate` returns; ``N = B * num_samples`` rows, prompt-major.
+
+    Attributes:
+      tokens: ``[N, max_new_tokens]`` int32 new tokens; a row's EOS token is included and
+        everything after it (or after an early exit of the loop) is ``pad_token_id``.
+      lengths: ``[N]`` int32 number of new tokens, EOS included.
+      finished: ``[N]`` bool, True where the row emitted an EOS token.
+      prompt_index: ``[N]`` int32 prompt of each row, ``row // num_samples``.
+      stop_strings: the ``stop_strings`` given to :func:`generate` (static, applied by
+        :func:`decode_text` on the host).
+    """
+
+    tokens: Array
+    lengths: Array
+    finished: Array
+    prompt_index: Array
+    stop_strings: Tuple[str, ...] = struct.field(pytree_node=False, default=())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """The static (hashable) settings one compiled :func:`_generate` is specialized to."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    num_samples: int
+    eos_token_ids: Tuple[int, ...]
+    pad_token_id: int
+
+
+def sample_logits(logits: Array, uniforms: Optional[Array], *, temperature: float = 1.0, top_p: float = 1.0,
+                  top_k: int = 0) -> Array:
+    """One token per row by the module's sampling rule.
+
+    Args:
+      logits: ``[N, V]`` logits (any float dtype; computed in float32).
+      uniforms: ``[N]`` uniforms in ``[0, 1)``, one per row (ignored, may be ``None``, when greedy).
+      temperature, top_p, top_k: static Python numbers, see :func:`generate`.
+
+    Returns ``[N]`` int32 token ids.
+    """
+    logits = logits.astype(jnp.float32)
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k or top_p < 1:
+        # Candidates sorted descending: the top k, or the whole vocabulary for top-p alone.
+        ranked = jax.lax.top_k(logits, top_k)[0] if top_k else -jnp.sort(-logits, axis=-1)
+        keep = ranked.shape[-1]
+        if top_p < 1:
+            probs = jax.nn.softmax(ranked, axis=-1)
+            mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of the better-ranked candidates
+            keep = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1: mass_before[0] = 0
+        threshold = jnp.take_along_axis(ranked, jnp.broadcast_to(keep - 1, (logits.shape[0], 1)), axis=-1)
+        logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    hit = (cdf > uniforms[:, None] * cdf[:, -1:]) & (probs > 0)
+    # `hit` is empty only if rounding put u * c_V at or above every c_i; fall back to the mode.
+    return jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+def _repeat_rows(cache: KVCache, logits: Array, n: int) -> Tuple[KVCache, Array]:
+    """Each batch row of ``cache`` and ``logits [B, V]`` repeated ``n`` times (row ``b`` -> rows ``b*n .. b*n+n-1``)."""
+    if n == 1:
+        return cache, logits
+    return (KVCache(k=jnp.repeat(cache.k, n, axis=1), v=jnp.repeat(cache.v, n, axis=1),
+                    mask=jnp.repeat(cache.mask, n, axis=0), index=cache.index),
+            jnp.repeat(logits, n, axis=0))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "settings"))
+def _generate(model: Decoder, settings: _Settings, params: Any, prompt_ids: Array, prompt_mask: Array,
+              rng: Array) -> Tuple[Array, Array, Array]:
+    """Prefill, repeat and decode (module docstring); returns ``(tokens, lengths, finished)``."""
+    s = settings
+    b, p = prompt_ids.shape
+    n_rows = b * s.num_samples
+    eos = jnp.asarray(s.eos_token_ids, jnp.int32)
+
+    def draw(logits: Array, step: Array) -> Array:
+        uniforms = None if s.temperature == 0 else jax.random.uniform(jax.random.fold_in(rng, step), (n_rows,))
+        return sample_logits(logits, uniforms, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+
+    def is_eos(token: Array) -> Array:
+        return jnp.any(token[:, None] == eos, axis=-1)
+
+    cache = model.init_cache(b, p + s.max_new_tokens - 1)
+    logits, cache = model.apply(params, prompt_ids, prompt_mask, cache=cache)
+    cache, logits = _repeat_rows(cache, logits[:, -1], s.num_samples)
+
+    token = draw(logits, jnp.int32(0))
+    tokens = jnp.full((n_rows, s.max_new_tokens), s.pad_token_id, jnp.int32).at[:, 0].set(token)
+    state = (jnp.int32(1), token, tokens, jnp.ones((n_rows,), jnp.int32), is_eos(token), cache)
+
+    def cond(state):
+        step, _, _, _, finished, _ = state
+        return (step < s.max_new_tokens) & ~jnp.all(finished)
+
+    def body(state):
+        step, last, tokens, lengths, finished, cache = state
+        # Finished rows feed their (ignored) last sample masked out: never attended, no position.
+        logits, cache = model.apply(params, last[:, None], ~finished[:, None], cache=cache)
+        token = draw(logits[:, 0], step)
+        emitted = jnp.where(finished, s.pad_token_id, token)
+        tokens = jax.lax.dynamic_update_slice(tokens, emitted[:, None], (0, step))
+        return step + 1, token, tokens, lengths + ~finished, finished | is_eos(token), cache
+
+    _, _, tokens, lengths, finished, _ = jax.lax.while_loop(cond, body, state)
+    return tokens, lengths, finished
+
+
+def generate(model: Decoder, params: Any, prompt_ids: Array, prompt_mask: Array, *, rng: Optional[Array],
+             max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             num_samples: int = 1, eos_token_ids: Sequence[int] = (), stop_strings: Optional[Sequence[str]] = None,
+             pad_token_id: int = 0) -> GenerationOutput:
+    """Samples ``num_samples`` continuations of each prompt (see the module docstring).
+
+    Args:
+      model: the :class:`Decoder`.
+      params: its variables ``{"params": ...}`` (possibly sharded).
+      prompt_ids: ``[B, P]`` int token ids, left-padded (ids at padding must be in range).
+      prompt_mask: ``[B, P]``, 1 for real tokens, 0 for padding; every row needs a real token.
+      rng: a PRNG key (typed or raw); may be ``None`` when ``temperature == 0``.
+      max_new_tokens: ``T >= 1`` tokens generated per row at most.
+      temperature: ``>= 0``; 0 is greedy.
+      top_p: nucleus mass in ``(0, 1]``; 1 disables it.
+      top_k: keep the ``top_k`` largest logits; 0 disables it.
+      num_samples: ``n >= 1`` samples per prompt (prompts are repeated after the prefill).
+      eos_token_ids: ids that end a row (none: every row runs ``T`` tokens).
+      stop_strings: recorded on the output for :func:`decode_text` (host side).
+      pad_token_id: id written after a row's end (any int; it is never fed to the model).
+
+    Returns a :class:`GenerationOutput` with ``N = B * num_samples`` rows, prompt-major.
+
+    Raises:
+      ValueError: naming the offending argument.
+    """
+    prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)
+    if prompt_ids.ndim != 2 or not jnp.issubdtype(prompt_ids.dtype, jnp.integer) or prompt_ids.shape[1] < 1:
+        raise ValueError(f"prompt_ids must be a [B, P] int array with P >= 1, got "
+                         f"{prompt_ids.dtype}{list(prompt_ids.shape)}")
+    if prompt_mask.shape != prompt_ids.shape:
+        raise ValueError(f"prompt_mask shape {tuple(prompt_mask.shape)} != prompt_ids shape {tuple(prompt_ids.shape)}")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    vocab = model.cfg.vocab_size
+    if not isinstance(top_k, (int, np.integer)) or not 0 <= top_k <= vocab:
+        raise ValueError(f"top_k must be an int in [0, vocab_size={vocab}] (0 disables it), got {top_k!r}")
+    if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    eos_token_ids = tuple(int(i) for i in eos_token_ids)
+    if any(not 0 <= i < vocab for i in eos_token_ids):
+        raise ValueError(f"eos_token_ids must lie in [0, vocab_size={vocab}), got {eos_token_ids}")
+    if temperature > 0 and rng is None:
+        raise ValueError("rng is required when temperature > 0")
+    if isinstance(stop_strings, str):
+        raise ValueError("stop_strings must be a sequence of strings, not one string")
+
+    settings = _Settings(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+                         top_k=int(top_k), num_samples=int(num_samples), eos_token_ids=eos_token_ids,
+                         pad_token_id=int(pad_token_id))
+    rng = jax.random.key(0) if rng is None else rng  # unused when greedy
+    tokens, lengths, finished = _generate(model, settings, params, prompt_ids, prompt_mask.astype(bool), rng)
+    prompt_index = jnp.repeat(jnp.arange(prompt_ids.shape[0], dtype=jnp.int32), num_samples)
+    return GenerationOutput(tokens=tokens, lengths=lengths, finished=finished, prompt_index=prompt_index,
+                            stop_strings=tuple(stop_strings or ()))
+
+
+def decode_text(output: GenerationOutput, tokenizer: Any, stop_strings: Optional[Sequence[str]] = None, *,
+                skip_special_tokens: bool = True) -> List[str]:
+    """The text of each row (host side): ``tokenizer.decode(tokens[r, :lengths[r]])``, cut before
+    the earliest occurrence of any stop string.
+
+    Args:
+      output: a :class:`GenerationOutput`.
+      tokenizer: anything with ``decode(ids, skip_special_tokens=...)`` (a transformers tokenizer).
+      stop_strings: overrides ``output.stop_strings`` (pass ``()`` to disable them).
+      skip_special_tokens: forwarded to ``decode`` (drops e.g. the EOS token).
+
+    Returns ``N`` strings, prompt-major as the output's rows.
+    """
+    stops = output.stop_strings if stop_strings is None else tuple(stop_strings)
+    if isinstance(stop_strings, str) or any(not s for s in stops):
+        raise ValueError(f"stop_strings must be a sequence of non-empty strings, got {stop_strings!r}")
+    tokens, lengths = np.asarray(output.tokens), np.asarray(output.lengths)
+    texts = []
+    for row, length in zip(tokens, lengths):
+        text = tokenizer.decode(row[:length].tolist(), skip_special_tokens=skip_special_tokens)
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+        texts.append(text[:cut])
+    return texts
