@@ -40,7 +40,10 @@ What is measured, back to back in one process, on the same config, weights and b
 Threads: ``torch.set_num_threads(--threads)`` (and one inter-op thread) and XLA's CPU client with
 ``--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=--threads`` (its Eigen pool for
 matmuls); ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` are set to the same value before torch is
-imported. The default config is the project's benchmark config: Llama, vocab 32000, hidden 256,
+imported, and ``OMP_WAIT_POLICY=PASSIVE`` unless set: with the default active spinning, torch's
+OpenMP barriers stall badly when the cores are shared with other processes (on a loaded 2-core
+machine a tiny model's step took 530 ms instead of 20 ms); set ``OMP_WAIT_POLICY=ACTIVE`` on an idle
+machine to give torch its spin-waiting. The default config is the project's benchmark config: Llama, vocab 32000, hidden 256,
 intermediate 688, 4 layers, 8 heads, 4 KV heads, RoPE theta 1e4, float32, random init (our
 initializer, std 0.02, copied into torch via ``params_to_hf_state_dict``); batch 8, sequence 256.
 
@@ -97,6 +100,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={_THREADS}").strip()
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = _THREADS
+# torch's OpenMP threads spin at every barrier by default; on a machine shared with other work
+# that is pathological (measured here under load: 530 ms vs 20 ms per step of a tiny model).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
@@ -210,7 +216,8 @@ def main(args):
     results = {"config": dict(vars(args), json=str(args.json) if args.json else None, chunk_size=chunk),
                "rows": {}, "memory": {}}
     env = {"python": platform.python_version(), "jax": jax.__version__, "cpu_count": os.cpu_count(),
-           "machine": platform.machine(), "xla_flags": os.environ["XLA_FLAGS"]}
+           "machine": platform.machine(), "xla_flags": os.environ["XLA_FLAGS"],
+           "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]}
 
     # ---- our model --------------------------------------------------------------------------
     variants = {"jax chunked": chunked_logps}
@@ -281,9 +288,15 @@ def main(args):
 
     # ---- timing (interleaved), memory, agreement ---------------------------------------------
     print(f"timing {list(steps)}: {args.warmup} warm-up + {args.iters} interleaved rounds", flush=True)
-    for name, times in time_interleaved(steps, args.warmup, args.iters).items():
+    load_before = os.getloadavg()
+    all_times = time_interleaved(steps, args.warmup, args.iters)
+    env["loadavg_1_5_15_before_after_timing"] = [load_before, os.getloadavg()]
+    for name, times in all_times.items():
         median = statistics.median(times)
         rows[name].update(step_s=median, times_s=times, tokens_per_s=tokens / median)
+        if "torch" in all_times:  # speed-up over torch within each round, robust to load drifting across rounds
+            rows[name]["speedup_vs_torch_per_round_median"] = statistics.median(
+                t_torch / t for t_torch, t in zip(all_times["torch"], times))
     losses, head_grads = {}, {}
     for name, step in steps.items():
         if name == "torch":
@@ -321,14 +334,20 @@ def print_table(results, args, chunk):
     base = rows.get("torch")
     print(f"\nLlama V={args.vocab} H={args.hidden} I={args.intermediate} L={args.layers} heads={args.heads}/"
           f"{args.kv_heads} fp32, batch {args.batch} x seq {args.seq}, {args.threads} threads, "
-          f"torch attn={args.attn}, chunk={chunk}\n")
-    print("| implementation | fwd+bwd step (ms) | tokens/s | vs torch | XLA temp (MB) | peak RSS increase (MB) |")
-    print("|---|---:|---:|---:|---:|---:|")
+          f"torch attn={args.attn} (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), chunk={chunk}\n")
+    print("| implementation | fwd+bwd step (ms, median) | tokens/s | vs torch (medians) | vs torch (per-round median) "
+          "| XLA temp (MB) | peak RSS increase (MB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, row in rows.items():
         ratio = f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        per_round = f"{row['speedup_vs_torch_per_round_median']:.2f}x" if base else "-"
         temp = f"{row['xla_temp_bytes'] / MB:.0f}" if "xla_temp_bytes" in row else "-"
         rss = f"{row['rss_peak_bytes'] / MB:.0f}" if "rss_peak_bytes" in row else "-"
-        print(f"| {name} | {row['step_s'] * 1e3:.1f} | {row['tokens_per_s']:,.0f} | {ratio} | {temp} | {rss} |")
+        print(f"| {name} | {row['step_s'] * 1e3:.1f} | {row['tokens_per_s']:,.0f} | {ratio} | {per_round} | {temp} "
+              f"| {rss} |")
+    before, after = results["env"]["loadavg_1_5_15_before_after_timing"]
+    print(f"\nmachine load average (1 min) before/after timing: {before[0]:.1f} / {after[0]:.1f} "
+          f"on {os.cpu_count()} CPUs")
     mem = results["memory"]
     head = mem["head_only_xla_temp_bytes"]
     print("\nRSS: peak resident-set increase during one step over the RSS before it (heap trimmed "

@@ -7,8 +7,8 @@ prompt plus a ``--response``-token response (the last response token is EOS), no
 throughput is ``tokens/s = pairs * 2 * (prompt + response) / step time`` (chosen and rejected
 tokens processed per optimizer step), the step time the median of all timed steps. Compilation
 and warm-up steps are excluded. To spread the noise of a shared machine over all methods, the
-timed steps run in ``--rounds`` rounds that interleave the methods (round 1 warms up with
-``--warmup`` steps, later rounds with one).
+timed steps run in ``--rounds`` rounds that interleave the methods, each method warming up with
+``--warmup`` untimed steps at the start of every round.
 
 Methods (every one does clip-by-global-norm 1.0 and AdamW, lr 1e-6, betas (0.9, 0.999), eps
 1e-8, no weight decay, beta 0.1):
@@ -82,6 +82,7 @@ import warnings
 from pathlib import Path
 
 OURS_VARIANTS = ("logits", "chunked", "resp-chunked", "resp-logits")
+DEFAULT_OURS = ["logits", "chunked", "resp-chunked"]
 TRL_CONFIGS = ("ref", "precompute", "ref-gc")
 TORCH_VARIANTS = ("full", "resp")
 
@@ -113,7 +114,7 @@ def parse_args(argv=None):
     g.add_argument("--response", type=int, default=192, help="response tokens per sequence (last one is EOS)")
     g.add_argument("--batches", type=int, default=4, help="distinct batches in the dataset (steps cycle through them)")
     g = p.add_argument_group("methods")
-    g.add_argument("--ours", type=_csv(OURS_VARIANTS), default=list(OURS_VARIANTS),
+    g.add_argument("--ours", type=_csv(OURS_VARIANTS), default=DEFAULT_OURS,
                    help=f"our log-prob variants, comma-separated from {OURS_VARIANTS}")
     g.add_argument("--chunk-size", type=int, default=None,
                    help="decoder_logps_fn chunk (default: sgpo_jax.models.DEFAULT_CHUNK_SIZE)")
@@ -133,9 +134,10 @@ def parse_args(argv=None):
     g.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
                    help="skip the dpo-mode / single-forward prototype rows and the breakdown")
     g = p.add_argument_group("timing")
-    g.add_argument("--warmup", type=int, default=2, help="untimed steps per method in round 1 (later rounds: 1)")
-    g.add_argument("--iters", type=int, default=4, help="timed steps per method per round")
-    g.add_argument("--rounds", type=int, default=2, help="rounds interleaving the methods")
+    g.add_argument("--warmup", type=int, default=1,
+                   help="untimed steps per method and round (after compilation, which is never timed)")
+    g.add_argument("--iters", type=int, default=2, help="timed steps per method per round")
+    g.add_argument("--rounds", type=int, default=3, help="rounds interleaving the methods")
     g.add_argument("--threads", type=int, default=2, help="torch intra-op threads and XLA CPU threads")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", type=Path, default=None, help="write all numbers to this JSON file")
@@ -408,7 +410,7 @@ class TorchMethod:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
         self.opt.step()
-        return float(loss)
+        return loss.item()
 
     def run(self, n):
         times = []
@@ -488,6 +490,10 @@ class TRLMethod:
                                   processing_class=word_tokenizer(args.vocab), callbacks=[StepTimer()])
         self.compile_s = time.perf_counter() - t0  # dataset preparation (+ reference precompute)
         self.check_dataset(data)
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        for cb in (PrinterCallback, ProgressCallback):  # no per-train() metric printing
+            self.trainer.remove_callback(cb)
         torch.set_num_threads(args.threads)
 
     def check_dataset(self, data):
@@ -588,7 +594,7 @@ def main(args):
         agreement[f"ours {variant}"] = float(jnp.max(jnp.abs(rc - b0.ref_chosen_logps) / jnp.abs(b0.ref_chosen_logps)))
 
     env = {"python": platform.python_version(), "jax": jax.__version__, "cpu_count": os.cpu_count(),
-           "machine": platform.machine(), "xla_flags": os.environ["XLA_FLAGS"]}
+           "machine": platform.machine(), "xla_flags": os.environ["XLA_FLAGS"], "loadavg_start": _loadavg()}
     if args.torch or args.trl_configs:
         import torch
         import transformers
@@ -614,8 +620,10 @@ def main(args):
                 agreement["torch vs ours ref logps"] = float(np.max(np.abs(ref - np.asarray(b0.ref_chosen_logps))
                                                                     / np.abs(ref)))
         if args.trl_configs:
+            import datasets
             import trl
 
+            datasets.disable_progress_bar()
             env["trl"] = trl.__version__
             out_dir = Path(tempfile.mkdtemp(prefix="sgpo_bench_trl_"))
             print("setting up TRL", flush=True)
@@ -636,11 +644,12 @@ def main(args):
     times = {name: [] for name in methods}
     for r in range(args.rounds):
         for name, m in methods.items():
-            warm = args.warmup if r == 0 else 1
+            warm = args.warmup
             got = m.run(warm + args.iters)
             times[name] += got[warm:]
             print(f"  round {r + 1} {name}: " + " ".join(f"{x:.2f}" for x in got[warm:]) + " s", flush=True)
 
+    env["loadavg_end"] = _loadavg()
     rows = {}
     for name, m in methods.items():
         med = statistics.median(times[name])
@@ -665,6 +674,13 @@ def main(args):
 # ----------------------------------------------------------------------------------------------
 # Diagnostics
 # ----------------------------------------------------------------------------------------------
+
+
+def _loadavg():
+    try:
+        return Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        return None
 
 
 def _best_ours(rows_or_info, methods):
@@ -772,19 +788,25 @@ def targets(rows):
 
 def print_table(results, args):
     rows = results["rows"]
-    trl = rows.get("TRL DPOTrainer (ref)")
+    trl_ref, trl_pre = rows.get("TRL DPOTrainer (ref)"), rows.get("TRL DPOTrainer (precompute)")
     torch_best = max((r["tokens_per_s"] for r in rows.values() if r["kind"] == "torch"), default=None)
-    cfg = results["config"]
+    cfg, env = results["config"], results["env"]
     print(f"\nLlama V={args.vocab} H={args.hidden} I={args.intermediate} L={args.layers} heads={args.heads}/"
           f"{args.kv_heads} fp32; {args.pairs} pairs x (prompt {args.prompt} + response {args.response}) = "
           f"{cfg['tokens_per_step']} tokens/step; {args.threads} threads; chunk {cfg['chunk_size']}, "
-          f"resp chunk {cfg['resp_chunk_size']}; median of {args.rounds} x {args.iters} steps\n")
-    print("| method | reference log-probs | step (ms) | tokens/s | vs TRL (ref) | vs best torch |")
-    print("|---|---|---:|---:|---:|---:|")
+          f"resp chunk {cfg['resp_chunk_size']}; median of {args.rounds} rounds x {args.iters} steps; "
+          f"load average {env.get('loadavg_start')} -> {env.get('loadavg_end')}\n")
+
+    def ratio(r, base):
+        return f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+
+    print("| method | reference log-probs | step (ms) | tokens/s | vs TRL (ref model) | vs TRL (precompute) "
+          "| vs best torch |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
-        vt = f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}x" if trl else "-"
         vb = f"{r['tokens_per_s'] / torch_best:.2f}x" if torch_best else "-"
-        print(f"| {name} | {r['ref']} | {r['step_s'] * 1e3:,.0f} | {r['tokens_per_s']:,.0f} | {vt} | {vb} |")
+        print(f"| {name} | {r['ref']} | {r['step_s'] * 1e3:,.0f} | {r['tokens_per_s']:,.0f} | {ratio(r, trl_ref)} "
+              f"| {ratio(r, trl_pre)} | {vb} |")
     print()
     for label, e in results["targets"].items():
         parts = [f"({label}) best ours with {'cached' if label == 'i' else 'in-step'} reference: {e['ours']}, "
@@ -798,7 +820,7 @@ def print_table(results, args):
     if results["breakdown"]:
         bd = results["breakdown"]
         print(f"\nbreakdown of {bd['variant']} (medians, ms): " + ", ".join(
-            f"{k[:-2]} {v * 1e3:,.0f}" for k, v in bd.items() if k.endswith("_s")))
+            f"{k[:-2]} {v * 1e3:,.1f}" for k, v in bd.items() if k.endswith("_s")))
     print("\nagreement (max rel diff of reference log-probs vs the full-logits definition): " + ", ".join(
         f"{k} {v:.1e}" for k, v in results["agreement"].items()))
     print("first/last losses: " + "; ".join(f"{n}: {', '.join(f'{x:.4f}' for x in r['losses'])}"

@@ -14,6 +14,7 @@ data.split, data.prompt_column, data.chosen_column, data.rejected_column
 data.max_length     prompt + response tokens; data.max_prompt_length: prompts are left-truncated
 data.buckets        padded sequence lengths (bounded recompilation); () = powers of two
 data.on_bad_row     "error" (stop, naming file/row/field) or "skip" (drop and report)
+data.limit          use only the first N usable pairs (0 = all), for smoke runs
 train.mode          "dpo" or "sgpo"
 train.beta, train.label_smoothing (dpo)
 train.learning_rate, train.warmup_ratio (linear warmup, then cosine decay to 0)
@@ -45,7 +46,7 @@ def base_config() -> ConfigDict:
     c.data = ConfigDict(dict(
         source="", split="train", prompt_column="prompt", chosen_column="chosen",
         rejected_column="rejected", max_length=512, max_prompt_length=256, buckets=(),
-        on_bad_row="error",
+        on_bad_row="error", limit=0,
     ))
     c.train = ConfigDict(dict(
         mode="sgpo", beta=0.1, label_smoothing=0.0, learning_rate=5e-7, warmup_ratio=0.1,

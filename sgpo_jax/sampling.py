@@ -4,7 +4,7 @@ r"""Jitted, batched sampling from a :class:`~sgpo_jax.models.llama.Decoder` with
 with static shapes:
 
 1. **Prefill.** The ``[B, P]`` prompts run once through the model into a :class:`KVCache` of
-   ``S = P + max_new_tokens - 1`` slots. The prompt mask goes into the cache's mask, so padding
+   ``S = P + max_new_tokens - 1`` slots; the output head is applied to the last position only. The prompt mask goes into the cache's mask, so padding
    slots are never attended and RoPE positions count real tokens only: a left-padded prompt has
    exactly the logits (and greedy continuation) of the same prompt unpadded.
 2. **Repeat.** The last-position logits ``[B, V]`` and the cache are repeated ``n = num_samples``
@@ -34,10 +34,12 @@ tied with the nucleus' last one are kept too). Both filters use ``lax.top_k``/``
 
 A token is drawn by inverting the CDF: with one uniform :math:`u_r \in [0, 1)` per row and step
 and :math:`c = \mathrm{cumsum}(p)`, row ``r`` takes the first ``i`` with :math:`p_i > 0` and
-:math:`c_i > u_r c_V`. That costs one random number per row and step instead of ``V`` for the
-Gumbel-max trick, and never picks a token outside :math:`A`. The uniforms of step ``t`` are
-``jax.random.uniform(jax.random.fold_in(rng, t), [N])``: samples are a deterministic function of
-``rng`` (and independent of how the batch is sharded), and differ between rows and samples.
+:math:`c_i > u_r c_V` (computed blockwise, see :func:`sample_logits`). That costs one random
+number per row and step instead of ``V`` for the Gumbel-max trick of ``jax.random.categorical``
+(which on CPU costs more than the model's output head), and never picks a token outside
+:math:`A`. The uniforms of step ``t`` are ``jax.random.uniform(jax.random.fold_in(rng, t), [N])``:
+samples are a deterministic function of ``rng`` (and independent of how the batch is sharded),
+and differ between rows and samples.
 
 **Memory.** The cache holds ``2 * L * N * S * K * D`` elements of the compute dtype (``L``
 layers, ``K`` key/value heads of width ``D``), ``n`` times that of one sample per prompt; the
@@ -70,11 +72,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from sgpo_jax.models.llama import Decoder, KVCache
+from sgpo_jax.models.llama import Decoder, KVCache, output_head
 
 Array = jax.Array
 
 __all__ = ["GenerationOutput", "generate", "sample_logits", "decode_text"]
+
+_BLOCK = 256  # tokens per block of the two-level inverse CDF in :func:`sample_logits`
 
 
 @struct.dataclass
@@ -111,9 +115,37 @@ class _Settings:
     pad_token_id: int
 
 
+def _first(mask: Array) -> Array:
+    """``[..., M]`` bool -> ``[...]`` int32 index of the first True, ``M`` where there is none.
+
+    Two plain reductions (max-free), cheaper on CPU than ``argmax``'s variadic reduce."""
+    iota = jax.lax.broadcasted_iota(jnp.int32, mask.shape, mask.ndim - 1)
+    return jnp.min(jnp.where(mask, iota, mask.shape[-1]), axis=-1)
+
+
+def _greedy(logits: Array) -> Array:
+    """``[N, V] -> [N]`` int32: the first maximum (as ``argmax``)."""
+    return jnp.minimum(_first(logits == jnp.max(logits, axis=-1, keepdims=True)), logits.shape[-1] - 1)
+
+
+def _inverse_cdf(weights: Array, r: Array) -> Tuple[Array, Array]:
+    """For ``weights [N, M] >= 0`` and ``r [N]``: the first ``i`` with ``weights[i] > 0`` and
+    ``cumsum(weights)[i] > r`` (the largest ``weights`` entry if rounding left none), and the
+    mass before it, ``cumsum(weights)[i] - weights[i]``; both ``[N]``."""
+    cdf = jnp.cumsum(weights, axis=-1)
+    i = _first((cdf > r[:, None]) & (weights > 0))
+    i = jnp.where(i < weights.shape[-1], i, _greedy(weights))[:, None]
+    return i[:, 0], jnp.take_along_axis(cdf - weights, i, axis=-1)[:, 0]
+
+
 def sample_logits(logits: Array, uniforms: Optional[Array], *, temperature: float = 1.0, top_p: float = 1.0,
                   top_k: int = 0) -> Array:
     """One token per row by the module's sampling rule.
+
+    The inverse CDF is taken in two levels, so no ``[N, V]`` cumsum is needed: with
+    ``q = exp(l / temperature - max)`` (0 outside the allowed set) split into blocks of
+    ``_BLOCK`` tokens, first the block whose cumulative mass passes ``r = u * sum(q)``, then
+    the token inside it whose cumulative mass passes ``r`` minus the mass before the block.
 
     Args:
       logits: ``[N, V]`` logits (any float dtype; computed in float32).
@@ -124,8 +156,9 @@ def sample_logits(logits: Array, uniforms: Optional[Array], *, temperature: floa
     """
     logits = logits.astype(jnp.float32)
     if temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return _greedy(logits)
     logits = logits / temperature
+    n, v = logits.shape
     if top_k or top_p < 1:
         # Candidates sorted descending: the top k, or the whole vocabulary for top-p alone.
         ranked = jax.lax.top_k(logits, top_k)[0] if top_k else -jnp.sort(-logits, axis=-1)
@@ -134,13 +167,26 @@ def sample_logits(logits: Array, uniforms: Optional[Array], *, temperature: floa
             probs = jax.nn.softmax(ranked, axis=-1)
             mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of the better-ranked candidates
             keep = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1: mass_before[0] = 0
-        threshold = jnp.take_along_axis(ranked, jnp.broadcast_to(keep - 1, (logits.shape[0], 1)), axis=-1)
+        threshold = jnp.take_along_axis(ranked, jnp.broadcast_to(keep - 1, (n, 1)), axis=-1)
         logits = jnp.where(logits >= threshold, logits, -jnp.inf)
-    probs = jax.nn.softmax(logits, axis=-1)
-    cdf = jnp.cumsum(probs, axis=-1)
-    hit = (cdf > uniforms[:, None] * cdf[:, -1:]) & (probs > 0)
-    # `hit` is empty only if rounding put u * c_V at or above every c_i; fall back to the mode.
-    return jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    q = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    blocks = -(-v // _BLOCK)
+    q = jnp.pad(q, ((0, 0), (0, blocks * _BLOCK - v))).reshape(n, blocks, _BLOCK)
+    block_mass = jnp.sum(q, axis=-1)
+    r = uniforms * jnp.sum(block_mass, axis=-1)
+    block, before = _inverse_cdf(block_mass, r)
+    inner = jnp.take_along_axis(q, block[:, None, None], axis=1)[:, 0]
+    token, _ = _inverse_cdf(inner, r - before)
+    return block * _BLOCK + token
+
+
+def _last_logits(model: Decoder, params: Any, hidden: Array) -> Array:
+    """``[B, V]`` logits of the last position from the final hidden states ``[B, P, H]``: the
+    output head (as the model applies it, in its compute dtype) on one position, not ``P``."""
+    cfg = model.cfg
+    head = output_head(params, cfg).astype(cfg.dtype)
+    last = hidden[:, -1].astype(cfg.dtype)
+    return last @ head.T if cfg.tie_word_embeddings else last @ head
 
 
 def _repeat_rows(cache: KVCache, logits: Array, n: int) -> Tuple[KVCache, Array]:
@@ -169,8 +215,8 @@ def _generate(model: Decoder, settings: _Settings, params: Any, prompt_ids: Arra
         return jnp.any(token[:, None] == eos, axis=-1)
 
     cache = model.init_cache(b, p + s.max_new_tokens - 1)
-    logits, cache = model.apply(params, prompt_ids, prompt_mask, cache=cache)
-    cache, logits = _repeat_rows(cache, logits[:, -1], s.num_samples)
+    hidden, cache = model.apply(params, prompt_ids, prompt_mask, cache=cache, return_hidden=True)
+    cache, logits = _repeat_rows(cache, _last_logits(model, params, hidden), s.num_samples)
 
     token = draw(logits, jnp.int32(0))
     tokens = jnp.full((n_rows, s.max_new_tokens), s.pad_token_id, jnp.int32).at[:, 0].set(token)

@@ -19,6 +19,7 @@ Run with ``--helpfull`` to list every flag; the config fields are documented in
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -289,6 +290,8 @@ def validate(config: ConfigDict) -> None:
         problems.append(f"train.learning_rate must be > 0, got {t.learning_rate}")
     if not 0 <= t.warmup_ratio < 1:
         problems.append(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if d.limit < 0:
+        problems.append(f"data.limit must be >= 0 (0 = every pair), got {d.limit}")
     if d.max_prompt_length >= d.max_length:
         problems.append(f"data.max_prompt_length ({d.max_prompt_length}) must be < data.max_length ({d.max_length})")
     if config.sgpo.follower not in ("step", "epoch"):
@@ -328,6 +331,9 @@ def train(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
                                          source_name=d.source)
     if report.skipped:
         print(report)
+    if d.limit:
+        pairs = dataclasses.replace(pairs, **{f: getattr(pairs, f)[: d.limit]
+                                              for f in ("prompt_ids", "chosen_ids", "rejected_ids", "rows")})
     buckets = tuple(d.buckets) or None
     hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
     batcher = PairBatcher(pairs, t.batch_size, buckets=buckets, seed=t.seed, **hosts)
@@ -424,7 +430,11 @@ def train(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
 
 
 def main(argv) -> None:
+    from absl import flags, logging
+
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # keep orbax's and XLA's INFO lines off the console
     train(_CONFIG.value, _WORKDIR.value)
 
 

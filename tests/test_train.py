@@ -60,8 +60,11 @@ def tiny(tokenizer_dir, data_file, **overrides):
     config.model.tokenizer = tokenizer_dir
     config.data.source = data_file
     for dotted, value in overrides.items():
-        group, field = dotted.split("__")
-        config[group][field] = value
+        if "__" in dotted:
+            group, field = dotted.split("__")
+            config[group][field] = value
+        else:
+            config[dotted] = value
     return config
 
 
@@ -211,3 +214,11 @@ def test_out_of_memory_names_the_settings_to_reduce(tokenizer_dir, data_file):
         train_lib._run_step(exhausted, None, batch, config)
     with pytest.raises(ValueError, match="unrelated"):  # other errors pass through untouched
         train_lib._run_step(lambda s, b: (_ for _ in ()).throw(ValueError("unrelated")), None, batch, config)
+
+
+def test_data_limit_uses_the_first_pairs_only(tokenizer_dir, data_file, tmp_path):
+    summary = train_lib.train(tiny(tokenizer_dir, data_file, data__limit=16, train__epochs=1, train__mode="dpo",
+                                   export=False), tmp_path)
+    assert summary["total_steps"] == 2  # 16 pairs / 8 per step
+    with pytest.raises(ValueError, match="data.limit must be >= 0"):
+        train_lib.train(tiny(tokenizer_dir, data_file, data__limit=-1), tmp_path / "bad")
