@@ -37,13 +37,18 @@ What is measured, back to back in one process, on the same config, weights and b
     short-lived peaks between samples can be missed and allocator caching (XLA's or torch's)
     can hide reuse. It is the only memory number given for torch.
 
-Threads: ``torch.set_num_threads(--threads)`` (and one inter-op thread) and XLA's CPU client with
-``--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=--threads`` (its Eigen pool for
-matmuls); ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` are set to the same value before torch is
+Threads: ``torch.set_num_threads(--threads)`` (and one inter-op thread), and for XLA the flags
+``--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=--threads``. XLA's CPU client
+sizes its thread pool by the visible cores (2 on the project's machine, so the defaults already
+match); whether this XLA build honours ``intra_op_parallelism_threads`` for every kind of op
+was not verified, so on a larger machine pin the process (``taskset -c 0,1``) for a fair
+comparison. ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` are set to ``--threads`` before torch is
 imported, and ``OMP_WAIT_POLICY=PASSIVE`` unless set: with the default active spinning, torch's
 OpenMP barriers stall badly when the cores are shared with other processes (on a loaded 2-core
-machine a tiny model's step took 530 ms instead of 20 ms); set ``OMP_WAIT_POLICY=ACTIVE`` on an idle
-machine to give torch its spin-waiting. The default config is the project's benchmark config: Llama, vocab 32000, hidden 256,
+machine a tiny model's step took 530 ms instead of 20 ms); set ``OMP_WAIT_POLICY=ACTIVE`` on an
+idle machine to give torch its spin-waiting.
+
+The default config is the project's benchmark config: Llama, vocab 32000, hidden 256,
 intermediate 688, 4 layers, 8 heads, 4 KV heads, RoPE theta 1e4, float32, random init (our
 initializer, std 0.02, copied into torch via ``params_to_hf_state_dict``); batch 8, sequence 256.
 
@@ -118,7 +123,6 @@ from sgpo_jax.models import (  # noqa: E402
     DecoderConfig,
     chunked_sequence_logps,
     decoder_logps_fn,
-    output_head,
     params_to_hf_state_dict,
 )
 
@@ -356,7 +360,8 @@ def print_table(results, args, chunk):
         f"{k} {v / MB:.0f} MB ({v / head['naive']:.2f}x)" for k, v in head.items())
           + f"; one float32 [B,T,V] logits array is {mem['float32_logits_bytes'] / MB:.0f} MB")
     print("\nagreement (vs " + ("torch" if base else "jax chunked") + "): " + ", ".join(
-        f"{k}: loss {v['loss']:.4f} (rel {v['loss_rel_diff']:.1e}), lm_head grad rel err {v['lm_head_grad_rel_err']:.1e}"
+        f"{k}: loss {v['loss']:.4f} (rel {v['loss_rel_diff']:.1e}), "
+        f"lm_head grad rel err {v['lm_head_grad_rel_err']:.1e}"
         for k, v in results["agreement"].items()) + ("" if results["agree"] else "  ** DISAGREE **"))
 
 

@@ -17,7 +17,9 @@ our ``eos_token_ids=()``), so both generate exactly ``batch * new_tokens`` token
 Throughput is ``new tokens/s = batch * new_tokens / wall time`` of one whole call (prefill
 included), the median of ``--iters`` timed calls after ``--warmup`` untimed ones; the two run in
 interleaved rounds (one call each per round), so that load from elsewhere on the machine hits
-both alike. The ratio is ours over torch; the target is >= ``--target`` (exit status 1 if missed).
+both alike; the 1-minute load average before and after is printed (on an oversubscribed machine
+torch's OpenMP threads degrade far more than XLA's, so ratios from a busy machine overstate
+ours). The ratio is ours over torch; the target is >= ``--target`` (exit status 1 if missed).
 
 Threads: ``torch.set_num_threads(--threads)`` (one inter-op thread) and XLA's CPU client with
 ``--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=--threads``;
@@ -167,7 +169,10 @@ def main(args):
         calls["torch"] = torch_generate
 
     print(f"timing {list(calls)}: {args.warmup} warm-up + {args.iters} interleaved rounds", flush=True)
-    for name, times in time_interleaved(calls, args.warmup, args.iters).items():
+    env["loadavg_before"] = os.getloadavg()
+    timings = time_interleaved(calls, args.warmup, args.iters)
+    env["loadavg_after"] = os.getloadavg()
+    for name, times in timings.items():
         median = statistics.median(times)
         rows[name].update(call_s=median, times_s=times, new_tokens_per_s=b * new / median,
                           new_tokens=counts[name])
@@ -188,7 +193,8 @@ def print_table(results, args):
     print(f"\nLlama V={args.vocab} H={args.hidden} I={args.intermediate} L={args.layers} heads={args.heads}/"
           f"{args.kv_heads} fp32 (scan_layers={args.scan_layers}); batch {args.batch}, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, temperature {args.temperature}, top_p {args.top_p}, top_k {args.top_k}, "
-          f"{args.threads} threads, torch attn={args.attn}\n")
+          f"{args.threads} threads, torch attn={args.attn}; 1-min load average {results['env']['loadavg_before'][0]:.1f} "
+          f"before, {results['env']['loadavg_after'][0]:.1f} after ({os.cpu_count()} CPUs)\n")
     print("| implementation | call (s), median | new tokens/s | vs torch | first call (s) | new tokens |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, row in rows.items():

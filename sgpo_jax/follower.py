@@ -495,6 +495,7 @@ def worst_case(
         raise ValueError(f"worst_case: weights shape {weights.shape} != centers shape {centers.shape}")
     lower, upper = support
     _validate(centers, weights, epsilon, lower, upper, loss)
+    epsilon, lower, upper = _scalars(centers.dtype, epsilon, lower, upper)
     return _worst_case(
         centers,
         weights,
@@ -655,6 +656,7 @@ def entropic_worst_case(
         raise ValueError(f"entropic_worst_case: grid_size must be >= 2, got {grid_size}")
     lower, upper = support
     _validate(centers, weights, epsilon, lower, upper, loss)
+    epsilon, lower, upper, regularization = _scalars(centers.dtype, epsilon, lower, upper, regularization)
     return _entropic(
         centers, weights, epsilon, lower, upper, regularization,
         loss_name=loss, num_tangents=num_tangents, grid_size=grid_size, bisection_steps=bisection_steps,
@@ -678,6 +680,12 @@ def _as_float(x: ArrayLike, what: str) -> Array:
     if x.dtype in (jnp.float16, jnp.bfloat16):
         x = x.astype(jnp.float32)  # the follower always accumulates in >= float32
     return x
+
+
+def _scalars(dtype, *values) -> Tuple[Array, ...]:
+    """Scalars as arrays of the centers' dtype, so Python floats, NumPy scalars and arrays share
+    one compiled solver instead of each triggering a recompile."""
+    return tuple(jnp.asarray(v, dtype) for v in values)
 
 
 def _concrete(x) -> bool:

@@ -4,9 +4,10 @@ r"""Jitted, batched sampling from a :class:`~sgpo_jax.models.llama.Decoder` with
 with static shapes:
 
 1. **Prefill.** The ``[B, P]`` prompts run once through the model into a :class:`KVCache` of
-   ``S = P + max_new_tokens - 1`` slots; the output head is applied to the last position only. The prompt mask goes into the cache's mask, so padding
-   slots are never attended and RoPE positions count real tokens only: a left-padded prompt has
-   exactly the logits (and greedy continuation) of the same prompt unpadded.
+   ``S = P + max_new_tokens - 1`` slots (the output head only on the last position). The prompt
+   mask goes into the cache's mask, so padding slots are never attended and RoPE positions
+   count real tokens only: a left-padded prompt has the logits (and greedy continuation) of the
+   same prompt unpadded.
 2. **Repeat.** The last-position logits ``[B, V]`` and the cache are repeated ``n = num_samples``
    times along the batch, prompt-major (row ``b * n + j`` is sample ``j`` of prompt ``b``), so the
    prompt is encoded once per prompt, not per sample.
@@ -56,9 +57,9 @@ inserts the tensor-parallel collectives; results equal the unsharded ones up to 
 only records them; :func:`decode_text` decodes the rows on the host and cuts each text before
 the earliest occurrence of any stop string. ``tokens``/``lengths`` are not cut.
 
-Compilation is cached per model, batch and prompt shape and the static settings
-(``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``num_samples``, ``eos_token_ids``,
-``pad_token_id``); changing any of them recompiles.
+Compilation is cached per model, batch and prompt shape, input shardings and the static
+settings ``max_new_tokens``, ``temperature``, ``top_p``, ``top_k`` and ``num_samples``; changing
+any of them recompiles (other ``rng``, EOS or padding ids do not).
 """
 
 from __future__ import annotations
@@ -111,14 +112,12 @@ class _Settings:
     top_p: float
     top_k: int
     num_samples: int
-    eos_token_ids: Tuple[int, ...]
-    pad_token_id: int
 
 
 def _first(mask: Array) -> Array:
     """``[..., M]`` bool -> ``[...]`` int32 index of the first True, ``M`` where there is none.
 
-    Two plain reductions (max-free), cheaper on CPU than ``argmax``'s variadic reduce."""
+    A select and a min-reduction: cheaper on CPU than ``argmax``'s variadic (value, index) reduce."""
     iota = jax.lax.broadcasted_iota(jnp.int32, mask.shape, mask.ndim - 1)
     return jnp.min(jnp.where(mask, iota, mask.shape[-1]), axis=-1)
 
@@ -200,27 +199,26 @@ def _repeat_rows(cache: KVCache, logits: Array, n: int) -> Tuple[KVCache, Array]
 
 @functools.partial(jax.jit, static_argnames=("model", "settings"))
 def _generate(model: Decoder, settings: _Settings, params: Any, prompt_ids: Array, prompt_mask: Array,
-              rng: Array) -> Tuple[Array, Array, Array]:
-    """Prefill, repeat and decode (module docstring); returns ``(tokens, lengths, finished)``."""
+              rng: Array, is_eos_token: Array, pad_token_id: Array) -> Tuple[Array, Array, Array]:
+    """Prefill, repeat and decode (module docstring); returns ``(tokens, lengths, finished)``.
+
+    ``is_eos_token`` is a ``[V]`` bool table and ``pad_token_id`` an int32 scalar, so that other
+    EOS or padding ids do not recompile."""
     s = settings
     b, p = prompt_ids.shape
     n_rows = b * s.num_samples
-    eos = jnp.asarray(s.eos_token_ids, jnp.int32)
 
     def draw(logits: Array, step: Array) -> Array:
         uniforms = None if s.temperature == 0 else jax.random.uniform(jax.random.fold_in(rng, step), (n_rows,))
         return sample_logits(logits, uniforms, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
-
-    def is_eos(token: Array) -> Array:
-        return jnp.any(token[:, None] == eos, axis=-1)
 
     cache = model.init_cache(b, p + s.max_new_tokens - 1)
     hidden, cache = model.apply(params, prompt_ids, prompt_mask, cache=cache, return_hidden=True)
     cache, logits = _repeat_rows(cache, _last_logits(model, params, hidden), s.num_samples)
 
     token = draw(logits, jnp.int32(0))
-    tokens = jnp.full((n_rows, s.max_new_tokens), s.pad_token_id, jnp.int32).at[:, 0].set(token)
-    state = (jnp.int32(1), token, tokens, jnp.ones((n_rows,), jnp.int32), is_eos(token), cache)
+    tokens = jnp.full((n_rows, s.max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)
+    state = (jnp.int32(1), token, tokens, jnp.ones((n_rows,), jnp.int32), is_eos_token[token], cache)
 
     def cond(state):
         step, _, _, _, finished, _ = state
@@ -231,9 +229,9 @@ def _generate(model: Decoder, settings: _Settings, params: Any, prompt_ids: Arra
         # Finished rows feed their (ignored) last sample masked out: never attended, no position.
         logits, cache = model.apply(params, last[:, None], ~finished[:, None], cache=cache)
         token = draw(logits[:, 0], step)
-        emitted = jnp.where(finished, s.pad_token_id, token)
+        emitted = jnp.where(finished, pad_token_id, token)
         tokens = jax.lax.dynamic_update_slice(tokens, emitted[:, None], (0, step))
-        return step + 1, token, tokens, lengths + ~finished, finished | is_eos(token), cache
+        return step + 1, token, tokens, lengths + ~finished, finished | is_eos_token[token], cache
 
     _, _, tokens, lengths, finished, _ = jax.lax.while_loop(cond, body, state)
     return tokens, lengths, finished
@@ -291,10 +289,12 @@ def generate(model: Decoder, params: Any, prompt_ids: Array, prompt_mask: Array,
         raise ValueError("stop_strings must be a sequence of strings, not one string")
 
     settings = _Settings(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
-                         top_k=int(top_k), num_samples=int(num_samples), eos_token_ids=eos_token_ids,
-                         pad_token_id=int(pad_token_id))
+                         top_k=int(top_k), num_samples=int(num_samples))
     rng = jax.random.key(0) if rng is None else rng  # unused when greedy
-    tokens, lengths, finished = _generate(model, settings, params, prompt_ids, prompt_mask.astype(bool), rng)
+    is_eos_token = np.zeros(vocab, bool)
+    is_eos_token[list(eos_token_ids)] = True
+    tokens, lengths, finished = _generate(model, settings, params, prompt_ids, prompt_mask.astype(bool), rng,
+                                          is_eos_token, np.int32(pad_token_id))
     prompt_index = jnp.repeat(jnp.arange(prompt_ids.shape[0], dtype=jnp.int32), num_samples)
     return GenerationOutput(tokens=tokens, lengths=lengths, finished=finished, prompt_index=prompt_index,
                             stop_strings=tuple(stop_strings or ()))

@@ -333,6 +333,10 @@ def test_group_size_blocks(x64):
                 close(r.value, closed, 1e-12)
             if g >= n:
                 close(r.value, paper_lp(x, eps, a, b, 0.0, 1.0, w=w), 1e-7)
+    # the eager path (uneven last block, non-uniform weights)
+    r = worst_case(xs[5], epss[5], num_tangents=k, group_size=5, weights=ws[5])
+    close(r.value, outs[5][5].value, 1e-12)
+    assert r.dual.shape == (3,)
 
 
 def test_per_entry_matches_paper_lp(x64):
@@ -670,7 +674,7 @@ def test_entropic_converges_to_exact(x64, loss_name):
             assert float(s.value) <= exact + 1e-9  # a feasible point of the ball
             gaps.append(exact - float(s.value))
         assert all(g2 <= g1 + 1e-10 for g1, g2 in zip(gaps, gaps[1:])), gaps
-        assert gaps[3] < 5e-6 and gaps[4] < 1e-7, gaps  # regularization 1e-4 and 1e-5
+        assert gaps[3] < 1e-6 and gaps[4] < 1e-9, gaps  # regularization 1e-4 and 1e-5
 
 
 @pytest.mark.parametrize("loss_name,support", [("tangents", (0.0, 1.0)), ("neg_log_sigmoid", (-4.0, 4.0))])
