@@ -128,6 +128,8 @@ def test_fsdp_train_state_step_equals_unsharded():
     assert mu.spec == jax.sharding.PartitionSpec("fsdp", "tensor")  # optimizer state follows params
     step = make_sgpo_step(mesh, state, batch_axes=sharding.BATCH_AXES, state_sharding=state_sharding)
     state = jax.device_put(state, state_sharding)
+    hlo = step.lower(state, shard_batch(batch, mesh, sharding.BATCH_AXES)).as_text()
+    assert hlo.count("sharding_constraint") >= CFG.num_hidden_layers + 1  # activation constraints per layer
     got_state, got_metrics = step(state, shard_batch(batch, mesh, sharding.BATCH_AXES))
     for name in ("loss", "grad_norm", "follower/dual", "rewards/margins"):
         assert float(got_metrics[name]) == pytest.approx(float(ref_metrics[name]), rel=1e-4, abs=1e-6), name

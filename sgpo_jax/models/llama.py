@@ -58,6 +58,8 @@ import numpy as np
 from flax import struct
 from flax import traverse_util
 
+from sgpo_jax.sharding import constrain_batch
+
 Array = jax.Array
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -468,7 +470,7 @@ class DecoderLayer(nn.Module):
                                                            mask, cache_index)
         x = x + h
         x = x + MLP(cfg, name="mlp")(_norm(cfg, "post_attention_layernorm")(x))
-        return x, layer_cache
+        return constrain_batch(x), layer_cache
 
 
 class Decoder(nn.Module):
@@ -531,7 +533,7 @@ class Decoder(nn.Module):
 
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                          embedding_init=nn.initializers.normal(cfg.initializer_range), name="embed_tokens")
-        x = embed(input_ids)
+        x = constrain_batch(embed(input_ids))  # residual stream split over the data axes (if sharding)
         layer = nn.remat(DecoderLayer, prevent_cse=not cfg.scan_layers) if cfg.remat else DecoderLayer
         if cfg.scan_layers:
             stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
