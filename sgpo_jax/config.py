@@ -61,3 +61,24 @@ def base_config() -> ConfigDict:
     c.checkpoint = ConfigDict(dict(every=200, keep=3))
     c.export = True
     return c
+
+
+def seven_to_eight_b(c: ConfigDict) -> ConfigDict:
+    """The authors' shared settings for 7-8B models (SGPO_NOTES section 5) on an accelerator
+    mesh: bf16 compute with fp32 master weights, remat and scanned layers, UltraFeedback with
+    max length 2048 (prompt 1024), effective batch 32 in 4 micro-batches, pure FSDP."""
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"
+    c.model.remat = True
+    c.model.scan_layers = True
+    c.model.logps_chunk = 256
+    c.data.source = "argilla/ultrafeedback-binarized-preferences-cleaned"
+    c.data.max_length = 2048
+    c.data.max_prompt_length = 1024
+    c.data.buckets = (512, 1024, 1536, 2048)
+    c.train.batch_size = 32
+    c.train.micro_batches = 4
+    c.train.reference_batch_size = 32
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    return c
