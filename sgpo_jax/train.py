@@ -366,58 +366,59 @@ def train(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
         print(f"resuming from step {start} of {total_steps}")
 
     log = _MetricsLog(workdir)
-    tokens_per_step = None
     last: Dict[str, float] = {}
     follower_cache: Dict[int, Any] = {}
     preempted = False
-    with PreemptionGuard() as guard, tqdm(total=total_steps, initial=start, desc="train", unit="step") as bar:
-        step = start
-        while step < total_steps:
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            atoms = support = None
-            epoch_metrics: Dict[str, float] = {}
-            if sgpo.mode == "sgpo" and config.sgpo.follower == "epoch":
-                if epoch not in follower_cache:
-                    follower_cache = {epoch: _cached_epoch_follower(
-                        workdir / "cache" / f"follower_{key}_epoch{epoch}.npz", config, sgpo, ref,
-                        lambda: pair_logps(logps_fn, state.params, reference_batches(), len(pairs), mesh=mesh,
-                                           desc=f"follower scores, epoch {epoch}"))}
-                atoms, support, epoch_metrics = follower_cache[epoch]
-            for batch in batcher.epoch(epoch, start_step=in_epoch):
-                begin = time.perf_counter()
-                device_batch = _global(_device_batch(batch, ref, atoms, support), sharding.batch_sharding(mesh))
-                state, metrics = _run_step(step_fn, state, device_batch, config)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                step += 1
-                if not all(math.isfinite(v) for v in metrics.values()):
-                    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-                    raise FloatingPointError(
-                        f"non-finite {', '.join(bad)} at step {step} (epoch {epoch}); the run stopped and the "
-                        f"last good checkpoint in {workdir / 'checkpoints'} is kept (step "
-                        f"{checkpointer.latest_step()}); lower train.learning_rate or check the data"
-                    )
-                tokens = int(np.sum(batch["chosen_attention"]) + np.sum(batch["rejected_attention"]))
-                metrics.update(epoch_metrics)
-                metrics["learning_rate"] = float(schedule(step - 1))
-                metrics["tokens_per_second"] = tokens * jax.process_count() / (time.perf_counter() - begin)
-                metrics["epoch"] = epoch + (in_epoch + 1) / steps_per_epoch
-                in_epoch += 1
-                log.write(step, metrics)
-                last = metrics
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-                if guard.requested:
-                    checkpointer.save(step, state, {**meta, "step": step}, force=True)
-                    preempted = True
+    try:
+        with PreemptionGuard() as guard, tqdm(total=total_steps, initial=start, desc="train", unit="step") as bar:
+            step = start
+            while step < total_steps:
+                epoch, in_epoch = divmod(step, steps_per_epoch)
+                atoms = support = None
+                epoch_metrics: Dict[str, float] = {}
+                if sgpo.mode == "sgpo" and config.sgpo.follower == "epoch":
+                    if epoch not in follower_cache:
+                        follower_cache = {epoch: _cached_epoch_follower(
+                            workdir / "cache" / f"follower_{key}_epoch{epoch}.npz", config, sgpo, ref,
+                            lambda: pair_logps(logps_fn, state.params, reference_batches(), len(pairs), mesh=mesh,
+                                               desc=f"follower scores, epoch {epoch}"))}
+                    atoms, support, epoch_metrics = follower_cache[epoch]
+                for batch in batcher.epoch(epoch, start_step=in_epoch):
+                    begin = time.perf_counter()
+                    device_batch = _global(_device_batch(batch, ref, atoms, support), sharding.batch_sharding(mesh))
+                    state, metrics = _run_step(step_fn, state, device_batch, config)
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    step += 1
+                    if not all(math.isfinite(v) for v in metrics.values()):
+                        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+                        raise FloatingPointError(
+                            f"non-finite {', '.join(bad)} at step {step} (epoch {epoch}); the run stopped and the "
+                            f"last good checkpoint in {workdir / 'checkpoints'} is kept (step "
+                            f"{checkpointer.latest_step()}); lower train.learning_rate or check the data"
+                        )
+                    tokens = int(np.sum(batch["chosen_attention"]) + np.sum(batch["rejected_attention"]))
+                    metrics.update(epoch_metrics)
+                    metrics["learning_rate"] = float(schedule(step - 1))
+                    metrics["tokens_per_second"] = tokens * jax.process_count() / (time.perf_counter() - begin)
+                    metrics["epoch"] = epoch + (in_epoch + 1) / steps_per_epoch
+                    in_epoch += 1
+                    log.write(step, metrics)
+                    last = metrics
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+                    if guard.requested:
+                        checkpointer.save(step, state, {**meta, "step": step}, force=True)
+                        preempted = True
+                        break
+                    checkpointer.save(step, state, {**meta, "step": step})
+                    if step >= total_steps:
+                        break
+                if preempted:
                     break
-                checkpointer.save(step, state, {**meta, "step": step})
-                if step >= total_steps:
-                    break
-            if preempted:
-                break
-    checkpointer.save(step, state, {**meta, "step": step}, force=True)
-    checkpointer.close()
-    log.close()
+        checkpointer.save(step, state, {**meta, "step": step}, force=True)
+    finally:
+        checkpointer.close()  # waits for in-flight saves, also when a step failed
+        log.close()
     summary = {"step": step, "total_steps": total_steps, "preempted": preempted, "metrics": last,
                "workdir": str(workdir), "skipped_rows": report.skipped}
     if preempted:
