@@ -44,8 +44,8 @@ def full_forward(params):
 
 
 def reference_greedy(full_forward, ids, mask, new_tokens):
-    """Greedy tokens from full forward passes over prompt + tokens so far (no cache): the prompt is
-    followed by a right-padded buffer; causal attention keeps the not yet written slots invisible."""
+    """Greedy tokens from full forward passes over prompt + tokens so far (no cache), in one fixed
+    shape ``[B, P + new_tokens]``: causal attention keeps the not yet written slots invisible."""
     b, p = ids.shape
     buf = np.concatenate([ids, np.zeros((b, new_tokens), np.int32)], axis=1)
     buf_mask = np.concatenate([mask, np.ones((b, new_tokens), np.int32)], axis=1)
