@@ -56,16 +56,25 @@ Methods (every one does clip-by-global-norm 1.0 and AdamW, lr 1e-6, betas (0.9, 
 Checks: TRL's tokenized dataset equals our token ids; the reference log-probs of ours and torch
 agree (rtol 1e-4); every step's loss is finite.
 
-``--diagnostics`` (default on) adds, for the fastest ``ours`` variant: the same step with
-``mode="dpo"`` (no follower, no extra forward), a bench-local prototype of a single-forward SGPO
-step (``jax.vjp`` of the policy log-probs, follower on the stop-gradient margins, loss gradient
-pulled back through the VJP; the library's ``sgpo_step`` runs the policy forward twice), and
-timings of the step's parts (policy forward, forward+backward, follower, optimizer update).
+Diagnostics (default on; ``--no-diagnostics`` skips them), for ``--diag-variant``:
+
+* ``diag: ... mode=dpo``: the library step without the follower (one policy forward);
+* ``prototype: ... single-forward sgpo step``: a bench-local step (not the library) with the
+  in-step follower and exactly the library's update, but ONE policy forward (``jax.vjp`` of the
+  policy log-probs, follower on their stop-gradient margins, the leader loss's gradient pulled
+  back through the VJP); the library's ``sgpo_step`` runs the policy forward twice (a
+  stop-gradient pass for the follower's margins, then ``value_and_grad``);
+* ``... + blocked attention``: the same with ``sgpo_jax.models.llama.Attention`` replaced, while
+  the prototype is traced, by a bench-local causal query-block attention (same parameters,
+  same outputs on real tokens up to rounding; checked);
+* a table of the parts of a step, ours vs torch (policy forward, forward+backward, decoder body
+  with either attention, head on the response positions, follower, optimizer update).
 
 Threads: ``torch.set_num_threads(--threads)`` (one inter-op thread); ``OMP/MKL/OPENBLAS_NUM_THREADS``
-set before torch is imported; XLA CPU with ``--xla_cpu_multi_thread_eigen=true
-intra_op_parallelism_threads=--threads`` (as ``bench/model.py``; XLA's CPU client sizes its
-pool to the visible cores, 2 here). Run from the repository root: ``python bench/train_step.py``.
+set before torch is imported; XLA CPU with ``--xla_cpu_multi_thread_eigen=true``. XLA:CPU has no
+flag for its thread count (it sizes its pool to the usable cores), so with ``--threads`` below the
+usable cores the process is pinned to that many cores (a no-op on the 2-core machine). Run from
+the repository root: ``python bench/train_step.py`` (``--help`` for the options).
 """
 
 from __future__ import annotations
@@ -131,8 +140,9 @@ def parse_args(argv=None):
     g.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="transformers attn_implementation")
     g.add_argument("--diag-variant", choices=OURS_VARIANTS, default="resp-chunked",
                    help="ours variant the diagnostics rows use (the first of --ours if not listed there)")
+    g.add_argument("--attn-block", type=int, default=64, help="query block of the blocked-attention prototype")
     g.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
-                   help="skip the dpo-mode / single-forward prototype rows and the breakdown")
+                   help="skip the diagnostics (dpo-mode and prototype rows, parts table), which run unless given")
     g = p.add_argument_group("timing")
     g.add_argument("--warmup", type=int, default=1,
                    help="untimed steps per method and round (after compilation, which is never timed)")
@@ -150,8 +160,10 @@ def parse_args(argv=None):
 ARGS = parse_args() if __name__ == "__main__" else None
 _THREADS = str(ARGS.threads if ARGS else 2)
 os.environ["JAX_PLATFORMS"] = "cpu"  # before jax is imported anywhere
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={_THREADS}").strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true").strip()
+if hasattr(os, "sched_setaffinity") and int(_THREADS) < len(os.sched_getaffinity(0)):
+    # XLA:CPU has no thread-count flag; it sizes its pool to the usable cores, so pin the process.
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:int(_THREADS)])
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = _THREADS
 for _var in ("TRANSFORMERS_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -280,6 +292,69 @@ def single_forward_sgpo_step(state, batch):
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state, rng=rng)
     return new_state, {"loss": total / total_mass, **metrics, **extra}
+
+
+def blocked_attention_class(block):
+    """Prototype (bench-local, not the library): ``sgpo_jax.models.llama.Attention`` with the same
+    parameters and math, but causal query blocks: queries ``[lo, hi)`` score only keys ``[0, hi)``
+    (the keys every one of them may attend), as 3-D batched matmuls ``[B*K, G*block, D] x [B*K, D, hi]``.
+    Real tokens' outputs are identical (the dropped keys are all masked for these queries); only
+    fully-masked padding queries differ (uniform over fewer keys). Training forward only (no KV
+    cache, no sliding window)."""
+    import flax.linen as nn
+
+    from sgpo_jax.models import llama
+
+    class Attention(nn.Module):
+        cfg: DecoderConfig
+
+        @nn.compact
+        def __call__(self, x, layer_cache, cos, sin, mask, cache_index):
+            cfg = self.cfg
+            if layer_cache is not None or cfg.sliding_window is not None:
+                raise NotImplementedError("blocked-attention prototype: training forward only")
+            b, t, _ = x.shape
+            kh, g, d = cfg.num_key_value_heads, cfg.num_groups, cfg.head_dim
+            x2 = x.reshape(b * t, x.shape[-1])
+            q = llama._dense(cfg, kh * g * d, "q_proj", cfg.attention_bias)(x2).reshape(b, t, kh, g, d)
+            k = llama._dense(cfg, kh * d, "k_proj", cfg.attention_bias)(x2).reshape(b, t, kh, d)
+            v = llama._dense(cfg, kh * d, "v_proj", cfg.attention_bias)(x2).reshape(b, t, kh, d)
+            q = q * cos[:, :, None, None] + llama._rotate_half(q) * sin[:, :, None, None]
+            k = k * cos[:, :, None] + llama._rotate_half(k) * sin[:, :, None]
+            qq = q.transpose(0, 2, 3, 1, 4)  # [b, kh, g, t, d]
+            kk = k.transpose(0, 2, 1, 3).reshape(b * kh, t, d)
+            vv = v.transpose(0, 2, 1, 3).reshape(b * kh, t, d)
+            outs = []
+            for lo in range(0, t, block):
+                hi = min(lo + block, t)
+                c = hi - lo
+                qb = qq[:, :, :, lo:hi].reshape(b * kh, g * c, d)
+                scores = (jnp.matmul(qb, kk[:, :hi].transpose(0, 2, 1)) * d ** -0.5).astype(jnp.float32)
+                scores = scores.reshape(b, kh, g, c, hi)
+                scores = jnp.where(mask[:, None, None, lo:hi, :hi], scores, jnp.finfo(jnp.float32).min)
+                probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype).reshape(b * kh, g * c, hi)
+                outs.append(jnp.matmul(probs, vv[:, :hi]).reshape(b, kh, g, c, d))
+            out = jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b * t, kh * g * d)
+            return llama._dense(cfg, cfg.hidden_size, "o_proj")(out).reshape(b, t, cfg.hidden_size), layer_cache
+
+    return Attention
+
+
+class patched_attention:
+    """Context manager: ``sgpo_jax.models.llama.Attention`` replaced while the prototype traces."""
+
+    def __init__(self, cls):
+        self.cls = cls
+
+    def __enter__(self):
+        from sgpo_jax.models import llama
+
+        self.orig, llama.Attention = llama.Attention, self.cls
+
+    def __exit__(self, *exc):
+        from sgpo_jax.models import llama
+
+        llama.Attention = self.orig
 
 
 class OursMethod:
@@ -594,7 +669,7 @@ def main(args):
         agreement[f"ours {variant}"] = float(jnp.max(jnp.abs(rc - b0.ref_chosen_logps) / jnp.abs(b0.ref_chosen_logps)))
 
     env = {"python": platform.python_version(), "jax": jax.__version__, "cpu_count": os.cpu_count(),
-           "machine": platform.machine(), "xla_flags": os.environ["XLA_FLAGS"], "loadavg_start": _loadavg()}
+           "machine": platform.machine(), "xla_flags": os.environ["XLA_FLAGS"], "loadavg_start": _loadavg(), "git": _git()}
     if args.torch or args.trl_configs:
         import torch
         import transformers
@@ -638,7 +713,7 @@ def main(args):
 
     diag = {}
     if args.diagnostics and args.ours:
-        diag_setup(args, methods, info, add, model, params, ref_params, cached, fns, sgpo, tx, pair_logps)
+        diag_setup(args, methods, info, add, model, params, ref_params, cached, fns, sgpo, tx, pair_logps, agreement)
 
     # ---- timing: rounds interleaving the methods ------------------------------------------------
     times = {name: [] for name in methods}
@@ -676,6 +751,20 @@ def main(args):
 # ----------------------------------------------------------------------------------------------
 
 
+def _git():
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def _loadavg():
     try:
         return Path("/proc/loadavg").read_text().split()[:3]
@@ -691,7 +780,8 @@ def _best_ours(rows_or_info, methods):
     return cands[0] if cands else None
 
 
-def diag_setup(args, methods, info, add, model, params, ref_params, cached, fns, sgpo, tx, pair_logps):
+def diag_setup(args, methods, info, add, model, params, ref_params, cached, fns, sgpo, tx, pair_logps,
+               agreement):
     """Diagnostic rows for ``--diag-variant``: ``mode="dpo"``, and the single-forward SGPO prototype."""
     import dataclasses
 
@@ -711,6 +801,28 @@ def diag_setup(args, methods, info, add, model, params, ref_params, cached, fns,
                                      ref_logps=pair_logps(eval_fn), ref_in_step=ref_in_step,
                                      step_fn=single_forward_sgpo_step),
             kind="prototype", variant=variant, ref="in step" if ref_in_step else "cached")
+    if variant == "logits":
+        return
+    blocked = blocked_attention_class(args.attn_block)
+    for ref_in_step in (False, True):
+        # fresh log-prob closures, so no trace cached for the unpatched model is reused
+        fresh = ours_logps_fns(model, args, args.chunk_size or DEFAULT_CHUNK_SIZE,
+                               args.resp_chunk_size or args.chunk_size or DEFAULT_CHUNK_SIZE)[variant][0]
+        name = (f"prototype: ours {variant}, single-forward sgpo step + blocked attention ({args.attn_block}), "
+                + ("ref fwd" if ref_in_step else "cached ref"))
+        with patched_attention(blocked):
+            if not ref_in_step:  # the prototype's log-probs vs the definition (and proof the patch is traced)
+                b0 = cached[0]
+                rc, _ = jax.jit(pair_logps(fresh))(ref_params, b0.chosen_ids, b0.chosen_attention,
+                                                   b0.chosen_loss_mask, b0.rejected_ids, b0.rejected_attention,
+                                                   b0.rejected_loss_mask)
+                agreement["prototype blocked attention"] = float(
+                    jnp.max(jnp.abs(rc - b0.ref_chosen_logps) / jnp.abs(b0.ref_chosen_logps)))
+            add(name, lambda: OursMethod(name, model=model, params=params, ref_params=ref_params, batches=cached,
+                                         config=sgpo, tx=tx, apply_fn=model.apply, logps_fn=fresh,
+                                         ref_logps=pair_logps(fresh), ref_in_step=ref_in_step,
+                                         step_fn=single_forward_sgpo_step),
+                kind="prototype", variant=variant, ref="in step" if ref_in_step else "cached")
 
 
 def _time(fn, *a, n=5):
@@ -725,7 +837,15 @@ def _time(fn, *a, n=5):
 
 
 def diag_breakdown(args, methods, rows, model, params, ref_params, cached, fns, sgpo, tx):
-    """Timings of the parts of the fastest cached-ref ours variant's step."""
+    """Median times (s) of the parts of a step, ours vs torch, on batch 0 (``[2B, T]`` rows).
+
+    ``ours``: the fastest cached-ref library variant's policy forward and forward+backward (loss:
+    sum of the log-probs), the follower (``B`` centers), the optax update; the decoder body
+    (embedding to final norm) forward and forward+backward (loss ``<hidden, R>``, ``R`` fixed),
+    with the library's attention and with the blocked-attention prototype; the head alone on the
+    response positions (``chunked_sequence_logps`` value+grad w.r.t. hidden states and kernel).
+    ``torch``: the same parts of the hand-written resp-only step (``policy.model``, ``lm_head`` +
+    ``log_softmax`` + ``gather``, the fused AdamW step)."""
     from sgpo_jax import follower as follower_lib
 
     best = _best_ours(rows, methods)
@@ -737,24 +857,88 @@ def diag_breakdown(args, methods, rows, model, params, ref_params, cached, fns, 
     ids = jnp.concatenate([b.chosen_ids, b.rejected_ids])
     att = jnp.concatenate([b.chosen_attention, b.rejected_attention])
     mask = jnp.concatenate([b.chosen_loss_mask, b.rejected_loss_mask])
-    fwd = jax.jit(fn)
-    vg = jax.jit(jax.value_and_grad(lambda p: jnp.sum(fn(p, ids, att, mask))))
+    start = args.prompt - 1
+    cot = jax.random.normal(jax.random.PRNGKey(1), ids.shape + (model.cfg.hidden_size,), jnp.float32)
     xi = jax.nn.sigmoid(jnp.linspace(-1.0, 1.0, args.pairs))
-    foll = jax.jit(lambda x: follower_lib.worst_case(x, args.epsilon, loss="tangents",
-                                                     num_tangents=args.tangents).atoms())
     opt_state = tx.init(params)
-    upd = jax.jit(lambda g, s, p: optax.apply_updates(p, tx.update(g, s, p)[0]))
-    out = {"variant": best,
-           "policy_forward_s": _time(fwd, params, ids, att, mask),
-           "forward_backward_s": _time(vg, params),
-           "follower_s": _time(foll, xi),
-           "optimizer_update_s": _time(upd, params, opt_state, params)}
-    if variant != "logits":
-        full = jax.jit(decoder_logps_fn(model, chunk_size=10**9))  # one chunk == no chunking
-        out["policy_forward_unchunked_head_s"] = _time(full, params, ids, att, mask)
-    hidden_fn = jax.jit(lambda p: model.apply(p, ids, att, return_hidden=True))
-    out["decoder_body_forward_s"] = _time(hidden_fn, params)
-    out["step_s"] = rows[best]["step_s"]
+
+    def body_fns():
+        fwd = jax.jit(lambda p: model.apply(p, ids, att, return_hidden=True))
+        fb = jax.jit(jax.grad(lambda p: jnp.vdot(model.apply(p, ids, att, return_hidden=True), cot)))
+        return fwd, fb
+
+    body_fwd, body_fb = body_fns()
+    with patched_attention(blocked_attention_class(args.attn_block)):
+        blocked_fwd, blocked_fb = body_fns()
+        blocked_fwd.lower(params).compile(), blocked_fb.lower(params).compile()  # trace while patched
+    hidden = body_fwd(params)[:, start:]
+    head = params["params"]["lm_head"]["kernel"]
+    head_vg = jax.jit(jax.value_and_grad(
+        lambda h, w: jnp.sum(chunked_sequence_logps(h, w, ids[:, start:], mask[:, start:],
+                                                    chunk_size=args.resp_chunk_size or args.chunk_size
+                                                    or DEFAULT_CHUNK_SIZE)), argnums=(0, 1)))
+    ours = {
+        "policy log-probs forward": _time(jax.jit(fn), params, ids, att, mask),
+        "policy log-probs forward+backward": _time(
+            jax.jit(jax.value_and_grad(lambda p: jnp.sum(fn(p, ids, att, mask)))), params),
+        "follower (in-step, B centers)": _time(jax.jit(lambda x: follower_lib.worst_case(
+            x, args.epsilon, loss="tangents", num_tangents=args.tangents).atoms()), xi),
+        "optimizer update": _time(jax.jit(lambda g, s_, p: optax.apply_updates(p, tx.update(g, s_, p)[0])),
+                                  params, opt_state, params),
+        "body forward": _time(body_fwd, params),
+        "body forward+backward": _time(body_fb, params),
+        "body forward, blocked-attention prototype": _time(blocked_fwd, params),
+        "body forward+backward, blocked-attention prototype": _time(blocked_fb, params),
+        "head on response positions, forward+backward": _time(head_vg, hidden, head),
+    }
+    out = {"variant": best, "step_s": rows[best]["step_s"], "ours_s": ours, "torch_s": {}}
+    tm = methods.get("torch hand-written resp-only")
+    if tm is not None:
+        torch = tm.torch
+        pol = tm.policy
+        t_ids = torch.from_numpy(np.asarray(ids).astype(np.int64))
+        t_att = torch.from_numpy(np.asarray(att).astype(np.int64))
+        t_cot = torch.from_numpy(np.asarray(cot))
+        t_hidden = torch.from_numpy(np.asarray(hidden)[:, :-1].copy()).requires_grad_()
+        t_targets = t_ids[:, start + 1:]
+
+        def t_time(f, n=5):
+            f()
+            f()
+            ts = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t0)
+            return statistics.median(ts)
+
+        def fwd():
+            with torch.no_grad():
+                pol.model(input_ids=t_ids, attention_mask=t_att, use_cache=False)
+
+        def fb():
+            pol.zero_grad(set_to_none=True)
+            h = pol.model(input_ids=t_ids, attention_mask=t_att, use_cache=False).last_hidden_state
+            (h * t_cot).sum().backward()
+
+        def head_fb():
+            pol.zero_grad(set_to_none=True)
+            t_hidden.grad = None
+            lp = torch.log_softmax(pol.lm_head(t_hidden).float(), -1).gather(-1, t_targets[..., None])
+            lp.sum().backward()
+
+        def policy_fb():
+            pol.zero_grad(set_to_none=True)
+            tm.logps(pol, t_ids, t_att, tm.batches[0][2]).sum().backward()
+
+        out["torch_s"] = {
+            "policy log-probs forward": t_time(lambda: torch.no_grad()(tm.logps)(pol, t_ids, t_att, tm.batches[0][2])),
+            "policy log-probs forward+backward": t_time(policy_fb),
+            "body forward": t_time(fwd),
+            "body forward+backward": t_time(fb),
+            "head on response positions, forward+backward": t_time(head_fb),
+        }
+        pol.zero_grad(set_to_none=True)
     return out
 
 
@@ -819,8 +1003,13 @@ def print_table(results, args):
         print("; ".join(parts))
     if results["breakdown"]:
         bd = results["breakdown"]
-        print(f"\nbreakdown of {bd['variant']} (medians, ms): " + ", ".join(
-            f"{k[:-2]} {v * 1e3:,.1f}" for k, v in bd.items() if k.endswith("_s")))
+        print(f"\nparts of a step (medians, ms; ours: {bd['variant']}, step {bd['step_s'] * 1e3:,.0f} ms; "
+              "torch: the hand-written resp-only step's model):\n")
+        print("| part | ours | torch |")
+        print("|---|---:|---:|")
+        for part, v in bd["ours_s"].items():
+            t = bd["torch_s"].get(part)
+            print(f"| {part} | {v * 1e3:,.1f} | {'-' if t is None else f'{t * 1e3:,.1f}'} |")
     print("\nagreement (max rel diff of reference log-probs vs the full-logits definition): " + ", ".join(
         f"{k} {v:.1e}" for k, v in results["agreement"].items()))
     print("losses (first 3 steps, last; TRL: train()'s training_loss per round): " + "; ".join(
