@@ -43,8 +43,9 @@ samples are a deterministic function of ``rng`` (and independent of how the batc
 and differ between rows and samples.
 
 **Memory.** The cache holds ``2 * L * N * S * K * D`` elements of the compute dtype (``L``
-layers, ``K`` key/value heads of width ``D``), ``n`` times that of one sample per prompt; the
-decode loop also keeps ``[N, V]`` float32 logits and ``[N, max_new_tokens]`` int32 tokens. For
+layers, ``K`` key/value heads of width ``D``), ``n`` times that of one sample per prompt (the
+``B``-row prefill cache it is repeated from is freed after the repeat); the decode loop also
+keeps ``[N, V]`` float32 logits and ``[N, max_new_tokens]`` int32 tokens. For
 the 135M-parameter SmolLM2 (``L = 30, K = 3, D = 64``, float32) that is 46 KB per row and slot:
 64 prompts x 8 samples x 512 slots take 12 GB.
 
