@@ -69,17 +69,13 @@ import threading
 import time
 from pathlib import Path
 
+from benchmark_model import add_model_args, model_config
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=688)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--rope-theta", type=float, default=1e4)
+    add_model_args(p)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--chunk-size", type=int, default=None,
@@ -195,10 +191,7 @@ def rss_peak(step, repeats=2):
 
 def main(args):
     chunk = args.chunk_size or DEFAULT_CHUNK_SIZE
-    cfg = DecoderConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                        num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                        num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
-                        rope_theta=args.rope_theta, rms_norm_eps=1e-6, max_position_embeddings=max(2048, args.seq))
+    cfg = model_config(args, args.seq)
     model = Decoder(cfg)
     b, t = args.batch, args.seq
     tokens = b * t

@@ -40,17 +40,13 @@ import sys
 import time
 from pathlib import Path
 
+from benchmark_model import add_model_args, model_config
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=688)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--rope-theta", type=float, default=1e4)
+    add_model_args(p)
     p.add_argument("--scan-layers", action="store_true", help="our model with scan_layers=True")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens per row")
@@ -84,7 +80,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sgpo_jax.models import Decoder, DecoderConfig, params_to_hf_state_dict  # noqa: E402
+from sgpo_jax.models import Decoder, params_to_hf_state_dict  # noqa: E402
 from sgpo_jax.sampling import generate  # noqa: E402
 
 
@@ -103,11 +99,7 @@ def time_interleaved(calls, warmup, iters):
 
 
 def main(args):
-    cfg = DecoderConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                        num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                        num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
-                        rope_theta=args.rope_theta, rms_norm_eps=1e-6, scan_layers=args.scan_layers,
-                        max_position_embeddings=max(2048, args.prompt + args.new_tokens))
+    cfg = model_config(args, args.prompt + args.new_tokens, scan_layers=args.scan_layers)
     model = Decoder(cfg)
     b, new = args.batch, args.new_tokens
     ids_np = np.random.default_rng(args.seed).integers(0, cfg.vocab_size, (b, args.prompt)).astype(np.int32)

@@ -90,6 +90,8 @@ import time
 import warnings
 from pathlib import Path
 
+from benchmark_model import add_model_args, model_config
+
 OURS_VARIANTS = ("logits", "chunked", "resp-chunked", "resp-logits")
 DEFAULT_OURS = ["logits", "chunked", "resp-chunked"]
 TRL_CONFIGS = ("ref", "precompute", "ref-gc")
@@ -109,14 +111,7 @@ def _csv(choices):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model (the project's benchmark config)")
-    g.add_argument("--vocab", type=int, default=32000)
-    g.add_argument("--hidden", type=int, default=256)
-    g.add_argument("--intermediate", type=int, default=688)
-    g.add_argument("--layers", type=int, default=4)
-    g.add_argument("--heads", type=int, default=8)
-    g.add_argument("--kv-heads", type=int, default=4)
-    g.add_argument("--rope-theta", type=float, default=1e4)
+    add_model_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--pairs", type=int, default=8, help="preference pairs per optimizer step")
     g.add_argument("--prompt", type=int, default=64, help="prompt tokens per sequence")
@@ -596,10 +591,7 @@ def main(args):
     resp_chunk = args.resp_chunk_size or chunk
     t = args.prompt + args.response
     tokens = args.pairs * 2 * t
-    cfg = DecoderConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                        num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                        num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
-                        rope_theta=args.rope_theta, rms_norm_eps=1e-6, max_position_embeddings=max(2048, t))
+    cfg = model_config(args, t)
     model = Decoder(cfg)
     params = jax.jit(model.init)(jax.random.PRNGKey(args.seed), jnp.zeros((1, 2), jnp.int32))
     ref_params = jax.tree.map(jnp.copy, params)  # frozen reference, never donated
