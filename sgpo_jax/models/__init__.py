@@ -1,5 +1,7 @@
-"""Flax models with exact transformers counterparts."""
+"""Flax models with exact transformers counterparts, their log-probs and checkpoints."""
 
+from sgpo_jax.models.gguf import load_gguf, smollm2_gguf_path, unpermute_rope_rows
+from sgpo_jax.models.hf import from_pretrained, resolve_checkpoint, save_pretrained, to_hf_config
 from sgpo_jax.models.llama import (
     SUPPORTED_MODEL_TYPES,
     Decoder,
@@ -7,33 +9,28 @@ from sgpo_jax.models.llama import (
     KVCache,
     Llama3RopeScaling,
     hf_state_dict_to_params,
+    output_head,
     params_to_hf_state_dict,
     rope_inv_freq,
 )
+from sgpo_jax.models.logps import DEFAULT_CHUNK_SIZE, chunked_sequence_logps, decoder_logps_fn
 
 __all__ = [
+    "DEFAULT_CHUNK_SIZE",
     "SUPPORTED_MODEL_TYPES",
     "Decoder",
     "DecoderConfig",
     "KVCache",
     "Llama3RopeScaling",
-    "hf_state_dict_to_params",
-    "params_to_hf_state_dict",
-    "rope_inv_freq",
-]
-
-from sgpo_jax.models.llama import output_head  # noqa: E402
-from sgpo_jax.models.logps import DEFAULT_CHUNK_SIZE, chunked_sequence_logps, decoder_logps_fn  # noqa: E402
-
-__all__ += ["output_head", "DEFAULT_CHUNK_SIZE", "chunked_sequence_logps", "decoder_logps_fn"]
-
-from sgpo_jax.models.gguf import load_gguf, smollm2_gguf_path, unpermute_rope_rows  # noqa: E402
-from sgpo_jax.models.hf import from_pretrained, resolve_checkpoint, save_pretrained, to_hf_config  # noqa: E402
-
-__all__ += [
+    "chunked_sequence_logps",
+    "decoder_logps_fn",
     "from_pretrained",
+    "hf_state_dict_to_params",
     "load_gguf",
+    "output_head",
+    "params_to_hf_state_dict",
     "resolve_checkpoint",
+    "rope_inv_freq",
     "save_pretrained",
     "smollm2_gguf_path",
     "to_hf_config",
