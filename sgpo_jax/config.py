@@ -15,7 +15,7 @@ data.max_length     prompt + response tokens; data.max_prompt_length: prompts ar
 data.buckets        padded sequence lengths (bounded recompilation); () = powers of two
 data.on_bad_row     "error" (stop, naming file/row/field) or "skip" (drop and report)
 data.limit          use only the first N usable pairs (0 = all), for smoke runs
-train.mode          "dpo" or "sgpo"
+train.mode          "dpo", "sgpo" (one run on data.source) or "ssapo" (the self-annotation loop)
 train.beta, train.label_smoothing (dpo)
 train.learning_rate, train.warmup_ratio (linear warmup, then cosine decay to 0)
 train.epochs, train.max_steps (-1 = epochs decide), train.batch_size (pairs per optimizer step)
@@ -23,9 +23,28 @@ train.micro_batches (gradient accumulation, exact), train.max_grad_norm, train.w
 train.seed          data order, initialization and RNG
 train.reference_batch_size  pairs per forward-only batch (reference log-probs, follower pass)
 sgpo.epsilon, sgpo.loss, sgpo.space, sgpo.num_tangents, sgpo.variant, sgpo.window_tau
-sgpo.follower       "step" (exact follower on each batch, on-device) or "epoch" (once per epoch
-                    on all pairs with the current policy, as the authors do per round)
+sgpo.follower       "step" (exact follower on each batch, on-device), "epoch" (once per epoch
+                    on all pairs with the current policy) or "annotation" (once per epoch on the
+                    self-annotation reward gaps: centers sigmoid(annotation_scale * gap), as the
+                    authors do per SSAPO round; needs chosen_reward/rejected_reward columns)
+sgpo.annotation_scale  the authors' 0.1 in sigmoid(0.1 * reward gap)
 sgpo.leader_loss    "" = sgpo.loss; "neg_log" pairs the authors' tangent follower with -log p
+ssapo.*             the self-annotation loop (train.mode="ssapo", see sgpo_jax/pipeline.py):
+  prompts           JSONL/JSON file of {"prompt": str} rows for the round pools; "" = the prompts of
+                    data.source rows left after the seed (the authors' UltraFeedback split)
+  seed_size, pool_sizes   labeled seed pairs taken from data.source; prompts per round (T rounds)
+  seed_selection    "random", "fps" (farthest-point sampling, max-min cosine distance on the
+                    initial model's last-token hidden states) or "fps_sum" (the authors' variant)
+  seed_label_noise  fraction of seed labels flipped (robustness experiments)
+  seed_epochs, seed_learning_rate (0 = train.learning_rate)  round 0 (DPO on the seed)
+  round_mode        "sgpo" or "dpo" for rounds 1..T (train.epochs, train.learning_rate each)
+  reference         "previous" (pi_{t-1}, the authors') or "initial" reference policy per round
+  reuse_data        train round t on the pairs of rounds 1..t (the authors: False)
+  num_samples, temperature, top_p, top_k, max_new_tokens, generation_batch_size  generation
+  strategy          "best_worst" or "max_chosen" (chosen = best, rejected = a random other)
+  judge_beta        implicit-reward scale (0 = none, the authors')
+eval.tasks          "heldout" (bundled verifiable-instruction tasks), a task JSONL, or "" (none)
+eval.limit, eval.max_new_tokens, eval.batch_size   held-out evaluation after every round (greedy)
 mesh.data, mesh.fsdp, mesh.tensor   device mesh sizes (one may be -1)
 checkpoint.every    save every N steps (also at the end and on SIGTERM); checkpoint.keep
 export              write the final policy as a Hugging Face checkpoint (workdir/export)
@@ -55,8 +74,15 @@ def base_config() -> ConfigDict:
     ))
     c.sgpo = ConfigDict(dict(
         epsilon=0.01, loss="tangents", space="probability", num_tangents=6, variant="ball",
-        window_tau=1.0, follower="step", leader_loss="",
+        window_tau=1.0, follower="step", leader_loss="", annotation_scale=0.1,
     ))
+    c.ssapo = ConfigDict(dict(
+        prompts="", seed_size=2000, pool_sizes=(8000, 20000, 30000), seed_selection="random",
+        seed_label_noise=0.0, seed_epochs=1, seed_learning_rate=0.0, round_mode="sgpo",
+        reference="previous", reuse_data=False, num_samples=2, temperature=0.7, top_p=1.0, top_k=0,
+        max_new_tokens=300, strategy="best_worst", judge_beta=0.0, generation_batch_size=16,
+    ))
+    c.eval = ConfigDict(dict(tasks="heldout", limit=0, max_new_tokens=128, batch_size=16))
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.checkpoint = ConfigDict(dict(every=200, keep=3))
     c.export = True
@@ -66,7 +92,8 @@ def base_config() -> ConfigDict:
 def seven_to_eight_b(c: ConfigDict) -> ConfigDict:
     """The authors' shared settings for 7-8B models (SGPO_NOTES section 5) on an accelerator
     mesh: bf16 compute with fp32 master weights, remat and scanned layers, UltraFeedback with
-    max length 2048 (prompt 1024), effective batch 32 in 4 micro-batches, pure FSDP."""
+    max length 2048 (prompt 1024), effective batch 32 in 4 micro-batches, pure FSDP; the SSAPO
+    loop with the authors' split, sampling and per-round follower."""
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
     c.model.remat = True
@@ -81,4 +108,12 @@ def seven_to_eight_b(c: ConfigDict) -> ConfigDict:
     c.train.reference_batch_size = 32
     c.mesh.data = 1
     c.mesh.fsdp = -1
+    # The SSAPO loop: 2K labeled seed pairs, prompt pools of 8K / 20K / 30K from the rest of
+    # UltraFeedback, 2 samples per prompt at temperature 0.7 (300 new tokens), judged by the
+    # implicit reward against the initial model, the follower on sigmoid(0.1 * gap).
+    c.train.mode = "ssapo"
+    c.ssapo.seed_size = 2000
+    c.ssapo.pool_sizes = (8000, 20000, 30000)
+    c.ssapo.generation_batch_size = 64
+    c.sgpo.follower = "annotation"
     return c

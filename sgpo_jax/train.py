@@ -26,7 +26,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -34,16 +34,17 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from sgpo_jax import sharding
+from sgpo_jax import distributed, memory, sharding
 from sgpo_jax.checkpoint import Checkpointer, PreemptionGuard
-from sgpo_jax.data import PairBatcher, load_preferences, ordered_batches, tokenize_preferences
+from sgpo_jax.data import PairBatcher, TokenizedPairs, load_preferences, ordered_batches, tokenize_preferences
 from sgpo_jax.follower import worst_case, margin_window
 from sgpo_jax.losses import preference_centers
 from sgpo_jax.models import Decoder, DecoderConfig, decoder_logps_fn, from_pretrained, load_gguf, save_pretrained
 from sgpo_jax.models import smollm2_gguf_path
 from sgpo_jax.step import PreferenceBatch, SGPOConfig, TrainState, make_sgpo_step
 
-__all__ = ["load_model", "make_optimizer", "pair_logps", "weights_fingerprint", "train", "main"]
+__all__ = ["load_model", "load_pairs", "make_optimizer", "pair_logps", "weights_fingerprint", "fit", "FitResult",
+           "Preempted", "export_policy", "train", "main"]
 
 _TOKEN_FIELDS = ("chosen_ids", "chosen_attention", "chosen_loss_mask",
                  "rejected_ids", "rejected_attention", "rejected_loss_mask", "weight")
@@ -143,7 +144,10 @@ def _device_batch(batch: Dict[str, np.ndarray], ref: Optional[Tuple[np.ndarray, 
 
 
 def _global(batch: PreferenceBatch, data_sharding) -> PreferenceBatch:
-    """This host's rows -> global arrays split over the mesh's data axes (all hosts together)."""
+    """This host's rows -> global arrays split over the mesh's data axes (all hosts together):
+    host ``p``'s ``b`` rows become global rows ``[p * b, (p + 1) * b)`` (checked: a mesh whose
+    batch axes do not split the hosts apart raises instead of mixing the hosts' rows)."""
+    distributed.check_batch_layout(data_sharding, batch.weight.shape[0] * jax.process_count())
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(data_sharding, np.asarray(x)), batch)
 
 
@@ -171,69 +175,102 @@ def pair_logps(logps_fn, params, batches: Iterator[Dict[str, np.ndarray]], num_p
 
     data_sharding = sharding.batch_sharding(mesh)
 
-    @jax.jit
-    def forward(params, b: PreferenceBatch):
+    def logps(params, b: PreferenceBatch):
         ids = jnp.concatenate([b.chosen_ids, b.rejected_ids])
         att = jnp.concatenate([b.chosen_attention, b.rejected_attention])
         mask = jnp.concatenate([b.chosen_loss_mask, b.rejected_loss_mask])
         out = logps_fn(params, ids, att, mask)
         return out[: b.chosen_ids.shape[0]], out[b.chosen_ids.shape[0]:]
 
+    forward = jax.jit(logps, out_shardings=(data_sharding, data_sharding))
+
+    # Each host reads back only the rows its own devices hold (its batch rows, global rows
+    # [p * b, (p + 1) * b)); one all-gather at the end gives every host every pair's scores.
     chosen = np.full(num_pairs, np.nan, np.float64)
     rejected = np.full(num_pairs, np.nan, np.float64)
-    for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=jax.process_index() != 0):
         device = _global(_device_batch(batch), data_sharding)
-        c, r = jax.device_get(forward(params, device))
-        real = batch["index"] >= 0
-        chosen[batch["index"][real]] = c[real]
-        rejected[batch["index"][real]] = r[real]
+        c, r = forward(params, device)
+        first = jax.process_index() * len(batch["index"])
+        for out, values in ((chosen, c), (rejected, r)):
+            rows, local = distributed.local_rows(values)
+            keep = (rows >= first) & (rows < first + len(batch["index"]))
+            index = batch["index"][rows[keep] - first]
+            out[index[index >= 0]] = local[keep][index >= 0]
+    if jax.process_count() > 1:
+        hosts = distributed.allgather_host(np.stack([chosen, rejected]))  # [P, 2, N]; NaN where not scored
+        scored = np.where(np.isnan(hosts), -np.inf, hosts).max(axis=0)
+        chosen, rejected = np.where(np.isinf(scored), np.nan, scored)
     missing = np.flatnonzero(np.isnan(chosen))
     if missing.size:
         raise RuntimeError(f"{desc}: {missing.size} pairs were not scored (first: row {missing[0]})")
     return chosen, rejected
 
 
+def _cached_arrays(path: Path, compute: Callable[[], Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """The arrays saved at ``path`` (an ``.npz``), or ``compute()`` saved there by process 0.
+
+    With several processes all of them must take the same branch (``compute`` runs collectives),
+    so process 0 decides from what it sees and, when it read the file, sends the arrays to the
+    others (whose view of the workdir may lag, or be a different disk)."""
+    loaded = None
+    if jax.process_index() == 0 and path.exists():
+        with np.load(path) as f:
+            loaded = {name: f[name] for name in f.files}
+    if jax.process_count() > 1:
+        names = sorted(loaded or ())
+        header = json.dumps({n: [list(loaded[n].shape), loaded[n].dtype.str] for n in names}).encode()
+        size = int(distributed.broadcast_from_coordinator(np.asarray([len(header)], np.int64))[0])
+        header = bytes(distributed.broadcast_from_coordinator(
+            np.frombuffer(header.ljust(size, b" "), np.uint8) if jax.process_index() == 0 else np.zeros(size, np.uint8)))
+        spec = json.loads(header.decode())
+        if spec:
+            local = [loaded[n] if loaded is not None else np.zeros(shape, dtype) for n, (shape, dtype) in spec.items()]
+            loaded = dict(zip(spec, distributed.broadcast_from_coordinator(local)))
+    if loaded:
+        return loaded
+    arrays = compute()
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    return arrays
+
+
 def _cached_reference(workdir: Path, key: str, compute) -> Tuple[np.ndarray, np.ndarray]:
-    path = workdir / "cache" / f"reference_logps_{key}.npz"
-    if path.exists():
-        with np.load(path) as f:
-            return f["chosen"], f["rejected"]
-    chosen, rejected = compute()
-    if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, chosen=chosen, rejected=rejected)
-        os.replace(tmp, path)
-    return chosen, rejected
+    """The reference log-probs ``(chosen [N], rejected [N])`` from ``workdir/cache`` or ``compute()``."""
+    def arrays():
+        chosen, rejected = compute()
+        return {"chosen": chosen, "rejected": rejected}
+
+    cached = _cached_arrays(workdir / "cache" / f"reference_logps_{key}.npz", arrays)
+    return cached["chosen"], cached["rejected"]
 
 
-def _cached_epoch_follower(path: Path, config: ConfigDict, sgpo: SGPOConfig, ref, score):
-    """Exact follower on all pairs with the policy at the start of the epoch: atoms ``[N, 2]``,
-    the window (margin space) and metrics. Saved in the workdir, so a run resumed mid-epoch
-    keeps the atoms it started the epoch with."""
-    if path.exists():
-        with np.load(path) as f:
-            support = tuple(f["support"]) if f["support"].size else None
-            return (f["shift"], f["mass"]), support, json.loads(str(f["metrics"]))
-    policy = score()
-    margins = (policy[0] - ref[0]) - (policy[1] - ref[1])
-    centers = np.asarray(preference_centers(jnp.asarray(margins), beta=sgpo.beta, space=sgpo.space))
-    support = sgpo.support
-    if sgpo.space == "margin":
-        support = tuple(float(v) for v in margin_window(centers, tau=sgpo.window_tau))
-    wc = worst_case(centers, sgpo.epsilon, loss=sgpo.loss, num_tangents=sgpo.num_tangents,
-                    support=support, variant=sgpo.variant)
-    shift, mass = (np.asarray(a) for a in wc.atoms())
-    metrics = {"follower/value": float(wc.value), "follower/dual": float(wc.dual),
-               "follower/moved": float(np.mean(np.asarray(wc.moved))), "follower/transport": float(wc.transport)}
-    support = support if sgpo.space == "margin" else None
-    if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, shift=shift, mass=mass, support=np.asarray(support or (), np.float64),
-                 metrics=json.dumps(metrics))
-        os.replace(tmp, path)
-    return (shift, mass), support, metrics
+FOLLOWER_METRICS = ("follower/value", "follower/dual", "follower/moved", "follower/transport")
+
+
+def _cached_epoch_follower(path: Path, sgpo: SGPOConfig, margins_fn, beta: float):
+    """Exact follower on all pairs, once per epoch: atoms ``[N, 2]``, the window (margin space)
+    and metrics. ``margins_fn() -> [N]`` gives the margins the centers are built from (the
+    policy's at the start of the epoch, or the self-annotation reward gaps) and ``beta`` their
+    scale. Saved in the workdir, so a run resumed mid-epoch keeps the atoms it started with."""
+    def compute():
+        centers = np.asarray(preference_centers(jnp.asarray(margins_fn()), beta=beta, space=sgpo.space))
+        support = sgpo.support
+        if sgpo.space == "margin":
+            support = tuple(float(v) for v in margin_window(centers, tau=sgpo.window_tau))
+        wc = worst_case(centers, sgpo.epsilon, loss=sgpo.loss, num_tangents=sgpo.num_tangents,
+                        support=support, variant=sgpo.variant)
+        shift, mass = (np.asarray(a) for a in wc.atoms())
+        metrics = [wc.value, wc.dual, np.mean(np.asarray(wc.moved)), wc.transport]
+        return {"shift": shift, "mass": mass, "metrics": np.asarray(metrics, np.float64),
+                "support": np.asarray(support if sgpo.space == "margin" else (), np.float64)}
+
+    f = _cached_arrays(path, compute)
+    support = tuple(float(v) for v in f["support"]) if f["support"].size else None
+    return (f["shift"], f["mass"]), support, dict(zip(FOLLOWER_METRICS, map(float, f["metrics"])))
 
 
 # ----------------------------------------------------------------------------------- logging
@@ -267,20 +304,25 @@ class _MetricsLog:
 # ----------------------------------------------------------------------------------- the run
 
 
-def _sgpo_config(config: ConfigDict) -> SGPOConfig:
+def _sgpo_config(config: ConfigDict, mode: Optional[str] = None) -> SGPOConfig:
     t, s = config.train, config.sgpo
     return SGPOConfig(
-        mode=t.mode, beta=t.beta, label_smoothing=t.label_smoothing, space=s.space, loss=s.loss,
+        mode=mode or t.mode, beta=t.beta, label_smoothing=t.label_smoothing, space=s.space, loss=s.loss,
         leader_loss=s.leader_loss or None, num_tangents=s.num_tangents, epsilon=s.epsilon,
         window_tau=s.window_tau, variant=s.variant, micro_batches=t.micro_batches,
     )
+
+
+FOLLOWERS = ("step", "epoch", "annotation")
 
 
 def validate(config: ConfigDict) -> None:
     """Checks the config up front; raises ValueError listing every problem."""
     problems = []
     t, d = config.train, config.data
-    if not config.data.source:
+    if t.mode not in ("dpo", "sgpo", "ssapo"):
+        problems.append(f"train.mode must be 'dpo', 'sgpo' or 'ssapo', got {t.mode!r}")
+    if not config.data.source and t.mode != "ssapo":
         problems.append("data.source is empty: give a hub dataset name or local .json/.jsonl/.parquet file")
     if t.batch_size < 1 or t.batch_size % t.micro_batches:
         problems.append(f"train.batch_size ({t.batch_size}) must be a positive multiple of train.micro_batches ({t.micro_batches})")
@@ -294,57 +336,115 @@ def validate(config: ConfigDict) -> None:
         problems.append(f"data.limit must be >= 0 (0 = every pair), got {d.limit}")
     if d.max_prompt_length >= d.max_length:
         problems.append(f"data.max_prompt_length ({d.max_prompt_length}) must be < data.max_length ({d.max_length})")
-    if config.sgpo.follower not in ("step", "epoch"):
-        problems.append(f"sgpo.follower must be 'step' or 'epoch', got {config.sgpo.follower!r}")
+    if config.sgpo.follower not in FOLLOWERS:
+        problems.append(f"sgpo.follower must be one of {FOLLOWERS}, got {config.sgpo.follower!r}")
+    if not config.sgpo.annotation_scale > 0:
+        problems.append(f"sgpo.annotation_scale must be > 0, got {config.sgpo.annotation_scale}")
     if config.checkpoint.every < 1:
         problems.append(f"checkpoint.every must be >= 1, got {config.checkpoint.every}")
+    if t.mode == "ssapo":
+        from sgpo_jax import pipeline
+
+        problems.extend(pipeline.config_problems(config))
     try:
-        _sgpo_config(config)
+        _sgpo_config(config, mode="sgpo" if t.mode == "ssapo" else None)
     except ValueError as err:
         problems.append(str(err))
     if problems:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
 
 
-def train(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
-    """Runs (or resumes) training; returns a summary dict (steps, last metrics, paths)."""
-    from tqdm.auto import tqdm
+def load_pairs(data_config: ConfigDict, tokenizer, source: Optional[str] = None) -> Tuple[TokenizedPairs, np.ndarray]:
+    """Loads, normalizes and tokenizes ``source`` (default ``data.source``; comma-separated files
+    are concatenated) with the ``data`` settings, keeping the first ``data.limit`` usable pairs.
 
-    validate(config)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    sgpo = _sgpo_config(config)
-    t = config.train
-
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    cfg, params, tokenizer = load_model(config.model)
-    model = Decoder(cfg)
-    logps_fn = decoder_logps_fn(model, chunk_size=config.model.logps_chunk)
-
-    d = config.data
-    sources = [part for part in d.source.split(",") if part]
-    dataset = load_preferences(sources if len(sources) > 1 else d.source, split=d.split, prompt_column=d.prompt_column,
+    Returns ``(pairs, gaps)``: ``gaps [N]`` float64 is ``chosen_reward - rejected_reward`` of each
+    pair's source row where the source has those columns (self-annotated data), else NaN.
+    Skipped bad rows (``data.on_bad_row="skip"``) are reported on the console.
+    """
+    d = data_config
+    source = source or d.source
+    parts = [part for part in source.split(",") if part]
+    dataset = load_preferences(parts if len(parts) > 1 else source, split=d.split, prompt_column=d.prompt_column,
                                chosen_column=d.chosen_column, rejected_column=d.rejected_column)
     pairs, report = tokenize_preferences(dataset, tokenizer, max_length=d.max_length,
                                          max_prompt_length=d.max_prompt_length, on_bad_row=d.on_bad_row,
-                                         source_name=d.source)
+                                         source_name=source)
     if report.skipped:
         print(report)
     if d.limit:
         pairs = dataclasses.replace(pairs, **{f: getattr(pairs, f)[: d.limit]
                                               for f in ("prompt_ids", "chosen_ids", "rejected_ids", "rows")})
-    buckets = tuple(d.buckets) or None
+    return pairs, _reward_gaps(parts, d.split, pairs.rows)
+
+
+def _reward_gaps(parts, split: str, rows: np.ndarray) -> np.ndarray:
+    gaps = np.full(len(rows), np.nan)
+    paths = [Path(p) for p in parts]
+    if not all(p.is_file() and p.suffix.lower() in (".json", ".jsonl", ".parquet") for p in paths):
+        return gaps
+    import datasets
+
+    builder = "parquet" if paths[0].suffix.lower() == ".parquet" else "json"
+    raw = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split=split)
+    if {"chosen_reward", "rejected_reward"} <= set(raw.column_names):
+        chosen, rejected = (np.asarray(raw[c], np.float64) for c in ("chosen_reward", "rejected_reward"))
+        gaps = chosen[rows] - rejected[rows]
+    return gaps
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :func:`fit` returns: the final policy parameters (sharded like the state) and the run
+    summary (steps, last step's metrics, the epochs' follower metrics, mean loss, workdir)."""
+
+    params: Any
+    summary: Dict[str, Any]
+
+
+def fit(config: ConfigDict, workdir: str | Path, *, model: Decoder, params: Any, pairs: TokenizedPairs,
+        mesh, reference_params: Any = None, gaps: Optional[np.ndarray] = None, mode: Optional[str] = None,
+        desc: str = "train") -> FitResult:
+    """Trains (or resumes, or returns a finished run of) ``params`` on ``pairs`` in ``workdir``.
+
+    Args:
+      config: the run config (``train``, ``sgpo``, ``checkpoint``, ``model.logps_chunk``).
+      workdir: checkpoints, metrics, caches; rerunning with the same workdir resumes exactly.
+      model, params: the policy at the start (also the reference unless ``reference_params``).
+      pairs: the tokenized training pairs.
+      mesh: the device mesh; ``params`` are sharded over it by name rules.
+      reference_params: the reference policy (default: ``params``); its log-probs are computed
+        once and cached in ``workdir/cache``, keyed by its weights and the tokenized data.
+      gaps: ``[N]`` self-annotation reward gaps, needed by ``sgpo.follower="annotation"``
+        (centers ``sigma(sgpo.annotation_scale * gap)``, the authors' per-round follower).
+      mode: ``"dpo"`` or ``"sgpo"`` (default ``train.mode``).
+      desc: the progress bar's label.
+    """
+    from tqdm.auto import tqdm
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    sgpo = _sgpo_config(config, mode)
+    t, follower = config.train, config.sgpo.follower
+    if sgpo.mode == "sgpo" and follower == "annotation" and (gaps is None or np.isnan(gaps).any()):
+        raise ValueError("sgpo.follower='annotation' needs chosen_reward and rejected_reward for every pair "
+                         "(self-annotated data, e.g. from train.mode=ssapo)")
+    logps_fn = decoder_logps_fn(model, chunk_size=config.model.logps_chunk)
+    buckets = tuple(config.data.buckets) or None
     hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
     batcher = PairBatcher(pairs, t.batch_size, buckets=buckets, seed=t.seed, **hosts)
     steps_per_epoch = batcher.steps_per_epoch
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
 
+    memory.check(memory.plan_for_run(config, model.cfg, dict(mesh.shape)), memory.device_memory_bytes())
     params = sharding.shard_params(params, mesh)
+    reference = params if reference_params is None else sharding.shard_params(reference_params, mesh)
+    params = jax.tree.map(jnp.copy, params)  # the step donates its state; the caller's arrays stay valid
     reference_batches = lambda: ordered_batches(pairs, t.reference_batch_size, buckets=buckets, **hosts)
-    key = hashlib.sha256(f"{weights_fingerprint(params)}{pairs.fingerprint()}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{weights_fingerprint(reference)}{pairs.fingerprint()}".encode()).hexdigest()[:16]
     ref = _cached_reference(workdir, key, lambda: pair_logps(
-        logps_fn, params, reference_batches(), len(pairs), mesh=mesh, desc="reference log-probs"))
+        logps_fn, reference, reference_batches(), len(pairs), mesh=mesh, desc="reference log-probs"))
+    del reference
 
     tx, schedule = make_optimizer(t, total_steps)
     state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, config=sgpo,
@@ -352,6 +452,18 @@ def train(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
     state_sharding = sharding.param_sharding(state, mesh)
     state = jax.device_put(state, state_sharding)
     step_fn = make_sgpo_step(mesh, state, batch_axes=sharding.BATCH_AXES, state_sharding=state_sharding)
+
+    def epoch_follower(epoch: int):
+        path = workdir / "cache" / f"follower_{key}_{follower}_epoch{epoch}.npz"
+        if follower == "annotation":
+            return _cached_epoch_follower(path, sgpo, lambda: gaps, config.sgpo.annotation_scale)
+
+        def margins():
+            policy = pair_logps(logps_fn, state.params, reference_batches(), len(pairs), mesh=mesh,
+                                desc=f"follower scores, epoch {epoch}")
+            return (policy[0] - ref[0]) - (policy[1] - ref[1])
+
+        return _cached_epoch_follower(path, sgpo, margins, sgpo.beta)
 
     checkpointer = Checkpointer(workdir / "checkpoints", save_every=config.checkpoint.every,
                                 max_to_keep=config.checkpoint.keep)
@@ -363,25 +475,23 @@ def train(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
             raise ValueError(f"{workdir}: the checkpoint was trained on other data or length settings; "
                              "use a new --workdir")
         start = int(saved["step"])
-        print(f"resuming from step {start} of {total_steps}")
+        if start < total_steps:
+            print(f"{desc}: resuming from step {start} of {total_steps}")
 
     log = _MetricsLog(workdir)
     last: Dict[str, float] = {}
     follower_cache: Dict[int, Any] = {}
     preempted = False
     try:
-        with PreemptionGuard() as guard, tqdm(total=total_steps, initial=start, desc="train", unit="step") as bar:
+        with PreemptionGuard() as guard, tqdm(total=total_steps, initial=start, desc=desc, unit="step") as bar:
             step = start
             while step < total_steps:
                 epoch, in_epoch = divmod(step, steps_per_epoch)
                 atoms = support = None
                 epoch_metrics: Dict[str, float] = {}
-                if sgpo.mode == "sgpo" and config.sgpo.follower == "epoch":
+                if sgpo.mode == "sgpo" and follower != "step":
                     if epoch not in follower_cache:
-                        follower_cache = {epoch: _cached_epoch_follower(
-                            workdir / "cache" / f"follower_{key}_epoch{epoch}.npz", config, sgpo, ref,
-                            lambda: pair_logps(logps_fn, state.params, reference_batches(), len(pairs), mesh=mesh,
-                                               desc=f"follower scores, epoch {epoch}"))}
+                        follower_cache = {epoch: epoch_follower(epoch)}
                     atoms, support, epoch_metrics = follower_cache[epoch]
                 for batch in batcher.epoch(epoch, start_step=in_epoch):
                     begin = time.perf_counter()
@@ -406,7 +516,7 @@ def train(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
                     last = metrics
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-                    if guard.requested:
+                    if distributed.any_process(guard.requested):  # a SIGTERM on any host stops all
                         checkpointer.save(step, state, {**meta, "step": step}, force=True)
                         preempted = True
                         break
@@ -420,22 +530,102 @@ def train(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
         checkpointer.close()  # waits for in-flight saves, also when a step failed
         log.close()
     summary = {"step": step, "total_steps": total_steps, "preempted": preempted, "metrics": last,
-               "workdir": str(workdir), "skipped_rows": report.skipped}
+               "workdir": str(workdir), "pairs": len(pairs), **_run_statistics(workdir / "metrics.jsonl", step)}
     if preempted:
-        print(f"SIGTERM: saved step {step}; rerun the same command to resume")
-    elif config.export and jax.process_index() == 0:
-        summary["export"] = str(save_pretrained(workdir / "export", cfg, jax.device_get(state.params),
-                                                tokenizer=tokenizer))
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        raise Preempted(f"SIGTERM: saved step {step} in {workdir}; rerun the same command to resume", summary)
+    return FitResult(params=state.params, summary=summary)
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; the run saved a checkpoint and stopped (``summary`` as :func:`fit`'s).
+    Rerunning the same command resumes it."""
+
+    def __init__(self, message: str, summary: Dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
+
+
+def _run_statistics(metrics_path: Path, last_step: int) -> Dict[str, float]:
+    """Mean loss and reward accuracy over the steps logged (the latest record of each step up to
+    ``last_step``, so a resumed run counts each step once), and the follower metrics."""
+    if jax.process_index() != 0 or not metrics_path.exists():
+        return {}
+    records: Dict[int, Dict[str, float]] = {}
+    for line in metrics_path.read_text().splitlines():
+        row = json.loads(line)
+        if row["step"] <= last_step:
+            records[row["step"]] = row
+    if not records:
+        return {}
+    rows = list(records.values())
+    stats = {"mean_loss": float(np.mean([r["loss"] for r in rows])),
+             "mean_accuracy": float(np.mean([r["rewards/accuracies"] for r in rows]))}
+    for name in ("follower/dual", "follower/moved", "follower/value"):
+        values = [r[name] for r in rows if name in r]
+        if values:
+            stats[name] = float(np.mean(values))
+    return stats
+
+
+def export_policy(workdir: Path, cfg: DecoderConfig, params: Any, tokenizer) -> Optional[str]:
+    """Writes the policy in the Hugging Face layout to ``workdir/export`` (process 0 only).
+    Every process must call it: parameters sharded across hosts are gathered leaf by leaf first
+    (a collective), then process 0 writes."""
+    host_params = distributed.to_host(params)
+    if jax.process_index() != 0:
+        return None
+    return str(save_pretrained(workdir / "export", cfg, host_params, tokenizer=tokenizer))
+
+
+def train(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
+    """Runs (or resumes) training; returns a summary dict (steps, last metrics, paths).
+    ``train.mode="ssapo"`` runs the self-annotation loop of :mod:`sgpo_jax.pipeline`."""
+    validate(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    if config.train.mode == "ssapo":
+        from sgpo_jax import pipeline
+
+        return pipeline.run(config, workdir)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    cfg, params, tokenizer = load_model(config.model)
+    pairs, gaps = load_pairs(config.data, tokenizer)
+    try:
+        result = fit(config, workdir, model=Decoder(cfg), params=params, pairs=pairs, mesh=mesh, gaps=gaps)
+    except Preempted as stop:
+        print(stop)
+        summary = stop.summary
+    else:
+        summary = result.summary
+    if config.export and not summary["preempted"]:
+        summary["export"] = export_policy(workdir, cfg, result.params, tokenizer)
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 def main(argv) -> None:
+    """The CLI: starts ``jax.distributed`` when the flags or the environment describe several
+    processes (SLURM, TPU pod, ``SGPO_*`` variables; see :mod:`sgpo_jax.distributed`), before
+    anything touches a device, then trains. Every process of a multi-host run runs this same
+    command; process 0 writes the metrics, caches and export, all write their checkpoint shards."""
     from absl import flags, logging
 
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep orbax's and XLA's INFO lines off the console
+    local_ids = flags.FLAGS["local_device_ids"].value if "local_device_ids" in flags.FLAGS else None
+    spec = distributed.initialize(
+        coordinator_address=flags.FLAGS["coordinator_address"].value if "coordinator_address" in flags.FLAGS else None,
+        num_processes=flags.FLAGS["num_processes"].value if "num_processes" in flags.FLAGS else None,
+        process_id=flags.FLAGS["process_id"].value if "process_id" in flags.FLAGS else None,
+        local_device_ids=[int(i) for i in local_ids] if local_ids else None,
+    )
+    if spec.multi_process and jax.process_index() == 0:
+        print(f"jax.distributed: {jax.process_count()} processes ({spec.source}), {jax.device_count()} devices "
+              f"({jax.local_device_count()} per process)")
     train(_CONFIG.value, _WORKDIR.value)
 
 
@@ -448,5 +638,13 @@ if __name__ == "__main__":
     )
     _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, cache, export. "
                                    "Rerun with the same workdir to resume.")
+    flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0's coordinator (default: "
+                        "SGPO_COORDINATOR, SLURM's first node, or TPU pod metadata). Unset with one process.")
+    flags.DEFINE_integer("num_processes", None, "Multi-host: total number of processes (default: SGPO_NUM_PROCESSES, "
+                         "SLURM_NTASKS, or TPU pod metadata).")
+    flags.DEFINE_integer("process_id", None, "Multi-host: this process's id in [0, num_processes) (default: "
+                         "SGPO_PROCESS_ID, SLURM_PROCID, or TPU pod metadata).")
+    flags.DEFINE_list("local_device_ids", None, "Multi-host: the local accelerator ids this process drives (default: "
+                      "all; SLURM with one task per GPU: SLURM_LOCALID).")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -10,62 +10,22 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-import tokenizers
-import transformers
 from ml_collections import config_flags  # noqa: F401  (the CLI's dependency must import)
-from tokenizers import models, pre_tokenizers
 
 from sgpo_jax import train as train_lib
 from sgpo_jax.models import from_pretrained
 
-ROOT = Path(__file__).resolve().parents[1]
-GOOD = [f"good{i}" for i in range(8)]
-BAD = [f"bad{i}" for i in range(8)]
-NEUTRAL = [f"word{i}" for i in range(16)]
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </s> {% endfor %}"
-            "{% if add_generation_prompt %}<assistant> {% endif %}")
+from tiny_run import ROOT, tiny, write_pairs, write_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    specials = ["<pad>", "<unk>", "</s>", "<user>", "<assistant>", "<system>"]
-    vocab = {w: i for i, w in enumerate(specials + GOOD + BAD + NEUTRAL)}
-    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                                eos_token="</s>", chat_template=TEMPLATE)
-    path = tmp_path_factory.mktemp("tokenizer")
-    fast.save_pretrained(path)
-    return str(path)
+    return write_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    """40 separable pairs: chosen responses use good words, rejected ones bad words."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for _ in range(40):
-        prompt = " ".join(rng.choice(NEUTRAL, 4))
-        rows.append({"prompt": prompt, "chosen": " ".join(rng.choice(GOOD, 5)),
-                     "rejected": " ".join(rng.choice(BAD, 5))})
-    path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-def tiny(tokenizer_dir, data_file, **overrides):
-    from configs.tiny import get_config
-
-    config = get_config()
-    config.model.tokenizer = tokenizer_dir
-    config.data.source = data_file
-    for dotted, value in overrides.items():
-        if "__" in dotted:
-            group, field = dotted.split("__")
-            config[group][field] = value
-        else:
-            config[dotted] = value
-    return config
+    return write_pairs(tmp_path_factory.mktemp("data") / "prefs.jsonl")
 
 
 @pytest.fixture(autouse=True)

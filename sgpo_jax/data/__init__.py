@@ -16,7 +16,17 @@
 
 from sgpo_jax.data.batching import PairBatcher, default_buckets, ordered_batches
 from sgpo_jax.data.loading import NORMALIZED_FEATURES, ROW_PROBLEMS, load_preferences, normalize_preferences
-from sgpo_jax.data.tokenize import BadRow, BadRowReport, TokenizedPairs, plain_prompt, tokenize_preferences
+from sgpo_jax.data.split import farthest_point_sampling, flip_labels, last_token_hidden, split_prompts
+from sgpo_jax.data.tokenize import (
+    BadRow,
+    BadRowReport,
+    TokenizedPairs,
+    encode_prompts,
+    left_pad,
+    plain_prompt,
+    tokenize_preferences,
+    tokenize_prompts,
+)
 
 __all__ = [
     "BadRow",
@@ -26,9 +36,16 @@ __all__ = [
     "ROW_PROBLEMS",
     "TokenizedPairs",
     "default_buckets",
+    "encode_prompts",
+    "farthest_point_sampling",
+    "flip_labels",
+    "last_token_hidden",
+    "left_pad",
     "load_preferences",
     "normalize_preferences",
     "ordered_batches",
     "plain_prompt",
+    "split_prompts",
     "tokenize_preferences",
+    "tokenize_prompts",
 ]

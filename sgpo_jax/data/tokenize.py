@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import datasets
 import numpy as np
@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from sgpo_jax.data.loading import NORMALIZED_FEATURES, TRUNCATED
 
-__all__ = ["BadRow", "BadRowReport", "ON_BAD_ROW", "TokenizedPairs", "plain_prompt", "tokenize_preferences"]
+__all__ = ["BadRow", "BadRowReport", "ON_BAD_ROW", "TokenizedPairs", "encode_prompts", "left_pad", "plain_prompt",
+           "tokenize_preferences", "tokenize_prompts"]
 
 ON_BAD_ROW = ("error", "skip")
 
@@ -131,6 +132,15 @@ def plain_prompt(messages: Sequence[Dict[str, str]]) -> str:
     return "".join(f"{m['role']}: {m['content']}\n\n" for m in messages) + "assistant: "
 
 
+def _prompt_token_ids(tokenizer: Any, conversations: Sequence[Sequence[Dict[str, str]]]) -> List[List[int]]:
+    """Each conversation's prompt tokens: the chat template with ``add_generation_prompt=True``
+    (its own special tokens, none added), or :func:`plain_prompt` with the tokenizer's specials."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return tokenizer([plain_prompt(m) for m in conversations])["input_ids"]
+    texts = [tokenizer.apply_chat_template(list(m), add_generation_prompt=True, tokenize=False) for m in conversations]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 def tokenize_preferences(
     dataset: datasets.Dataset,
     tokenizer: Any,
@@ -167,12 +177,6 @@ def tokenize_preferences(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token")
-    templated = getattr(tokenizer, "chat_template", None) is not None
-
-    def prompt_text(messages):
-        if templated:
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return plain_prompt(messages)
 
     report = BadRowReport(source=source_name, total=len(dataset))
     prompts, chosen, rejected, rows = [], [], [], []
@@ -182,11 +186,11 @@ def tokenize_preferences(
             tokens = {}
             if good:
                 ids = (
-                    tokenizer([prompt_text(batch["prompt"][i]) for i in good], add_special_tokens=not templated),
-                    tokenizer([batch["chosen"][i] for i in good], add_special_tokens=False),
-                    tokenizer([batch["rejected"][i] for i in good], add_special_tokens=False),
+                    _prompt_token_ids(tokenizer, [batch["prompt"][i] for i in good]),
+                    tokenizer([batch["chosen"][i] for i in good], add_special_tokens=False)["input_ids"],
+                    tokenizer([batch["rejected"][i] for i in good], add_special_tokens=False)["input_ids"],
                 )
-                tokens = dict(zip(good, zip(*(encoding["input_ids"] for encoding in ids))))
+                tokens = dict(zip(good, zip(*ids)))
             for i, row in enumerate(batch["row"]):
                 if i in tokens:
                     p, c, r = _truncate(*tokens[i], eos=eos, max_length=max_length,
@@ -221,3 +225,90 @@ def _truncate(prompt: List[int], chosen: List[int], rejected: List[int], *, eos:
     room = max_length - len(prompt)
     as_array = lambda ids: np.asarray(ids, np.int32)
     return as_array(prompt), as_array((chosen + [eos])[:room]), as_array((rejected + [eos])[:room])
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts alone (generation: self-annotation, evaluation)
+# ----------------------------------------------------------------------------------------------
+
+Prompt = Union[str, Sequence[Dict[str, str]]]
+"""A prompt: a string (one user message) or a list of ``{"role", "content"}`` messages."""
+
+
+def tokenize_prompts(tokenizer: Any, prompts: Sequence[Prompt], *, max_prompt_length: int,
+                     source_name: str = "prompts") -> Tuple[List[np.ndarray], int]:
+    """Each prompt's token ids exactly as :func:`tokenize_preferences` builds the prompt of a pair
+    (the same chat-template code path and left truncation to ``max_prompt_length``): a response
+    generated for these ids is scored and trained on after the same prompt tokens.
+
+    Args:
+      tokenizer: a ``transformers`` tokenizer with an EOS token.
+      prompts: ``N`` prompts, strings (one user message each) or lists of ``{"role", "content"}``
+        messages (e.g. a multi-turn conversation ending in a user message).
+      max_prompt_length: keep each prompt's last ``max_prompt_length >= 1`` tokens.
+      source_name: the name used in the progress bar and in messages.
+
+    Returns ``(ids, pad_id)``: ``N`` int32 arrays ``[P_i]`` with ``1 <= P_i <= max_prompt_length``,
+    and the tokenizer's pad id (its EOS id if it has none).
+
+    Raises ``ValueError`` naming the indices of empty (whitespace-only) prompts, or on bad arguments.
+    """
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a sequence of prompts, not one string")
+    if not isinstance(max_prompt_length, (int, np.integer)) or max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be a positive int, got {max_prompt_length!r}")
+    messages = [[{"role": "user", "content": p}] if isinstance(p, str)
+                else [{"role": m["role"], "content": m["content"]} for m in p] for p in prompts]
+    empty = [i for i, m in enumerate(messages) if not any(isinstance(x["content"], str) and x["content"].strip()
+                                                          for x in m)]
+    if empty:
+        raise ValueError(f"{source_name}: {len(empty)} empty prompts (no non-whitespace text), indices {empty[:10]}"
+                         f"{' ...' if len(empty) > 10 else ''}")
+    pad = tokenizer.pad_token_id
+    pad = tokenizer.eos_token_id if pad is None else pad
+    ids = _prompt_token_ids(tokenizer, messages) if messages else []
+    return [np.asarray(x[-int(max_prompt_length):], np.int32) for x in ids], int(pad if pad is not None else 0)
+
+
+def left_pad(sequences: Sequence[np.ndarray], pad_id: int, *, length: Optional[int] = None
+             ) -> Tuple[np.ndarray, np.ndarray]:
+    """``N`` token sequences left-padded to one length, for generation.
+
+    Args:
+      sequences: ``N >= 1`` int sequences ``[P_i]``, each with ``P_i >= 1``.
+      pad_id: id written at padding positions (must be a valid id for the model).
+      length: the padded length ``P``; default the longest ``P_i``. Must be ``>= max P_i``.
+
+    Returns ``(ids, mask)``, int32 ``[N, P]`` each; ``mask`` is 1 on the real tokens (the last
+    ``P_i`` positions of row ``i``).
+    """
+    lengths = [len(s) for s in sequences]
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"need at least one sequence and no empty sequence, got lengths {lengths[:10]}")
+    longest = max(lengths)
+    length = longest if length is None else int(length)
+    if length < longest:
+        raise ValueError(f"length {length} is shorter than the longest sequence ({longest} tokens)")
+    ids = np.full((len(lengths), length), pad_id, np.int32)
+    mask = np.zeros((len(lengths), length), np.int32)
+    for row, (seq, n) in enumerate(zip(sequences, lengths)):
+        ids[row, length - n:] = np.asarray(seq, np.int32)
+        mask[row, length - n:] = 1
+    return ids, mask
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], *, max_prompt_length: int,
+                   pad_to: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Prompts tokenized as for training (:func:`tokenize_prompts`) and left-padded for
+    :func:`sgpo_jax.sampling.generate` (:func:`left_pad` with the tokenizer's pad id).
+
+    Args:
+      tokenizer, prompts, max_prompt_length: as in :func:`tokenize_prompts`.
+      pad_to: the padded length ``P`` (a bucket, so that batches share one compiled shape);
+        default the longest prompt of the batch.
+
+    Returns ``(ids, mask)``, int32 ``[B, P]`` each; ``P`` is ``pad_to``, or the longest prompt's
+    length (at most ``max_prompt_length``).
+    """
+    ids, pad_id = tokenize_prompts(tokenizer, prompts, max_prompt_length=max_prompt_length)
+    return left_pad(ids, pad_id, length=pad_to)

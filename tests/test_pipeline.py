@@ -1,0 +1,156 @@
+"""The SSAPO loop end to end on the tiny config: stages, resume at any stage, summary and plots."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from sgpo_jax import annotate as annotate_lib
+from sgpo_jax import pipeline
+from sgpo_jax import train as train_lib
+from sgpo_jax.data import load_preferences
+from sgpo_jax.instructions import load_tasks, make_tasks
+from sgpo_jax.models import from_pretrained
+
+from tiny_run import NEUTRAL, tiny, write_pairs, write_tokenizer
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ssapo")
+    rng = np.random.default_rng(1)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(NEUTRAL, 4))}) + "\n" for _ in range(40)))
+    tasks = root / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(t.to_json()) + "\n" for t in make_tasks(4, seed=0)))
+    return dict(tokenizer=write_tokenizer(root / "tokenizer"), data=write_pairs(root / "prefs.jsonl", 40),
+                prompts=str(prompts), tasks=str(tasks))
+
+
+def ssapo_config(files, **overrides):
+    settings = dict(train__mode="ssapo", train__epochs=1, ssapo__prompts=files["prompts"], ssapo__seed_size=16,
+                    ssapo__pool_sizes=(8, 8), ssapo__seed_epochs=2, ssapo__generation_batch_size=4,
+                    ssapo__max_new_tokens=6, ssapo__temperature=1.0, sgpo__follower="annotation",
+                    eval__tasks=files["tasks"], eval__max_new_tokens=6, eval__batch_size=4)
+    return tiny(files["tokenizer"], files["data"], **{**settings, **overrides})
+
+
+def export_params(workdir):
+    return from_pretrained(Path(workdir) / "export")[1]
+
+
+def test_resumes_at_every_stage_without_redoing_work(files, tmp_path, monkeypatch):
+    """A straight run vs a run killed inside round 1's generation (after its first batch) and
+    preempted inside round 2's training: the rerun continues, never regenerates a finished batch,
+    and ends with the same pairs and the same final policy."""
+    config = ssapo_config(files, ssapo__pool_sizes=(16, 16), ssapo__generation_batch_size=8)
+    generated = []  # (round seed, batch index) of every batch written
+    annotate = annotate_lib.annotate
+
+    def recording_annotate(*args, die_at=None, **kwargs):
+        on_batch = kwargs["on_batch"]
+
+        def record(index, rows, dropped):
+            if (kwargs["seed"], index) == die_at:
+                raise KeyboardInterrupt("killed")
+            on_batch(index, rows, dropped)
+            generated.append((kwargs["seed"], index))
+
+        return annotate(*args, **{**kwargs, "on_batch": record})
+
+    monkeypatch.setattr(annotate_lib, "annotate", recording_annotate)
+    straight = train_lib.train(config, tmp_path / "straight")
+    assert len(generated) == 4 and len(set(generated)) == 4  # 2 rounds x 2 batches of 8 prompts
+    straight_batches = list(generated)
+
+    generated.clear()
+    monkeypatch.setattr(annotate_lib, "annotate",
+                        lambda *a, **k: recording_annotate(*a, die_at=straight_batches[1], **k))
+    with pytest.raises(KeyboardInterrupt):
+        train_lib.train(config, tmp_path / "resumed")
+    assert generated == straight_batches[:1]
+    assert len(list((tmp_path / "resumed" / "round_1" / "generations").glob("batch_*.jsonl"))) == 1
+
+    write = train_lib._MetricsLog.write
+
+    def preempt_in_round_2(self, step, metrics):
+        write(self, step, metrics)
+        if "round_2" in self._jsonl.name and step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(annotate_lib, "annotate", recording_annotate)
+    monkeypatch.setattr(train_lib._MetricsLog, "write", preempt_in_round_2)
+    generated.clear()
+    first = train_lib.train(config, tmp_path / "resumed")
+    assert first["preempted"]
+    assert generated == straight_batches[1:]  # round 1 batch 1, round 2 batches 0-1
+    monkeypatch.setattr(train_lib._MetricsLog, "write", write)
+    generated.clear()
+    second = train_lib.train(config, tmp_path / "resumed")
+    assert not second["preempted"] and generated == []  # nothing regenerated after the preemption
+
+    for t in (1, 2):
+        a = (tmp_path / "straight" / f"round_{t}" / "pairs.jsonl").read_text()
+        b = (tmp_path / "resumed" / f"round_{t}" / "pairs.jsonl").read_text()
+        assert a == b
+    steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "round_2" / "train" / "metrics.jsonl").open()]
+    assert steps == [1, 2]  # step 1, preempted and saved; step 2 after the rerun
+    for x, y in zip(jax.tree.leaves(export_params(tmp_path / "straight")),
+                    jax.tree.leaves(export_params(tmp_path / "resumed"))):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6, rtol=0)
+    assert [r["round"] for r in second["rounds"]] == [0, 1, 2]
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["rounds"] == second["rounds"]
+
+
+def test_summary_rows_match_the_files_they_summarize(files, tmp_path):
+    config = ssapo_config(files, ssapo__pool_sizes=(8,))
+    summary = train_lib.train(config, tmp_path)
+    rounds = summary["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    pairs = [json.loads(l) for l in (tmp_path / "round_1" / "pairs.jsonl").open()]
+    gaps = np.array([p["chosen_reward"] - p["rejected_reward"] for p in pairs])
+    assert rounds[1]["pairs"] == len(pairs) and rounds[1]["pairs"] + rounds[1]["dropped"] == 8
+    assert rounds[1]["mean_gap"] == pytest.approx(gaps.mean(), rel=1e-9)
+    assert np.all(gaps >= 0)  # chosen = the higher implicit reward
+    assert rounds[0]["pairs"] == 16 and rounds[0]["follower_dual"] is None  # seed round: DPO
+    assert rounds[1]["follower_dual"] is not None and 0 <= rounds[1]["follower_moved"] <= 1
+    tasks = load_tasks(files["tasks"])
+    for name in ("eval_initial.json", "round_0/eval.json", "round_1/eval.json"):
+        result = json.loads((tmp_path / name).read_text())
+        passed = [t.passed(r) for t, r in zip(tasks, result["responses"])]
+        met = [ok for t, r in zip(tasks, result["responses"]) for ok in t.results(r)]
+        assert result["prompt_level_strict_acc"] == pytest.approx(np.mean(passed))
+        assert result["instruction_level_strict_acc"] == pytest.approx(np.mean(met))
+        assert len(result["responses"]) == 4
+    assert rounds[1]["pass_rate_prompt"] == pytest.approx(np.mean(passed))
+    alpaca = json.loads((tmp_path / "round_1" / "eval_alpaca_eval.json").read_text())
+    assert len(alpaca) == 4 and set(alpaca[0]) >= {"instruction", "output", "generator"}
+    for png in ("plots/reward_gaps_round_1.png", "plots/eval.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (tmp_path / "summary.md").read_text().splitlines()
+    assert len(table) == 2 + len(rounds)
+
+
+def test_seed_split_flips_exactly_the_requested_labels(files, tmp_path):
+    config = ssapo_config(files, ssapo__seed_label_noise=0.25)
+    dataset = load_preferences(files["data"])
+    split = pipeline.make_split(config, dataset, np.arange(len(dataset)), None, None, None)
+    assert len(split["seed_rows"]) == 16 and len(set(split["seed_rows"])) == 16
+    assert sum(split["flipped"]) == 4 and [len(p) for p in split["pools"]] == [8, 8]
+    source = [json.loads(l) for l in Path(files["data"]).open()]
+    for row, flipped in zip(pipeline.seed_rows_jsonl(dataset, split), split["flipped"]):
+        original = source[row["source_row"]]
+        expect = (original["rejected"], original["chosen"]) if flipped else (original["chosen"], original["rejected"])
+        assert (row["chosen"], row["rejected"]) == expect
+
+
+def test_ssapo_settings_are_validated(files, tmp_path):
+    config = ssapo_config(files, ssapo__seed_selection="kmeans", ssapo__num_samples=1, ssapo__reference="sft")
+    with pytest.raises(ValueError) as err:
+        train_lib.train(config, tmp_path)
+    for field in ("ssapo.seed_selection", "ssapo.num_samples", "ssapo.reference"):
+        assert field in str(err.value)
