@@ -4,10 +4,20 @@ A checkpoint holds the training state's arrays (``step``, ``params``, ``opt_stat
 JSON ``meta`` dict (data position, settings fingerprint, anything the loop needs to continue
 exactly). Restoring takes a *target* state whose arrays carry the shardings wanted now, so a run
 saved on one mesh (or host count) resumes on another: orbax reads each shard where it belongs.
+
+Multi-host: every process constructs the :class:`Checkpointer` on the same *shared* directory
+(a network file system path mounted at the same place on every host, or ``gs://bucket/path``
+with tensorstore's GCS driver) and calls :meth:`~Checkpointer.save` / :meth:`~Checkpointer.restore`
+at the same steps: each process writes (and reads) only the shards its devices hold, process 0
+writes the metadata and commits the step. Local paths are made absolute (orbax's OCDBT
+format needs that once several processes write); ``gs:/bucket`` (what ``pathlib.Path`` makes
+of ``gs://bucket``) is read as ``gs://bucket``.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import threading
 from pathlib import Path
@@ -16,12 +26,24 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "PreemptionGuard", "state_arrays"]
+__all__ = ["Checkpointer", "PreemptionGuard", "checkpoint_path", "state_arrays"]
 
 
 def state_arrays(state: Any) -> Dict[str, Any]:
     """The savable part of a :class:`sgpo_jax.step.TrainState` (no functions, no config)."""
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}
+
+
+def checkpoint_path(directory: str | Path) -> str:
+    """``directory`` as orbax needs it: URLs (``gs://``, ``s3://``, also when ``pathlib`` collapsed
+    the ``//``) kept as URLs, local paths made absolute."""
+    text = os.fspath(directory)
+    match = re.match(r"^([a-z][a-z0-9+.-]*):/+(.*)$", text)
+    if match and match.group(1) not in ("file",) and len(match.group(1)) > 1:  # "C:/..." is a path
+        return f"{match.group(1)}://{match.group(2)}"
+    if match and match.group(1) == "file":
+        text = "/" + match.group(2)
+    return os.path.abspath(os.path.expanduser(text))
 
 
 def _abstract(tree: Any) -> Any:
@@ -33,7 +55,8 @@ def _abstract(tree: Any) -> Any:
 
 
 class Checkpointer:
-    """Orbax ``CheckpointManager`` over ``directory`` (local path or ``gs://``).
+    """Orbax ``CheckpointManager`` over ``directory`` (local path or ``gs://``; see the module
+    docstring for several hosts).
 
     ``save_every`` steps (plus whatever ``save(..., force=True)`` asks), keeping the newest
     ``max_to_keep``. Saves are asynchronous; :meth:`wait` blocks until they are on disk.
@@ -43,7 +66,7 @@ class Checkpointer:
                  async_save: bool = True):
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
-        self.directory = str(directory)
+        self.directory = checkpoint_path(directory)
         self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
@@ -67,7 +90,13 @@ class Checkpointer:
 
     def restore(self, target_state: Any, step: Optional[int] = None) -> Tuple[Any, Dict[str, Any]]:
         """Restores ``step`` (default: latest) into the structure, dtypes and shardings of
-        ``target_state``; returns ``(state, meta)``."""
+        ``target_state``; returns ``(state, meta)``.
+
+        The saved run's mesh and process count do not matter: every array is read from the
+        stored global array into ``target_state``'s sharding (each process reading the slices
+        its devices hold), so e.g. a run saved by 2 hosts on ``(data=2, fsdp=2, tensor=2)``
+        resumes on one host with ``fsdp=8``. The structure and shapes must match (same model
+        and optimizer); a mismatch raises orbax's error naming the tree path."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")

@@ -49,11 +49,21 @@ _ACTIVATION_MESH: contextvars.ContextVar[Optional[Mesh]] = contextvars.ContextVa
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Optional[Sequence[Any]] = None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all), axes in ``Auto`` mode.
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all, on every host), axes in
+    ``Auto`` mode.
 
     One size may be ``-1``: it takes whatever the others leave. The product must equal the
-    device count; ``tensor`` varies fastest (neighbouring devices, i.e. within a host).
+    device count; ``tensor`` varies fastest (neighbouring devices, i.e. within a host). With
+    several processes the devices are laid out host-aware (:mod:`sgpo_jax.distributed`):
+    ``tensor`` must divide a host's device count and stays inside a host, then ``fsdp``, then
+    ``data``; what remains of ``data``/``fsdp`` spans hosts, and every host's devices hold one
+    contiguous block of the batch axis (the rows its :class:`~sgpo_jax.data.PairBatcher` reads).
+    One process on TPU uses the topology-aware order of ``mesh_utils.create_device_mesh``.
+    Explicit ``devices`` are always taken in the order given.
     """
+    from sgpo_jax.distributed import _device_grid
+
+    topology = devices is None
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
@@ -68,7 +78,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Option
             f"make_mesh: data*fsdp*tensor = {sizes[0]}*{sizes[1]}*{sizes[2]} = {int(np.prod(sizes))} "
             f"but there are {len(devices)} devices"
         )
-    grid = np.asarray(devices, dtype=object).reshape(sizes)
+    grid = _device_grid(sizes, devices, topology=topology)
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * 3)
 
 
