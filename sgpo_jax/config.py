@@ -47,6 +47,8 @@ eval.tasks          "heldout" (bundled verifiable-instruction tasks), a task JSO
 eval.limit, eval.max_new_tokens, eval.batch_size   held-out evaluation after every round (greedy)
 mesh.data, mesh.fsdp, mesh.tensor   device mesh sizes (one may be -1)
 checkpoint.every    save every N steps (also at the end and on SIGTERM); checkpoint.keep
+checkpoint.directory  "" = workdir/checkpoints; else a shared path or gs:// URL every host sees
+                    (train.mode=ssapo puts round t's checkpoints under DIRECTORY/round_t)
 export              write the final policy as a Hugging Face checkpoint (workdir/export)
 """
 
@@ -84,7 +86,7 @@ def base_config() -> ConfigDict:
     ))
     c.eval = ConfigDict(dict(tasks="heldout", limit=0, max_new_tokens=128, batch_size=16))
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.checkpoint = ConfigDict(dict(every=200, keep=3))
+    c.checkpoint = ConfigDict(dict(every=200, keep=3, directory=""))
     c.export = True
     return c
 

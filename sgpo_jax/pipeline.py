@@ -319,9 +319,11 @@ def _plots(directory: Path, rounds: Sequence[Dict[str, Any]], gap_sets: Dict[int
     return written
 
 
-def _round_config(config: ConfigDict, *, epochs: int, learning_rate: float) -> ConfigDict:
+def _round_config(config: ConfigDict, round_index: int, *, epochs: int, learning_rate: float) -> ConfigDict:
     c = ConfigDict(config.to_dict())
     c.train.epochs, c.train.learning_rate, c.train.max_steps = epochs, learning_rate, -1
+    if c.checkpoint.directory:
+        c.checkpoint.directory = f"{c.checkpoint.directory.rstrip('/')}/round_{round_index}"
     return c
 
 
@@ -375,7 +377,7 @@ def run(config: ConfigDict, workdir: Path) -> Dict[str, Any]:
                 if not seed_file.exists():
                     _write_jsonl(seed_file, seed_rows_jsonl(dataset, split))
                 pairs, gaps = load_pairs(round_data, tokenizer, str(seed_file))
-                round_config = _round_config(config, epochs=s.seed_epochs,
+                round_config = _round_config(config, 0, epochs=s.seed_epochs,
                                              learning_rate=s.seed_learning_rate or config.train.learning_rate)
                 result = fit(round_config, directory / "train", model=model, params=initial, pairs=pairs, mesh=mesh,
                              mode="dpo", desc="round 0 (seed DPO)")
@@ -386,7 +388,7 @@ def run(config: ConfigDict, workdir: Path) -> Dict[str, Any]:
                 pairs, gaps = load_pairs(round_data, tokenizer, ",".join(sources))
                 gap_sets[t] = gaps[~np.isnan(gaps)]
                 reference = policy if s.reference == "previous" else initial
-                round_config = _round_config(config, epochs=config.train.epochs,
+                round_config = _round_config(config, t, epochs=config.train.epochs,
                                              learning_rate=config.train.learning_rate)
                 result = fit(round_config, directory / "train", model=model, params=policy, pairs=pairs, mesh=mesh,
                              reference_params=reference, gaps=gaps, mode=s.round_mode, desc=f"round {t} (SSAPO)")

@@ -465,7 +465,8 @@ def fit(config: ConfigDict, workdir: str | Path, *, model: Decoder, params: Any,
 
         return _cached_epoch_follower(path, sgpo, margins, sgpo.beta)
 
-    checkpointer = Checkpointer(workdir / "checkpoints", save_every=config.checkpoint.every,
+    directory = config.checkpoint.directory or workdir / "checkpoints"
+    checkpointer = Checkpointer(directory, save_every=config.checkpoint.every,
                                 max_to_keep=config.checkpoint.keep)
     meta = {"data_fingerprint": pairs.fingerprint(), "steps_per_epoch": steps_per_epoch}
     start = 0
@@ -503,7 +504,7 @@ def fit(config: ConfigDict, workdir: str | Path, *, model: Decoder, params: Any,
                         bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
                         raise FloatingPointError(
                             f"non-finite {', '.join(bad)} at step {step} (epoch {epoch}); the run stopped and the "
-                            f"last good checkpoint in {workdir / 'checkpoints'} is kept (step "
+                            f"last good checkpoint in {directory} is kept (step "
                             f"{checkpointer.latest_step()}); lower train.learning_rate or check the data"
                         )
                     tokens = int(np.sum(batch["chosen_attention"]) + np.sum(batch["rejected_attention"]))

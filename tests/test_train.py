@@ -182,3 +182,14 @@ def test_data_limit_uses_the_first_pairs_only(tokenizer_dir, data_file, tmp_path
     assert summary["total_steps"] == 2  # 16 pairs / 8 per step
     with pytest.raises(ValueError, match="data.limit must be >= 0"):
         train_lib.train(tiny(tokenizer_dir, data_file, data__limit=-1), tmp_path / "bad")
+
+
+def test_checkpoints_go_to_checkpoint_directory_and_resume_from_there(tokenizer_dir, data_file, tmp_path):
+    shared = tmp_path / "shared" / "run1"
+    config = tiny(tokenizer_dir, data_file, train__max_steps=2, checkpoint__directory=str(shared), export=False)
+    train_lib.train(config, tmp_path / "work")
+    assert not (tmp_path / "work" / "checkpoints").exists()
+    assert sorted(p.name for p in shared.iterdir() if p.name.isdigit()) == ["2"]
+    config.train.max_steps = 3
+    summary = train_lib.train(config, tmp_path / "work")
+    assert summary["step"] == 3 and [m["step"] for m in read_metrics(tmp_path / "work")] == [1, 2, 3]
