@@ -147,9 +147,8 @@ def make_split(config: ConfigDict, dataset, usable_rows: np.ndarray, model: Deco
     pool_prompts = _pool_prompts(config)
     embeddings = None
     if s.seed_selection != "random":
-        texts = [_single_user_prompt(dataset[int(r)]["prompt"]) or str(dataset[int(r)]["prompt"])
-                 for r in usable_rows]
-        ids, mask = encode_prompts(tokenizer, texts, max_prompt_length=config.data.max_prompt_length)
+        conversations = [dataset[int(r)]["prompt"] for r in usable_rows]
+        ids, mask = encode_prompts(tokenizer, conversations, max_prompt_length=config.data.max_prompt_length)
         embeddings = split_lib.last_token_hidden(model, params, ids, mask, batch_size=config.train.reference_batch_size)
     seed_pools = () if pool_prompts is not None else tuple(s.pool_sizes)
     seed_idx, pools, _ = split_lib.split_prompts(len(usable_rows), s.seed_size, seed_pools, seed=seed,

@@ -154,3 +154,26 @@ def test_ssapo_settings_are_validated(files, tmp_path):
         train_lib.train(config, tmp_path)
     for field in ("ssapo.seed_selection", "ssapo.num_samples", "ssapo.reference"):
         assert field in str(err.value)
+
+
+def test_farthest_point_seed_selection_uses_the_initial_models_prompt_states(files):
+    """fps seeds: the max-min farthest points of the prompts' last-token hidden states, computed
+    here independently in NumPy (cosine distance, start at the split's first permuted row)."""
+    from sgpo_jax.data import split as split_lib
+    from sgpo_jax.data.tokenize import encode_prompts
+
+    config = ssapo_config(files, ssapo__seed_selection="fps", ssapo__seed_size=6)
+    cfg, params, tokenizer = train_lib.load_model(config.model)
+    model = train_lib.Decoder(cfg)
+    dataset = load_preferences(files["data"])
+    split = pipeline.make_split(config, dataset, np.arange(len(dataset)), model, params, tokenizer)
+    ids, mask = encode_prompts(tokenizer, dataset["prompt"], max_prompt_length=config.data.max_prompt_length)
+    hidden = np.asarray(model.apply(params, ids, mask, return_hidden=True), np.float64)
+    last = hidden[:, -1]  # left padding: every row's last real token is the last column
+    unit = last / np.linalg.norm(last, axis=1, keepdims=True)
+    random_seed = split_lib.split_prompts(len(dataset), 6, (), seed=config.train.seed)[0]
+    chosen = [int(random_seed[0])]
+    while len(chosen) < 6:
+        distance = 1 - unit @ unit[chosen].T
+        chosen.append(int(np.argmax(distance.min(axis=1))))
+    assert split["seed_rows"] == chosen
