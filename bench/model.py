@@ -51,6 +51,8 @@ idle machine to give torch its spin-waiting.
 The default config is the project's benchmark config: Llama, vocab 32000, hidden 256,
 intermediate 688, 4 layers, 8 heads, 4 KV heads, RoPE theta 1e4, float32, random init (our
 initializer, std 0.02, copied into torch via ``params_to_hf_state_dict``); batch 8, sequence 256.
+Our decoder uses its causal query-block attention (``DecoderConfig.attention_block``, the
+library default unless ``--attention-block`` is given; 0 scores every key).
 
 Run from the repository root: ``python bench/model.py`` (``--help`` for the options).
 """
@@ -80,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--chunk-size", type=int, default=None,
                    help="sequence positions per head chunk (default: sgpo_jax.models.DEFAULT_CHUNK_SIZE)")
+    p.add_argument("--attention-block", type=int, default=None,
+                   help="DecoderConfig.attention_block of our model (default: the library's; 0 disables)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each implementation")
     p.add_argument("--iters", type=int, default=7, help="timed steps of each implementation (median reported)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads and XLA CPU threads")
@@ -191,7 +195,8 @@ def rss_peak(step, repeats=2):
 
 def main(args):
     chunk = args.chunk_size or DEFAULT_CHUNK_SIZE
-    cfg = model_config(args, args.seq)
+    cfg = model_config(args, args.seq, **({} if args.attention_block is None else
+                                          dict(attention_block=args.attention_block)))
     model = Decoder(cfg)
     b, t = args.batch, args.seq
     tokens = b * t
@@ -265,7 +270,8 @@ def main(args):
             rope_parameters=dict(rope_type="default", rope_theta=cfg.rope_theta),
             max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
             attn_implementation=args.attn)
-        assert DecoderConfig.from_hf(hf_config) == cfg, "the transformers config does not round-trip"
+        assert DecoderConfig.from_hf(hf_config, attention_block=cfg.attention_block) == cfg, \
+            "the transformers config does not round-trip"
         torch_model = transformers.LlamaForCausalLM(hf_config).float().train()
         state = {k: torch.from_numpy(v) for k, v in params_to_hf_state_dict(params, cfg).items()}
         torch_model.load_state_dict(state, strict=True)

@@ -20,13 +20,14 @@ Methods (every one does clip-by-global-norm 1.0 and AdamW, lr 1e-6, betas (0.9, 
 
   - ``logits``: the default path, ``losses.sequence_logps(model.apply(...))`` (full
     ``[2B, T, V]`` logits);
-  - ``chunked``: ``logps_fn=decoder_logps_fn(model, chunk_size=--chunk-size)``;
-  - ``resp-chunked`` / ``resp-logits``: a ``logps_fn`` defined here from the library's public
-    pieces that scores only response positions: the decoder's final hidden states are sliced to
-    positions ``[prompt - 1, T - 1)`` (those predicting response tokens) before the head, then
-    ``chunked_sequence_logps`` (``--resp-chunk-size``) or a plain ``sequence_logps`` on the
-    ``[2B, response, V]`` logits. Exact here because the prompt length is static and the loss
-    mask is 0 on the prompt (checked).
+  - ``chunked``: ``logps_fn=decoder_logps_fn(model, chunk_size=--chunk-size)`` (the head on all
+    positions);
+  - ``resp-chunked``: ``logps_fn=decoder_logps_fn(model, chunk_size=--resp-chunk-size,
+    response_length=--response)``: the head only on a window of ``response + 1`` positions per
+    row, starting one before the first scored token (the library's response window).
+
+  The decoder runs its causal query-block attention (``DecoderConfig.attention_block``,
+  ``--attention-block``; the library default unless given).
 
   Each variant runs two ways: **(i) cached**: the batch carries reference log-probs computed
   once before timing (the pipeline's design: they are precomputed per round and cached);
@@ -58,17 +59,13 @@ agree (rtol 1e-4); every step's loss is finite.
 
 Diagnostics (default on; ``--no-diagnostics`` skips them), for ``--diag-variant``:
 
-* ``diag: ... mode=dpo``: the library step without the follower (one policy forward);
-* ``prototype: ... single-forward sgpo step``: a bench-local step (not the library) with the
-  in-step follower and exactly the library's update, but ONE policy forward (``jax.vjp`` of the
-  policy log-probs, follower on their stop-gradient margins, the leader loss's gradient pulled
-  back through the VJP); the library's ``sgpo_step`` runs the policy forward twice (a
-  stop-gradient pass for the follower's margins, then ``value_and_grad``);
-* ``... + blocked attention``: the same with ``sgpo_jax.models.llama.Attention`` replaced, while
-  the prototype is traced, by a bench-local causal query-block attention (same parameters,
-  same outputs on real tokens up to rounding; checked);
+* ``diag: ... mode=dpo``: the library step without the follower (one policy forward), the floor
+  for the SGPO step, which also runs the policy forward once (``sgpo_step`` with one micro-batch:
+  ``jax.vjp`` of the policy log-probs, the follower on their stop-gradient margins, the leader
+  loss's gradient pulled back through the VJP);
 * a table of the parts of a step, ours vs torch (policy forward, forward+backward, decoder body
-  with either attention, head on the response positions, follower, optimizer update).
+  with the configured query blocks and with ``attention_block=0``, head on the response
+  positions, follower, optimizer update).
 
 Threads: ``torch.set_num_threads(--threads)`` (one inter-op thread); ``OMP/MKL/OPENBLAS_NUM_THREADS``
 set before torch is imported; XLA CPU with ``--xla_cpu_multi_thread_eigen=true``. XLA:CPU has no
@@ -92,7 +89,7 @@ from pathlib import Path
 
 from benchmark_model import add_model_args, model_config
 
-OURS_VARIANTS = ("logits", "chunked", "resp-chunked", "resp-logits")
+OURS_VARIANTS = ("logits", "chunked", "resp-chunked")
 DEFAULT_OURS = ["logits", "chunked", "resp-chunked"]
 TRL_CONFIGS = ("ref", "precompute", "ref-gc")
 TORCH_VARIANTS = ("full", "resp")
@@ -123,7 +120,7 @@ def parse_args(argv=None):
     g.add_argument("--chunk-size", type=int, default=None,
                    help="decoder_logps_fn chunk (default: sgpo_jax.models.DEFAULT_CHUNK_SIZE)")
     g.add_argument("--resp-chunk-size", type=int, default=None,
-                   help="chunk of the response-only chunked variant (default: --chunk-size)")
+                   help="chunk of the response-window variant (default: --chunk-size)")
     g.add_argument("--epsilon", type=float, default=0.01)
     g.add_argument("--tangents", type=int, default=6)
     g.add_argument("--beta", type=float, default=0.1)
@@ -135,9 +132,10 @@ def parse_args(argv=None):
     g.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="transformers attn_implementation")
     g.add_argument("--diag-variant", choices=OURS_VARIANTS, default="resp-chunked",
                    help="ours variant the diagnostics rows use (the first of --ours if not listed there)")
-    g.add_argument("--attn-block", type=int, default=64, help="query block of the blocked-attention prototype")
+    g.add_argument("--attention-block", type=int, default=None,
+                   help="DecoderConfig.attention_block of our model (default: the library's; 0 disables)")
     g.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
-                   help="skip the diagnostics (dpo-mode and prototype rows, parts table), which run unless given")
+                   help="skip the diagnostics (dpo-mode row, parts table), which run unless given")
     g = p.add_argument_group("timing")
     g.add_argument("--warmup", type=int, default=1,
                    help="untimed steps per method and round (after compilation, which is never timed)")
@@ -179,7 +177,6 @@ from sgpo_jax.models import (  # noqa: E402
     DecoderConfig,
     chunked_sequence_logps,
     decoder_logps_fn,
-    output_head,
     params_to_hf_state_dict,
 )
 from sgpo_jax.step import PreferenceBatch, SGPOConfig, TrainState, sgpo_step  # noqa: E402
@@ -216,39 +213,14 @@ def batch_slices(args):
 # ----------------------------------------------------------------------------------------------
 
 
-def resp_logps_fn(model, prompt_len, *, chunk_size=None):
-    """``logps_fn`` scoring only positions ``>= prompt_len`` (static): hidden states sliced before the head.
-
-    ``chunk_size=None``: full logits of the response positions and ``losses.sequence_logps``;
-    else ``chunked_sequence_logps`` with that chunk. Equals ``decoder_logps_fn`` whenever the
-    loss mask is 0 on positions ``< prompt_len``.
-    """
-    cfg = model.cfg
-    start = prompt_len - 1  # hidden[start] predicts token prompt_len, the first response token
-
-    def logps_fn(params, input_ids, attention_mask, loss_mask):
-        variables = params if set(params) == {"params"} else {"params": params}
-        hidden = model.apply(variables, input_ids, attention_mask, return_hidden=True)[:, start:]
-        head = output_head(variables, cfg).astype(cfg.dtype)
-        ids, mask = input_ids[:, start:], loss_mask[:, start:]
-        if chunk_size is None:
-            logits = hidden @ (head.T if cfg.tie_word_embeddings else head)
-            return losses_lib.sequence_logps(logits, ids, mask)
-        return chunked_sequence_logps(hidden, head, ids, mask, chunk_size=chunk_size, tied=cfg.tie_word_embeddings)
-
-    return logps_fn
-
-
 def ours_logps_fns(model, args, chunk, resp_chunk):
+    """``{variant: (logps_fn for TrainState or None, the function computing the log-probs)}``."""
     def logits_path(params, ids, att, mask):
         return losses_lib.sequence_logps(model.apply(params, ids, att), ids, mask)
 
-    return {
-        "logits": (None, logits_path),
-        "chunked": (decoder_logps_fn(model, chunk_size=chunk), None),
-        "resp-chunked": (resp_logps_fn(model, args.prompt, chunk_size=resp_chunk), None),
-        "resp-logits": (resp_logps_fn(model, args.prompt, chunk_size=None), None),
-    }
+    chunked = decoder_logps_fn(model, chunk_size=chunk)
+    resp = decoder_logps_fn(model, chunk_size=resp_chunk, response_length=args.response)
+    return {"logits": (None, logits_path), "chunked": (chunked, chunked), "resp-chunked": (resp, resp)}
 
 
 def make_tx(args):
@@ -256,107 +228,11 @@ def make_tx(args):
                        optax.adamw(args.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0))
 
 
-def single_forward_sgpo_step(state, batch):
-    """Prototype (bench-local, not the library): ``sgpo_step`` for ``micro_batches=1`` with the
-    in-step follower, but with ONE policy forward: ``jax.vjp`` of the policy log-probs, the
-    follower on their stop-gradient margins, the leader loss's gradient w.r.t. the log-probs
-    pulled back through the VJP. Same update as ``sgpo_step`` (the loss depends on the params
-    only through the log-probs)."""
-    from sgpo_jax.step import _in_step_follower, _policy_logps  # private: prototype only
-
-    config = state.config
-    assert config.mode == "sgpo" and config.micro_batches == 1 and config.space == "probability"
-    (pc, pr), pullback = jax.vjp(lambda p: _policy_logps(state, p, batch), state.params)
-    margins = (pc - batch.ref_chosen_logps) - (pr - batch.ref_rejected_logps)
-    centers = losses_lib.preference_centers(jax.lax.stop_gradient(margins), beta=config.beta, space=config.space)
-    shift, mass, support, extra = _in_step_follower(config, centers, batch.weight)
-
-    def numerator(pc, pr):
-        terms, metrics = losses_lib.sgpo_loss(
-            pc, pr, batch.ref_chosen_logps, batch.ref_rejected_logps, shift, mass * batch.weight[:, None],
-            beta=config.beta, space=config.space, loss=config.leader_loss or config.loss,
-            num_tangents=config.num_tangents, support=support, p_min=config.p_min)
-        return terms.total, (terms.mass, metrics)
-
-    (total, (total_mass, metrics)), cotangents = jax.value_and_grad(numerator, argnums=(0, 1), has_aux=True)(pc, pr)
-    (grads,) = pullback(cotangents)
-    total_mass = jnp.maximum(total_mass, jnp.finfo(total_mass.dtype).tiny)
-    grads = jax.tree.map(lambda g: g / total_mass.astype(g.dtype), grads)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    rng, _ = jax.random.split(state.rng)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state, rng=rng)
-    return new_state, {"loss": total / total_mass, **metrics, **extra}
-
-
-def blocked_attention_class(block):
-    """Prototype (bench-local, not the library): ``sgpo_jax.models.llama.Attention`` with the same
-    parameters and math, but causal query blocks: queries ``[lo, hi)`` score only keys ``[0, hi)``
-    (the keys every one of them may attend), as 3-D batched matmuls ``[B*K, G*block, D] x [B*K, D, hi]``.
-    Real tokens' outputs are identical (the dropped keys are all masked for these queries); only
-    fully-masked padding queries differ (uniform over fewer keys). Training forward only (no KV
-    cache, no sliding window)."""
-    import flax.linen as nn
-
-    from sgpo_jax.models import llama
-
-    class Attention(nn.Module):
-        cfg: DecoderConfig
-
-        @nn.compact
-        def __call__(self, x, layer_cache, cos, sin, mask, cache_index):
-            cfg = self.cfg
-            if layer_cache is not None or cfg.sliding_window is not None:
-                raise NotImplementedError("blocked-attention prototype: training forward only")
-            b, t, _ = x.shape
-            kh, g, d = cfg.num_key_value_heads, cfg.num_groups, cfg.head_dim
-            x2 = x.reshape(b * t, x.shape[-1])
-            q = llama._dense(cfg, kh * g * d, "q_proj", cfg.attention_bias)(x2).reshape(b, t, kh, g, d)
-            k = llama._dense(cfg, kh * d, "k_proj", cfg.attention_bias)(x2).reshape(b, t, kh, d)
-            v = llama._dense(cfg, kh * d, "v_proj", cfg.attention_bias)(x2).reshape(b, t, kh, d)
-            q = q * cos[:, :, None, None] + llama._rotate_half(q) * sin[:, :, None, None]
-            k = k * cos[:, :, None] + llama._rotate_half(k) * sin[:, :, None]
-            qq = q.transpose(0, 2, 3, 1, 4)  # [b, kh, g, t, d]
-            kk = k.transpose(0, 2, 1, 3).reshape(b * kh, t, d)
-            vv = v.transpose(0, 2, 1, 3).reshape(b * kh, t, d)
-            outs = []
-            for lo in range(0, t, block):
-                hi = min(lo + block, t)
-                c = hi - lo
-                qb = qq[:, :, :, lo:hi].reshape(b * kh, g * c, d)
-                scores = (jnp.matmul(qb, kk[:, :hi].transpose(0, 2, 1)) * d ** -0.5).astype(jnp.float32)
-                scores = scores.reshape(b, kh, g, c, hi)
-                scores = jnp.where(mask[:, None, None, lo:hi, :hi], scores, jnp.finfo(jnp.float32).min)
-                probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype).reshape(b * kh, g * c, hi)
-                outs.append(jnp.matmul(probs, vv[:, :hi]).reshape(b, kh, g, c, d))
-            out = jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b * t, kh * g * d)
-            return llama._dense(cfg, cfg.hidden_size, "o_proj")(out).reshape(b, t, cfg.hidden_size), layer_cache
-
-    return Attention
-
-
-class patched_attention:
-    """Context manager: ``sgpo_jax.models.llama.Attention`` replaced while the prototype traces."""
-
-    def __init__(self, cls):
-        self.cls = cls
-
-    def __enter__(self):
-        from sgpo_jax.models import llama
-
-        self.orig, llama.Attention = llama.Attention, self.cls
-
-    def __exit__(self, *exc):
-        from sgpo_jax.models import llama
-
-        llama.Attention = self.orig
-
-
 class OursMethod:
     """A jitted, donated train step on a fresh copy of the initial params; ``run(n)`` -> step times."""
 
     def __init__(self, name, *, model, params, ref_params, batches, config, tx, apply_fn, logps_fn,
-                 ref_logps, ref_in_step, step_fn=sgpo_step):
+                 ref_logps, ref_in_step):
         self.name = name
         self.batches = batches
         self.ref_params = ref_params
@@ -364,7 +240,7 @@ class OursMethod:
         self.ref_logps = jax.jit(ref_logps)
         self.state = TrainState.create(apply_fn=apply_fn, params=jax.tree.map(jnp.copy, params), tx=tx,
                                        config=config, rng=jax.random.PRNGKey(0), logps_fn=logps_fn)
-        self.step = jax.jit(step_fn, donate_argnums=0)
+        self.step = jax.jit(sgpo_step, donate_argnums=0)
         self.i = 0
         self.losses = []
         t0 = time.perf_counter()
@@ -413,7 +289,8 @@ def torch_models(args, cfg, params, attn):
         rope_parameters=dict(rope_type="default", rope_theta=cfg.rope_theta),
         max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=EOS_ID, pad_token_id=PAD_ID, attn_implementation=attn)
-    assert DecoderConfig.from_hf(hf_config) == cfg, "the transformers config does not round-trip"
+    assert DecoderConfig.from_hf(hf_config, attention_block=cfg.attention_block) == cfg, \
+        "the transformers config does not round-trip"
     state = {k: torch.from_numpy(v) for k, v in params_to_hf_state_dict(params, cfg).items()}
 
     def build(train):
@@ -591,7 +468,7 @@ def main(args):
     resp_chunk = args.resp_chunk_size or chunk
     t = args.prompt + args.response
     tokens = args.pairs * 2 * t
-    cfg = model_config(args, t)
+    cfg = model_config(args, t, **({} if args.attention_block is None else dict(attention_block=args.attention_block)))
     model = Decoder(cfg)
     params = jax.jit(model.init)(jax.random.PRNGKey(args.seed), jnp.zeros((1, 2), jnp.int32))
     ref_params = jax.tree.map(jnp.copy, params)  # frozen reference, never donated
@@ -642,8 +519,7 @@ def main(args):
 
     print("setting up ours", flush=True)
     for variant in args.ours:
-        logps_fn, _ = fns[variant]
-        eval_fn = logps_fn or fns["logits"][1]
+        logps_fn, eval_fn = fns[variant]
         for ref_in_step in (False, True):
             name = f"ours {variant}, " + ("ref fwd" if ref_in_step else "cached ref")
             add(name, lambda: OursMethod(name, model=model, params=params, ref_params=ref_params, batches=cached,
@@ -655,9 +531,9 @@ def main(args):
     agreement = {}
     b0 = cached[0]
     for variant in args.ours:
-        fn = fns[variant][0] or fns["logits"][1]
-        rc, rr = jax.jit(pair_logps(fn))(ref_params, b0.chosen_ids, b0.chosen_attention, b0.chosen_loss_mask,
-                                         b0.rejected_ids, b0.rejected_attention, b0.rejected_loss_mask)
+        rc, rr = jax.jit(pair_logps(fns[variant][1]))(ref_params, b0.chosen_ids, b0.chosen_attention,
+                                                       b0.chosen_loss_mask, b0.rejected_ids, b0.rejected_attention,
+                                                       b0.rejected_loss_mask)
         agreement[f"ours {variant}"] = float(jnp.max(jnp.abs(rc - b0.ref_chosen_logps) / jnp.abs(b0.ref_chosen_logps)))
 
     env = {"python": platform.python_version(), "jax": jax.__version__, "cpu_count": os.cpu_count(),
@@ -705,7 +581,7 @@ def main(args):
 
     diag = {}
     if args.diagnostics and args.ours:
-        diag_setup(args, methods, info, add, model, params, ref_params, cached, fns, sgpo, tx, pair_logps, agreement)
+        diag_setup(args, add, model, params, ref_params, cached, fns, sgpo, tx, pair_logps)
 
     # ---- timing: rounds interleaving the methods ------------------------------------------------
     times = {name: [] for name in methods}
@@ -772,49 +648,17 @@ def _best_ours(rows_or_info, methods):
     return cands[0] if cands else None
 
 
-def diag_setup(args, methods, info, add, model, params, ref_params, cached, fns, sgpo, tx, pair_logps,
-               agreement):
-    """Diagnostic rows for ``--diag-variant``: ``mode="dpo"``, and the single-forward SGPO prototype."""
+def diag_setup(args, add, model, params, ref_params, cached, fns, sgpo, tx, pair_logps):
+    """The diagnostic row for ``--diag-variant``: the library step with ``mode="dpo"`` (no follower)."""
     import dataclasses
 
     variant = args.diag_variant if args.diag_variant in args.ours else args.ours[0]
-    logps_fn = fns[variant][0]
-    eval_fn = logps_fn or fns["logits"][1]
-    dpo = dataclasses.replace(sgpo, mode="dpo")
+    logps_fn, eval_fn = fns[variant]
     name = f"diag: ours {variant}, mode=dpo (no follower, one forward), cached ref"
     add(name, lambda: OursMethod(name, model=model, params=params, ref_params=ref_params, batches=cached,
-                                 config=dpo, tx=tx, apply_fn=model.apply, logps_fn=logps_fn,
-                                 ref_logps=pair_logps(eval_fn), ref_in_step=False),
+                                 config=dataclasses.replace(sgpo, mode="dpo"), tx=tx, apply_fn=model.apply,
+                                 logps_fn=logps_fn, ref_logps=pair_logps(eval_fn), ref_in_step=False),
         kind="diag", variant=variant, ref="cached")
-    for ref_in_step in (False, True):
-        name = f"prototype: ours {variant}, single-forward sgpo step, " + ("ref fwd" if ref_in_step else "cached ref")
-        add(name, lambda: OursMethod(name, model=model, params=params, ref_params=ref_params, batches=cached,
-                                     config=sgpo, tx=tx, apply_fn=model.apply, logps_fn=logps_fn,
-                                     ref_logps=pair_logps(eval_fn), ref_in_step=ref_in_step,
-                                     step_fn=single_forward_sgpo_step),
-            kind="prototype", variant=variant, ref="in step" if ref_in_step else "cached")
-    if variant == "logits":
-        return
-    blocked = blocked_attention_class(args.attn_block)
-    for ref_in_step in (False, True):
-        # fresh log-prob closures, so no trace cached for the unpatched model is reused
-        fresh = ours_logps_fns(model, args, args.chunk_size or DEFAULT_CHUNK_SIZE,
-                               args.resp_chunk_size or args.chunk_size or DEFAULT_CHUNK_SIZE)[variant][0]
-        name = (f"prototype: ours {variant}, single-forward sgpo step + blocked attention ({args.attn_block}), "
-                + ("ref fwd" if ref_in_step else "cached ref"))
-        with patched_attention(blocked):
-            if not ref_in_step:  # the prototype's log-probs vs the definition (and proof the patch is traced)
-                b0 = cached[0]
-                rc, _ = jax.jit(pair_logps(fresh))(ref_params, b0.chosen_ids, b0.chosen_attention,
-                                                   b0.chosen_loss_mask, b0.rejected_ids, b0.rejected_attention,
-                                                   b0.rejected_loss_mask)
-                agreement["prototype blocked attention"] = float(
-                    jnp.max(jnp.abs(rc - b0.ref_chosen_logps) / jnp.abs(b0.ref_chosen_logps)))
-            add(name, lambda: OursMethod(name, model=model, params=params, ref_params=ref_params, batches=cached,
-                                         config=sgpo, tx=tx, apply_fn=model.apply, logps_fn=fresh,
-                                         ref_logps=pair_logps(fresh), ref_in_step=ref_in_step,
-                                         step_fn=single_forward_sgpo_step),
-                kind="prototype", variant=variant, ref="in step" if ref_in_step else "cached")
 
 
 def _time(fn, *a, n=5):
@@ -834,17 +678,20 @@ def diag_breakdown(args, methods, rows, model, params, ref_params, cached, fns, 
     ``ours``: the fastest cached-ref library variant's policy forward and forward+backward (loss:
     sum of the log-probs), the follower (``B`` centers), the optax update; the decoder body
     (embedding to final norm) forward and forward+backward (loss ``<hidden, R>``, ``R`` fixed),
-    with the library's attention and with the blocked-attention prototype; the head alone on the
-    response positions (``chunked_sequence_logps`` value+grad w.r.t. hidden states and kernel).
+    with the model's query blocks (``attention_block``) and unblocked (``attention_block=0``); the
+    head alone on the response positions (``chunked_sequence_logps`` value+grad w.r.t. hidden
+    states and kernel).
     ``torch``: the same parts of the hand-written resp-only step (``policy.model``, ``lm_head`` +
     ``log_softmax`` + ``gather``, the fused AdamW step)."""
+    import dataclasses
+
     from sgpo_jax import follower as follower_lib
 
     best = _best_ours(rows, methods)
     if best is None:
         return {}
     variant = rows[best]["variant"]
-    fn = fns[variant][0] or fns["logits"][1]
+    fn = fns[variant][1]
     b = cached[0]
     ids = jnp.concatenate([b.chosen_ids, b.rejected_ids])
     att = jnp.concatenate([b.chosen_attention, b.rejected_attention])
@@ -854,15 +701,13 @@ def diag_breakdown(args, methods, rows, model, params, ref_params, cached, fns, 
     xi = jax.nn.sigmoid(jnp.linspace(-1.0, 1.0, args.pairs))
     opt_state = tx.init(params)
 
-    def body_fns():
-        fwd = jax.jit(lambda p: model.apply(p, ids, att, return_hidden=True))
-        fb = jax.jit(jax.grad(lambda p: jnp.vdot(model.apply(p, ids, att, return_hidden=True), cot)))
+    def body_fns(m):
+        fwd = jax.jit(lambda p: m.apply(p, ids, att, return_hidden=True))
+        fb = jax.jit(jax.grad(lambda p: jnp.vdot(m.apply(p, ids, att, return_hidden=True), cot)))
         return fwd, fb
 
-    body_fwd, body_fb = body_fns()
-    with patched_attention(blocked_attention_class(args.attn_block)):
-        blocked_fwd, blocked_fb = body_fns()
-        blocked_fwd.lower(params).compile(), blocked_fb.lower(params).compile()  # trace while patched
+    body_fwd, body_fb = body_fns(model)
+    unblocked_fwd, unblocked_fb = body_fns(Decoder(dataclasses.replace(model.cfg, attention_block=0)))
     hidden = body_fwd(params)[:, start:]
     head = params["params"]["lm_head"]["kernel"]
     head_vg = jax.jit(jax.value_and_grad(
@@ -879,8 +724,8 @@ def diag_breakdown(args, methods, rows, model, params, ref_params, cached, fns, 
                                   params, opt_state, params),
         "body forward": _time(body_fwd, params),
         "body forward+backward": _time(body_fb, params),
-        "body forward, blocked-attention prototype": _time(blocked_fwd, params),
-        "body forward+backward, blocked-attention prototype": _time(blocked_fb, params),
+        "body forward, attention_block=0 (unblocked)": _time(unblocked_fwd, params),
+        "body forward+backward, attention_block=0 (unblocked)": _time(unblocked_fb, params),
         "head on response positions, forward+backward": _time(head_vg, hidden, head),
     }
     out = {"variant": best, "step_s": rows[best]["step_s"], "ours_s": ours, "torch_s": {}}
@@ -935,7 +780,8 @@ def diag_breakdown(args, methods, rows, model, params, ref_params, cached, fns, 
 
 
 def targets(rows):
-    """Ratios of the best library ``ours`` row (and of the bench-local prototype) to TRL and torch."""
+    """Ratios of the best library ``ours`` row (cached reference log-probs, and reference forward in
+    the step) to TRL and torch."""
     def best(kind, ref=None):
         c = {n: r for n, r in rows.items() if r.get("kind") == kind and (ref is None or r["ref"] == ref)}
         return max(c.items(), key=lambda kv: kv[1]["tokens_per_s"]) if c else (None, None)
@@ -944,23 +790,22 @@ def targets(rows):
     trl_ref = rows.get("TRL DPOTrainer (ref)")
     trl_pre = rows.get("TRL DPOTrainer (precompute)")
     torch_name, torch_row = best("torch")
-    for kind in ("ours", "prototype"):
-        for ref, label in (("cached", "i"), ("in step", "ii")):
-            name, row = best(kind, ref)
-            if row is None:
-                continue
-            entry = {"row": name, "tokens_per_s": row["tokens_per_s"]}
-            if trl_ref:
-                entry["vs_trl_ref"] = row["tokens_per_s"] / trl_ref["tokens_per_s"]
-                entry["trl_ref_target_3x"] = entry["vs_trl_ref"] >= 3.0
-            if trl_pre:
-                entry["vs_trl_precompute"] = row["tokens_per_s"] / trl_pre["tokens_per_s"]
-                entry["trl_precompute_target_3x"] = entry["vs_trl_precompute"] >= 3.0
-            if torch_row:
-                entry["vs_best_torch"] = row["tokens_per_s"] / torch_row["tokens_per_s"]
-                entry["best_torch_row"] = torch_name
-                entry["torch_target_1.2x"] = entry["vs_best_torch"] >= 1.2
-            out[f"{kind} ({label})"] = entry
+    for ref, label in (("cached", "i"), ("in step", "ii")):
+        name, row = best("ours", ref)
+        if row is None:
+            continue
+        entry = {"row": name, "tokens_per_s": row["tokens_per_s"]}
+        if trl_ref:
+            entry["vs_trl_ref"] = row["tokens_per_s"] / trl_ref["tokens_per_s"]
+            entry["trl_ref_target_3x"] = entry["vs_trl_ref"] >= 3.0
+        if trl_pre:
+            entry["vs_trl_precompute"] = row["tokens_per_s"] / trl_pre["tokens_per_s"]
+            entry["trl_precompute_target_3x"] = entry["vs_trl_precompute"] >= 3.0
+        if torch_row:
+            entry["vs_best_torch"] = row["tokens_per_s"] / torch_row["tokens_per_s"]
+            entry["best_torch_row"] = torch_name
+            entry["torch_target_1.2x"] = entry["vs_best_torch"] >= 1.2
+        out[f"ours ({label})"] = entry
     return out
 
 

@@ -43,11 +43,12 @@ samples are a deterministic function of ``rng`` (and independent of how the batc
 and differ between rows and samples.
 
 **Memory.** The cache holds ``2 * L * N * S * K * D`` elements of the compute dtype (``L``
-layers, ``K`` key/value heads of width ``D``), ``n`` times that of one sample per prompt (the
-``B``-row prefill cache it is repeated from is freed after the repeat); the decode loop also
-keeps ``[N, V]`` float32 logits and ``[N, max_new_tokens]`` int32 tokens. For
-the 135M-parameter SmolLM2 (``L = 30, K = 3, D = 64``, float32) that is 46 KB per row and slot:
-64 prompts x 8 samples x 512 slots take 12 GB.
+layers, ``K`` key/value heads of width ``D``; one ``[N, K, S, D]`` buffer per layer for k and
+for v, updated in place by each step, or stacked ``[L, ...]`` with ``scan_layers``), ``n`` times
+that of one sample per prompt (the ``B``-row prefill cache it is repeated from is freed after
+the repeat); the decode loop also keeps ``[N, V]`` float32 logits and ``[N, max_new_tokens]``
+int32 tokens. For the 135M-parameter SmolLM2 (``L = 30, K = 3, D = 64``, float32) that is 46 KB
+per row and slot: 64 prompts x 8 samples x 512 slots take 12 GB.
 
 **Sharding.** :func:`generate` is one ``jax.jit`` that follows the shardings of its inputs:
 with params placed by :func:`sgpo_jax.sharding.shard_params` and the prompts by
@@ -74,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from sgpo_jax.models.llama import Decoder, KVCache, output_head
+from sgpo_jax.models.llama import Decoder, output_head
 
 Array = jax.Array
 
@@ -189,15 +190,6 @@ def _last_logits(model: Decoder, params: Any, hidden: Array) -> Array:
     return last @ head.T if cfg.tie_word_embeddings else last @ head
 
 
-def _repeat_rows(cache: KVCache, logits: Array, n: int) -> Tuple[KVCache, Array]:
-    """Each batch row of ``cache`` and ``logits [B, V]`` repeated ``n`` times (row ``b`` -> rows ``b*n .. b*n+n-1``)."""
-    if n == 1:
-        return cache, logits
-    return (KVCache(k=jnp.repeat(cache.k, n, axis=1), v=jnp.repeat(cache.v, n, axis=1),
-                    mask=jnp.repeat(cache.mask, n, axis=0), index=cache.index),
-            jnp.repeat(logits, n, axis=0))
-
-
 @functools.partial(jax.jit, static_argnames=("model", "settings"))
 def _generate(model: Decoder, settings: _Settings, params: Any, prompt_ids: Array, prompt_mask: Array,
               rng: Array, is_eos_token: Array, pad_token_id: Array) -> Tuple[Array, Array, Array]:
@@ -215,7 +207,8 @@ def _generate(model: Decoder, settings: _Settings, params: Any, prompt_ids: Arra
 
     cache = model.init_cache(b, p + s.max_new_tokens - 1)
     hidden, cache = model.apply(params, prompt_ids, prompt_mask, cache=cache, return_hidden=True)
-    cache, logits = _repeat_rows(cache, _last_logits(model, params, hidden), s.num_samples)
+    cache = cache.repeat_rows(s.num_samples)  # per-layer buffers or one stacked array alike
+    logits = jnp.repeat(_last_logits(model, params, hidden), s.num_samples, axis=0)
 
     token = draw(logits, jnp.int32(0))
     tokens = jnp.full((n_rows, s.max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)

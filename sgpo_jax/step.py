@@ -188,12 +188,16 @@ def _policy_logps(state: "TrainState", params, batch: PreferenceBatch) -> Tuple[
     return logps[:b], logps[b:]
 
 
-def _in_step_follower(config: SGPOConfig, centers: Array, weight: Array):
-    """Exact follower on the batch; returns (atom_shift, atom_mass, support, metrics)."""
+def _in_step_follower(config: SGPOConfig, batch: PreferenceBatch, pc: Array, pr: Array):
+    """Exact follower on the batch's centers from the policy log-probs ``pc, pr [B]`` (held
+    constant); returns ``(batch with atom_shift/atom_mass, support, metrics)``."""
+    pc, pr = jax.lax.stop_gradient((pc, pr))
+    margins = (pc - batch.ref_chosen_logps) - (pr - batch.ref_rejected_logps)
+    centers = losses.preference_centers(margins, beta=config.beta, space=config.space)
     if config.space == "probability":
         support = config.support
     else:
-        real = weight > 0
+        real = batch.weight > 0
         lo = jnp.min(jnp.where(real, centers, jnp.inf)) - config.window_tau
         hi = jnp.max(jnp.where(real, centers, -jnp.inf)) + config.window_tau
         support = (lo, hi)
@@ -204,7 +208,7 @@ def _in_step_follower(config: SGPOConfig, centers: Array, weight: Array):
         loss=config.loss,
         num_tangents=config.num_tangents,
         support=support,
-        weights=weight,
+        weights=batch.weight,
         variant=config.variant,
     )
     shift, mass = wc.atoms()
@@ -214,7 +218,23 @@ def _in_step_follower(config: SGPOConfig, centers: Array, weight: Array):
         "follower/moved": jnp.sum(wc.weights * wc.moved),
         "follower/transport": wc.transport,
     }
-    return shift, mass, support, metrics
+    return batch.replace(atom_shift=shift, atom_mass=mass), support, metrics
+
+
+def _numerator(config: SGPOConfig, support, pc: Array, pr: Array, mb: PreferenceBatch):
+    """``(sum of mass * loss, (mass, metrics))`` of a (micro-)batch from its policy log-probs ``pc, pr``."""
+    rc, rr = mb.ref_chosen_logps, mb.ref_rejected_logps
+    if config.mode == "dpo":
+        per_pair, metrics = losses.dpo_loss(
+            pc, pr, rc, rr, beta=config.beta, label_smoothing=config.label_smoothing, weights=mb.weight
+        )
+        return jnp.sum(per_pair * mb.weight), (jnp.sum(mb.weight), metrics)
+    terms, metrics = losses.sgpo_loss(
+        pc, pr, rc, rr, mb.atom_shift, mb.atom_mass * mb.weight[:, None],
+        beta=config.beta, space=config.space, loss=config.leader_loss or config.loss,
+        num_tangents=config.num_tangents, support=support, p_min=config.p_min,
+    )
+    return terms.total, (terms.mass, metrics)
 
 
 def _split(tree: Any, parts: int) -> Any:
@@ -227,14 +247,23 @@ _METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/ac
 
 
 def sgpo_step(state: TrainState, batch: PreferenceBatch) -> Tuple[TrainState, Dict[str, Array]]:
-    """One optimizer step over the batch, as ``config.micro_batches`` micro-batches.
+    r"""One optimizer step over the batch, as ``config.micro_batches`` micro-batches.
 
     The loss is ``sum(mass * loss) / sum(mass)`` over the *whole* batch: per micro-batch the
     step accumulates the gradient of the numerator and the mass, then divides, so any number of
     micro-batches gives the same update as one big batch (up to float rounding). The in-step
-    follower also sees the whole batch: with several micro-batches a forward pass computes all
-    margins first. Returns ``(new_state, metrics)``: ``loss``, TRL's ``rewards/*`` and
-    ``logps/*`` (mass-weighted), ``grad_norm``, and ``follower/*`` when the follower runs.
+    follower also sees the whole batch. Returns ``(new_state, metrics)``: ``loss``, TRL's
+    ``rewards/*`` and ``logps/*`` (mass-weighted), ``grad_norm``, and ``follower/*`` when the
+    follower runs.
+
+    With one micro-batch the policy runs forward once: with :math:`\ell = (\ell_c, \ell_r)` the
+    policy log-probs ``[B]`` each and :math:`N(\ell; a)` the loss numerator at atoms :math:`a`,
+    ``(pc, pr), pullback = jax.vjp(policy_logps, params)``, the follower's atoms
+    :math:`a = F(\mathrm{stop\_gradient}(\ell))` (in-step follower only), and
+    :math:`\nabla_\theta N = J_\ell(\theta)^\top \nabla_\ell N(\ell; a)` = ``pullback(grad N(pc, pr))``:
+    the loss depends on the parameters only through :math:`\ell`, the atoms are constants. With
+    several micro-batches and the in-step follower, a forward pass computes all margins first
+    (the follower needs the whole batch), then each micro-batch runs ``value_and_grad``.
     """
     config = state.config
     parts = config.micro_batches
@@ -242,44 +271,40 @@ def sgpo_step(state: TrainState, batch: PreferenceBatch) -> Tuple[TrainState, Di
         raise ValueError(f"batch of {batch.weight.shape[0]} pairs is not divisible into {parts} micro-batches")
     extra: Dict[str, Array] = {}
     support = config.support
-    if config.mode == "sgpo" and batch.atom_shift is None:
-        logps = jax.lax.map(lambda mb: _policy_logps(state, state.params, mb), _split(batch, parts))
-        pc, pr = (jax.lax.stop_gradient(x.reshape(-1)) for x in logps)
-        margins = (pc - batch.ref_chosen_logps) - (pr - batch.ref_rejected_logps)
-        centers = losses.preference_centers(margins, beta=config.beta, space=config.space)
-        shift, mass, support, extra = _in_step_follower(config, centers, batch.weight)
-        batch = batch.replace(atom_shift=shift, atom_mass=mass)
-    elif config.mode == "sgpo" and config.space == "margin":
+    in_step_follower = config.mode == "sgpo" and batch.atom_shift is None
+    if config.mode == "sgpo" and not in_step_follower and config.space == "margin":
         if batch.support is None:
             raise ValueError("margin-space batches with precomputed atoms need batch.support (the window)")
         support = (batch.support[0, 0], batch.support[0, 1])
-
-    def numerator(params, mb: PreferenceBatch):
-        """(sum of mass * loss, (mass, metrics)) of one micro-batch."""
-        pc, pr = _policy_logps(state, params, mb)
-        rc, rr = mb.ref_chosen_logps, mb.ref_rejected_logps
-        if config.mode == "dpo":
-            per_pair, metrics = losses.dpo_loss(
-                pc, pr, rc, rr, beta=config.beta, label_smoothing=config.label_smoothing, weights=mb.weight
-            )
-            return jnp.sum(per_pair * mb.weight), (jnp.sum(mb.weight), metrics)
-        terms, metrics = losses.sgpo_loss(
-            pc, pr, rc, rr, mb.atom_shift, mb.atom_mass * mb.weight[:, None],
-            beta=config.beta, space=config.space, loss=config.leader_loss or config.loss,
-            num_tangents=config.num_tangents, support=support, p_min=config.p_min,
-        )
-        return terms.total, (terms.mass, metrics)
-
-    def accumulate(carry, mb):
-        grads, total, mass, sums = carry
-        (t, (m, metrics)), g = jax.value_and_grad(numerator, has_aux=True)(state.params, mb)
-        t, m = t.astype(zero.dtype), m.astype(zero.dtype)
-        sums = {k: sums[k] + metrics[k].astype(zero.dtype) * m for k in _METRICS}
-        return (jax.tree.map(jnp.add, grads, g), total + t, mass + m, sums), None
-
     zero = jnp.zeros((), jnp.result_type(batch.ref_chosen_logps.dtype, jnp.float32))
-    carry = (jax.tree.map(jnp.zeros_like, state.params), zero, zero, {k: zero for k in _METRICS})
-    (grads, total, mass, sums), _ = jax.lax.scan(accumulate, carry, _split(batch, parts))
+
+    def weighted(t, m, metrics):
+        """The numerator, mass and mass-weighted metrics, in the accumulation dtype."""
+        t, m = t.astype(zero.dtype), m.astype(zero.dtype)
+        return t, m, {k: metrics[k].astype(zero.dtype) * m for k in _METRICS}
+
+    if parts == 1:
+        (pc, pr), pullback = jax.vjp(lambda p: _policy_logps(state, p, batch), state.params)
+        if in_step_follower:
+            batch, support, extra = _in_step_follower(config, batch, pc, pr)
+        (t, (m, metrics)), cotangents = jax.value_and_grad(
+            lambda c, r: _numerator(config, support, c, r, batch), argnums=(0, 1), has_aux=True)(pc, pr)
+        (grads,) = pullback(cotangents)
+        total, mass, sums = weighted(t, m, metrics)
+    else:
+        if in_step_follower:
+            logps = jax.lax.map(lambda mb: _policy_logps(state, state.params, mb), _split(batch, parts))
+            batch, support, extra = _in_step_follower(config, batch, *(x.reshape(-1) for x in logps))
+
+        def accumulate(carry, mb):
+            grads, total, mass, sums = carry
+            (t, (m, metrics)), g = jax.value_and_grad(
+                lambda p: _numerator(config, support, *_policy_logps(state, p, mb), mb), has_aux=True)(state.params)
+            t, m, s = weighted(t, m, metrics)
+            return (jax.tree.map(jnp.add, grads, g), total + t, mass + m, {k: sums[k] + s[k] for k in _METRICS}), None
+
+        carry = (jax.tree.map(jnp.zeros_like, state.params), zero, zero, {k: zero for k in _METRICS})
+        (grads, total, mass, sums), _ = jax.lax.scan(accumulate, carry, _split(batch, parts))
     mass = jnp.maximum(mass, jnp.finfo(mass.dtype).tiny)
     grads = jax.tree.map(lambda g: g / mass.astype(g.dtype), grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)

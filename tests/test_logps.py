@@ -196,6 +196,59 @@ def test_decoder_logps_fn_equals_naive(chunk_size, tied):
     assert_tree_close(params_to_hf_state_dict(grads, cfg), params_to_hf_state_dict(expected_grads, cfg))
 
 
+def left_and_right_padded_batch(vocab, seed=1):
+    """Five rows of T = 12 whose scored spans are at most 8 tokens: prompt 4 + response 8
+    (unpadded); prompt 2 + response 5, right-padded; 3 padding slots, prompt 3 + response 6;
+    prompt 5 + response 7 (its window is clamped to end at T); prompt 7, right-padded, no response."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (5, T)).astype(np.int32)
+    arange = np.arange(T)[None]
+    start = np.array([0, 0, 3, 0, 0])[:, None]  # first real token
+    prompt_end = np.array([4, 2, 6, 5, 7])[:, None]  # first response token
+    end = np.array([12, 7, 12, 12, 7])[:, None]  # one past the last real token
+    attention_mask = ((arange >= start) & (arange < end)).astype(np.int32)
+    loss_mask = ((arange >= prompt_end) & (arange < end)).astype(np.int32)
+    return ids, attention_mask, loss_mask
+
+
+@pytest.mark.parametrize("response_length, tied", [(8, False), (9, True), (7, False), (11, False), (40, True)],
+                         ids=["W8", "W9-tied", "W7-too-short", "W11-full", "W40-full"])
+def test_decoder_logps_fn_response_window_equals_naive(response_length, tied):
+    """Values and gradients equal the full-logits oracle: windows of 8 and 9 tokens cover every
+    row's scored span, 7 does not (the batch is scored on all positions), 11 = T - 1 and 40 are
+    the full computation."""
+    cfg = small_cfg(tie_word_embeddings=tied)
+    model = Decoder(cfg)
+    params = random_params(cfg)
+    ids, attention_mask, loss_mask = left_and_right_padded_batch(cfg.vocab_size)
+    weights = jnp.asarray([1.0, -2.0, 0.5, 1.5, 3.0])
+
+    def value_and_grad(fn):
+        def loss(p):
+            logps = fn(p, ids, attention_mask, loss_mask)
+            return jnp.sum(weights * logps), logps
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (_, logps), grads = value_and_grad(decoder_logps_fn(model, chunk_size=3, response_length=response_length))
+    (_, expected), expected_grads = value_and_grad(lambda p, i, a, m: sequence_logps(model.apply(p, i, a), i, m))
+    assert np.abs(expected).max() > 5.0 and expected[-1] == 0
+    np.testing.assert_allclose(logps, expected, rtol=1e-5)
+    assert_tree_close(params_to_hf_state_dict(grads, cfg), params_to_hf_state_dict(expected_grads, cfg))
+
+
+def test_response_window_starts_and_fit():
+    """Windows start one before the first scored token, clamped to end at T; the fit check."""
+    from sgpo_jax.models.logps import _response_window
+
+    _, _, loss_mask = left_and_right_padded_batch(97)
+    start, fits = _response_window(jnp.asarray(loss_mask), 9)  # 8 scored tokens per window
+    np.testing.assert_array_equal(start, [3, 1, 3, 3, 0])  # row 2: 5, clamped to T - 9 = 3
+    assert bool(fits)
+    assert not bool(_response_window(jnp.asarray(loss_mask), 8)[1])  # row 0 scores 8 tokens
+    with pytest.raises(ValueError, match="response_length"):
+        decoder_logps_fn(Decoder(small_cfg()), response_length=0)
+
+
 def test_decoder_logps_fn_with_scan_remat_and_bfloat16():
     cfg = small_cfg(scan_layers=True, remat=True, tie_word_embeddings=True)
     params = random_params(cfg)

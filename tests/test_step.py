@@ -93,6 +93,52 @@ def test_step_gradient_matches_finite_differences(mode, x64):
         assert _dot(step_grad, direction) == pytest.approx(slope, rel=1e-6, abs=1e-9)
 
 
+def test_single_forward_step_matches_finite_differences_in_probability_space(x64):
+    """The default game (probability space, K = 6 tangents) with an active follower: the one-
+    forward step's gradient equals central differences of the leader objective written here,
+    sum_ij m_ij * max_k tangent_k(sigmoid(beta h_i) - d_ij) / sum m_ij, atoms frozen at the start."""
+    beta, eps, k = 0.7, 0.05, 6
+    config = SGPOConfig(mode="sgpo", beta=beta, epsilon=eps, num_tangents=k)
+    model, state = _state(config, tx=optax.sgd(1.0), dtype=jnp.float64)
+    batch = jax.tree.map(lambda x: x.astype(jnp.float64) if x.dtype == jnp.float32 else x,
+                         random_batch(seed=9, pairs=10, pad_rows=2))
+    weight = np.asarray(batch.weight)
+    wc = worst_case(1 / (1 + np.exp(-beta * _margins(model, state.params, batch))), eps, num_tangents=k,
+                    weights=weight)
+    shift, mass = (np.asarray(a) for a in wc.atoms())
+    mass = mass * weight[:, None]
+    assert np.asarray(wc.moved).max() > 0  # the adversary is active
+    knots = np.arange(1, k + 1) / k
+
+    def objective(params):
+        v = 1 / (1 + np.exp(-beta * _margins(model, params, batch)))[:, None] - shift
+        ell = np.max(-(v[..., None] - knots) / knots - np.log(knots), axis=-1)
+        return float(np.sum(mass * ell) / mass.sum())
+
+    new_state, metrics = jax.jit(sgpo_step)(state, batch)
+    assert float(metrics["loss"]) == pytest.approx(objective(state.params), rel=1e-10)
+    step_grad = jax.tree.map(lambda a, b: a - b, state.params, new_state.params)
+    for direction, slope in _fd_gradient(objective, state.params, probes=3):
+        assert _dot(step_grad, direction) == pytest.approx(slope, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("micro_batches, forwards", [(1, 1), (2, 2)])
+def test_policy_forwards_per_step(micro_batches, forwards):
+    """With the in-step follower and one micro-batch the policy is traced (and runs) once; with
+    micro-batches once for the margins and once for the accumulation."""
+    model, params = init_toy()
+    traces = []
+
+    def apply_fn(*args):
+        traces.append(1)
+        return model.apply(*args)
+
+    state = TrainState.create(apply_fn=apply_fn, params=params, tx=optax.sgd(1e-2), rng=jax.random.PRNGKey(0),
+                              config=SGPOConfig(mode="sgpo", epsilon=0.05, micro_batches=micro_batches))
+    jax.jit(sgpo_step).lower(state, random_batch(seed=1, pairs=8))
+    assert len(traces) == forwards
+
+
 def test_loss_decreases_on_a_toy_problem():
     """Chosen responses repeat token 3, rejected ones token 5; SGPO learns to prefer 3."""
     config = SGPOConfig(mode="sgpo", beta=0.5, epsilon=0.02)

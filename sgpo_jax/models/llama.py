@@ -18,7 +18,8 @@ iff ``j <= i`` (causal), ``attention_mask[j] == 1`` (padding) and, with a slidin
 ``j > i - w``. Slots are indices in the (cached) sequence, padding included, exactly as transformers
 builds its masks; RoPE angles use ``positions`` instead, which by default count real tokens only
 (``cumsum(attention_mask) - 1`` clipped at 0), so left- and right-padded rows give the same logits
-at their real tokens as unpadded ones.
+at their real tokens as unpadded ones. Without a KV cache the queries are processed in causal
+blocks of ``attention_block`` slots that score only the keys they may see (:class:`Attention`).
 
 Parameter names map 1:1 to transformers' tensor names. With ``scan_layers=False`` layer ``i``
 lives under ``layers_{i}``; with ``scan_layers=True`` all layers live under ``layers`` with a
@@ -138,6 +139,13 @@ class DecoderConfig:
         always computed in float32.
       remat: rematerialize each layer in the backward pass (``nn.remat``).
       scan_layers: run the layers with ``nn.scan`` (params stacked under ``layers``).
+      attention_block: query block of the causal attention without a KV cache (training and
+        scoring): query slots ``[lo, lo + attention_block)`` score only the key slots
+        ``[0, lo + attention_block)`` (from ``lo - sliding_window + 1`` with a window), the only
+        ones they may attend, which skips most of the masked upper triangle of the score matrix.
+        ``0`` (or a block ``>= T``) scores every key. Outputs at real tokens are the same either
+        way. Each block is its own pair of matmuls in the compiled program (``T /
+        attention_block`` per layer), so very long sequences want larger blocks.
     """
 
     vocab_size: int
@@ -159,6 +167,7 @@ class DecoderConfig:
     dtype: Any = jnp.float32
     remat: bool = False
     scan_layers: bool = False
+    attention_block: int = 64
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -179,6 +188,9 @@ class DecoderConfig:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, Llama3RopeScaling):
             raise ValueError(f"rope_scaling must be None or Llama3RopeScaling, got {self.rope_scaling!r}")
+        if (not isinstance(self.attention_block, (int, np.integer)) or isinstance(self.attention_block, bool)
+                or self.attention_block < 0):
+            raise ValueError(f"attention_block must be an int >= 0 (0 disables blocking), got {self.attention_block!r}")
         if self.sliding_window is not None and (
             not isinstance(self.sliding_window, (int, np.integer)) or self.sliding_window < 1
         ):
@@ -200,7 +212,7 @@ class DecoderConfig:
 
         Works with transformers v5 (RoPE settings in ``config.rope_parameters``) and v4
         (``config.rope_theta`` plus ``config.rope_scaling``). ``overrides`` set our own fields
-        (``dtype``, ``param_dtype``, ``remat``, ``scan_layers``) or replace read ones.
+        (``dtype``, ``param_dtype``, ``remat``, ``scan_layers``, ``attention_block``) or replace read ones.
 
         Raises:
           ValueError: naming the field, for anything this implementation would not reproduce
@@ -359,20 +371,32 @@ class KVCache:
     """Static-shape key/value cache of all layers (a pytree; make one with :meth:`Decoder.init_cache`).
 
     Attributes:
-      k, v: ``[L, B, S, K, D]`` rotated keys and values of slots ``< index`` (compute dtype).
+      k, v: rotated keys and values of slots ``< index`` (compute dtype), ``[B, K, S, D]`` per
+        layer: a tuple of ``L`` such arrays (each layer's buffer is updated in place, no
+        ``[L, ...]`` copy per step), or with ``scan_layers`` one stacked ``[L, B, K, S, D]`` array
+        (``nn.scan`` slices it per layer). Slots are the third-to-last axis, so a layer's keys
+        are ready for the ``[B, K, T, S]`` score matmul without a transpose.
       mask: ``[B, S]`` bool, True where a slot holds a real (non-padding) token.
       index: int32 scalar, number of slots written; the next chunk goes to ``[index, index + T)``.
     """
 
-    k: Array
-    v: Array
+    k: Any
+    v: Any
     mask: Array
     index: Array
 
     @property
     def max_length(self) -> int:
         """``S``, the number of slots."""
-        return self.k.shape[2]
+        return self.mask.shape[1]
+
+    def repeat_rows(self, n: int) -> "KVCache":
+        """Each batch row repeated ``n`` times: row ``b`` becomes rows ``b * n .. b * n + n - 1``."""
+        if n == 1:
+            return self
+        repeat = lambda x: jnp.repeat(x, n, axis=x.ndim - 4)  # noqa: E731  (the batch axis of k/v)
+        return KVCache(k=jax.tree.map(repeat, self.k), v=jax.tree.map(repeat, self.v),
+                       mask=jnp.repeat(self.mask, n, axis=0), index=self.index)
 
 
 class RMSNorm(nn.Module):
@@ -399,8 +423,44 @@ def _dense(cfg: DecoderConfig, features: int, name: str, use_bias: bool = False)
                     kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
 
 
+def _query_blocks(cfg: DecoderConfig, t: int) -> List[Tuple[int, int, int, int]]:
+    """Static ``(lo, hi, key_lo, key_hi)`` blocks of a ``T``-token chunk attending to itself (no
+    cache): query slots ``[lo, hi)`` may attend key slots ``[key_lo, key_hi) = [max(0, lo - w + 1),
+    hi)`` only (``key_lo = 0`` without a sliding window ``w``); blocks of ``cfg.attention_block``
+    queries, one block when that is 0 or ``>= T``."""
+    size = cfg.attention_block if 0 < cfg.attention_block < t else t
+    window = cfg.sliding_window
+    return [(lo, min(lo + size, t), 0 if window is None else max(0, lo - window + 1), min(lo + size, t))
+            for lo in range(0, t, size)]
+
+
+def _attend(q: Array, k: Array, v: Array, mask: Array, dtype: Any) -> Array:
+    r"""Masked softmax attention of one query block, per key/value head.
+
+    ``q [B, K, C, G, D]`` (``C`` query slots, ``G`` query heads per key/value head), ``k, v
+    [B, K, S, D]``, ``mask [B, C, S]`` -> ``[B, K, C, G, D]``:
+    :math:`o_{c,g} = \sum_s \mathrm{softmax}_s(q_{c,g} \cdot k_s / \sqrt{D}\ \text{masked}) \, v_s`,
+    as two batched matmuls ``[B, K, C*G, D] x [B, K, D, S]`` and ``[B, K, C*G, S] x [B, K, S, D]``
+    (scores and softmax in float32). A query with no visible key averages all ``S`` values.
+    """
+    b, kh, c, g, d = q.shape
+    scores = jnp.einsum("bkqd,bksd->bkqs", q.reshape(b, kh, c * g, d), k) * d ** -0.5
+    scores = scores.astype(jnp.float32).reshape(b, kh, c, g, -1)
+    scores = jnp.where(mask[:, None, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, kh, c * g, -1)
+    return jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kh, c, g, d)
+
+
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE, over the chunk itself or a :class:`KVCache` layer."""
+    """Grouped-query self-attention with RoPE, over the chunk itself or a :class:`KVCache` layer.
+
+    Without a cache the queries run in the causal blocks of ``cfg.attention_block``: a block of
+    queries ``[lo, hi)`` scores only keys ``[key_lo, hi)`` (:func:`_query_blocks`), every key
+    outside being masked for all of its queries. So each query that may attend some key gets the
+    output of the unblocked computation (up to the rounding of the softmax sums); a query that
+    may attend none (left padding) averages the values of its block's keys instead of all keys.
+    The score work falls from ``T^2`` to about ``T^2 / 2 + T * attention_block / 2``.
+    """
 
     cfg: DecoderConfig
 
@@ -411,7 +471,7 @@ class Attention(nn.Module):
 
         Args:
           x: ``[B, T, H]`` normalized hidden states.
-          layer_cache: ``None``, or this layer's ``(k, v)``, each ``[B, S, K, D]``.
+          layer_cache: ``None``, or this layer's ``(k, v)``, each ``[B, K, S, D]``.
           cos, sin: ``[B, T, D]`` RoPE tables of the chunk's positions.
           mask: ``[B, T, S]`` bool (``S = T`` without a cache), True where query may attend key.
           cache_index: int32 scalar slot of the chunk's first token (with a cache).
@@ -427,15 +487,20 @@ class Attention(nn.Module):
         v = _dense(cfg, kh * d, "v_proj", cfg.attention_bias)(x2).reshape(b, t, kh, d)
         q = q * cos[:, :, None, None] + _rotate_half(q) * sin[:, :, None, None]
         k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
-        if layer_cache is not None:
-            k = jax.lax.dynamic_update_slice(layer_cache[0], k.astype(layer_cache[0].dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(layer_cache[1], v.astype(layer_cache[1].dtype), (0, cache_index, 0, 0))
+        # Head-major: q [B, K, T, G, D] (query head = kv_head * G + group, transformers' repeat_kv),
+        # k/v [B, K, T, D].
+        q, k, v = q.transpose(0, 2, 1, 3, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        if layer_cache is None:
+            blocks = _query_blocks(cfg, t)
+        else:
+            k = jax.lax.dynamic_update_slice(layer_cache[0], k.astype(layer_cache[0].dtype), (0, 0, cache_index, 0))
+            v = jax.lax.dynamic_update_slice(layer_cache[1], v.astype(layer_cache[1].dtype), (0, 0, cache_index, 0))
             layer_cache = (k, v)
-        # scores[b, kv_head, group, query, key]; query head = kv_head * g + group (transformers' repeat_kv).
-        scores = (jnp.einsum("btkgd,bskd->bkgts", q, k) * d ** -0.5).astype(jnp.float32)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b * t, kh * g * d)
+            blocks = [(0, t, 0, k.shape[2])]
+        out = jnp.concatenate([
+            _attend(q[:, :, lo:hi], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi], mask[:, lo:hi, k_lo:k_hi], cfg.dtype)
+            for lo, hi, k_lo, k_hi in blocks], axis=2)
+        out = out.transpose(0, 2, 1, 3, 4).reshape(b * t, kh * g * d)
         return _dense(cfg, cfg.hidden_size, "o_proj")(out).reshape(b, t, cfg.hidden_size), layer_cache
 
 
@@ -487,9 +552,12 @@ class Decoder(nn.Module):
     def init_cache(self, batch: int, max_length: int) -> KVCache:
         """An empty :class:`KVCache` of ``max_length`` slots (prompt plus generated tokens)."""
         cfg = self.cfg
-        shape = (cfg.num_hidden_layers, batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
-        return KVCache(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
-                       mask=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32))
+        shape = (batch, cfg.num_key_value_heads, max_length, cfg.head_dim)
+        if cfg.scan_layers:
+            k = v = jnp.zeros((cfg.num_hidden_layers, *shape), cfg.dtype)
+        else:
+            k = v = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_hidden_layers))
+        return KVCache(k=k, v=v, mask=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32))
 
     @nn.compact
     def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
@@ -547,7 +615,7 @@ class Decoder(nn.Module):
                 x, layer_kv = layer(cfg, name=f"layers_{i}")(x, layer_kv, cos, sin, mask, index)
                 new_kv.append(layer_kv)
             if kv is not None:
-                kv = (jnp.stack([c[0] for c in new_kv]), jnp.stack([c[1] for c in new_kv]))
+                kv = tuple(zip(*new_kv))  # per-layer buffers: (k_0, ..., k_{L-1}), (v_0, ...)
         x = _norm(cfg, "norm")(x)
         if return_hidden:
             if self.is_initializing() and not cfg.tie_word_embeddings:
@@ -573,10 +641,15 @@ class Decoder(nn.Module):
             raise ValueError(f"positions must be an int array of shape {(b, t)}, got "
                              f"{positions.dtype}{list(positions.shape)}")
         if cache is not None:
-            expected = (cfg.num_hidden_layers, b, cache.max_length, cfg.num_key_value_heads, cfg.head_dim)
-            if cache.k.shape != expected or cache.v.shape != expected or cache.mask.shape != (b, cache.max_length):
-                raise ValueError(f"cache k/v shape {tuple(cache.k.shape)} does not fit this model and batch; "
-                                 f"expected {expected} (use Decoder.init_cache)")
+            layer = (b, cfg.num_key_value_heads, cache.max_length, cfg.head_dim)
+            if cfg.scan_layers:
+                expected, layout = [(cfg.num_hidden_layers, *layer)] * 2, "one stacked array"
+            else:
+                expected, layout = [layer] * (2 * cfg.num_hidden_layers), f"a tuple of {cfg.num_hidden_layers}"
+            got = [tuple(a.shape) for a in jax.tree.leaves((cache.k, cache.v))]
+            if got != expected or cache.mask.shape != (b, cache.max_length):
+                raise ValueError(f"cache k/v shapes {got} do not fit this model and batch; expected {layout} of "
+                                 f"{expected[0]} each for k and v (use Decoder.init_cache)")
             if t > cache.max_length:
                 raise ValueError(f"chunk of {t} tokens does not fit a cache of {cache.max_length} slots")
         return b, t, attention_mask.astype(bool), positions

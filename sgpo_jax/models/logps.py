@@ -35,7 +35,7 @@ more head matmul (the forward logits are recomputed in the backward pass).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -183,7 +183,8 @@ def _scan_logps_bwd(tied, residuals, g):
 _scan_logps.defvjp(_scan_logps_fwd, _scan_logps_bwd)
 
 
-def decoder_logps_fn(model: Decoder, *, chunk_size: int = DEFAULT_CHUNK_SIZE, method: str = "custom_vjp"
+def decoder_logps_fn(model: Decoder, *, chunk_size: int = DEFAULT_CHUNK_SIZE, method: str = "custom_vjp",
+                     response_length: Optional[int] = None
                      ) -> Callable[[Mapping[str, Any], Array, Optional[Array], Array], Array]:
     r"""``logps_fn(params, input_ids, attention_mask, loss_mask) -> [B]`` for a :class:`Decoder`.
 
@@ -194,11 +195,26 @@ def decoder_logps_fn(model: Decoder, *, chunk_size: int = DEFAULT_CHUNK_SIZE, me
     up to rounding (exactly the same math in float32), but with ``O(B * chunk_size * V)`` instead
     of ``O(B * T * V)`` memory for the head; in bfloat16 the logits are accumulated in float32.
 
+    ``response_length``: ``None`` scores all ``T - 1`` positions. An int ``W`` (static, e.g. the
+    longest response a batch may hold) runs the head on a window of ``W + 1`` positions per row
+    instead: with :math:`f_b` the position predicting the first scored token
+    (the first ``f`` with ``loss_mask[b, f + 1] = 1``), the window is :math:`[s_b, s_b + W]`,
+    :math:`s_b = \min(f_b, T - W - 1)` (a ``dynamic_slice`` of the hidden states, ids and loss
+    mask), so the head scores tokens :math:`s_b + 1 .. s_b + W`. The value is the same wherever
+    every row's scored tokens lie within ``W`` consecutive positions (e.g. responses of at most
+    ``W`` tokens, prompts included in any position before them); the head's work drops from
+    ``T - 1`` to ``W`` positions per row. A batch with a longer span of scored tokens is scored
+    on all positions instead (a ``lax.cond``, so the result is exact for every batch).
+    ``W >= T - 1`` is the full computation.
+
     ``params`` is the variables dict ``{"params": ...}`` (``variables["params"]`` alone is accepted
     too); ``input_ids``/``attention_mask``/``loss_mask`` are ``[B, T]`` as in ``Decoder.__call__``
     and :func:`sgpo_jax.losses.sequence_logps`; ``chunk_size`` and ``method`` as in
     :func:`chunked_sequence_logps`. Pure and ``jit``/``grad``/``vmap``-able.
     """
+    if response_length is not None and (not isinstance(response_length, int) or isinstance(response_length, bool)
+                                        or response_length < 1):
+        raise ValueError(f"response_length must be None or a positive int, got {response_length!r}")
     cfg = model.cfg
 
     def logps_fn(params: Mapping[str, Any], input_ids: Array, attention_mask: Optional[Array],
@@ -206,7 +222,30 @@ def decoder_logps_fn(model: Decoder, *, chunk_size: int = DEFAULT_CHUNK_SIZE, me
         variables = params if set(params) == {"params"} else {"params": params}
         hidden = model.apply(variables, input_ids, attention_mask, return_hidden=True)
         head = output_head(variables, cfg).astype(cfg.dtype)
-        return chunked_sequence_logps(hidden, head, input_ids, loss_mask, chunk_size=chunk_size,
-                                      tied=cfg.tie_word_embeddings, method=method)
+
+        def score(hidden, ids, mask):
+            return chunked_sequence_logps(hidden, head, ids, mask, chunk_size=chunk_size,
+                                          tied=cfg.tie_word_embeddings, method=method)
+
+        if response_length is None or response_length >= input_ids.shape[1] - 1:
+            return score(hidden, input_ids, loss_mask)
+        start, fits = _response_window(loss_mask, response_length + 1)
+        window = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, response_length + 1))
+        return jax.lax.cond(fits, lambda h: score(window(h, start), window(input_ids, start), window(loss_mask, start)),
+                            lambda h: score(h, input_ids, loss_mask), hidden)
 
     return logps_fn
+
+
+def _response_window(loss_mask: Array, width: int) -> Tuple[Array, Array]:
+    """``(start [B] int32, fits bool)``: per row the window ``[start, start + width)`` of
+    :func:`decoder_logps_fn` (``start = min(first scored token - 1, T - width)``, 0 for a row
+    scoring nothing) and whether every row's scored tokens (positions ``>= 1``) lie in
+    ``[start + 1, start + width)``."""
+    scored = jax.lax.stop_gradient(loss_mask)[:, 1:] != 0  # [B, T - 1]: token t + 1 is scored
+    n = scored.shape[1]
+    first = jnp.argmax(scored, axis=-1).astype(jnp.int32)  # 0 when nothing is scored
+    last = (n - 1 - jnp.argmax(scored[:, ::-1], axis=-1)).astype(jnp.int32)
+    start = jnp.minimum(first, n + 1 - width)
+    fits = jnp.all(~jnp.any(scored, axis=-1) | (last < start + width - 1))
+    return start, fits
