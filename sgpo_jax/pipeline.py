@@ -121,11 +121,6 @@ def _seed_for(*parts: Any) -> int:
 # ----------------------------------------------------------------------------------- split
 
 
-def _single_user_prompt(messages: List[Dict[str, str]]) -> Optional[str]:
-    users = [m["content"] for m in messages if m["role"] == "user"]
-    return users[0] if len(messages) == 1 and len(users) == 1 else None
-
-
 def _pool_prompts(config: ConfigDict) -> Optional[List[str]]:
     """The prompts of ``ssapo.prompts`` (a JSONL/JSON file with a ``prompt`` field), or None."""
     path = config.ssapo.prompts
@@ -154,14 +149,8 @@ def make_split(config: ConfigDict, dataset, usable_rows: np.ndarray, model: Deco
     seed_idx, pools, _ = split_lib.split_prompts(len(usable_rows), s.seed_size, seed_pools, seed=seed,
                                                  selection=s.seed_selection, embeddings=embeddings)
     seed_rows = usable_rows[np.asarray(seed_idx)]
-    if pool_prompts is None:
-        prompts, skipped = [], 0
-        for pool in pools:
-            texts = [_single_user_prompt(dataset[int(usable_rows[i])]["prompt"]) for i in pool]
-            skipped += sum(t is None for t in texts)
-            prompts.append([t for t in texts if t is not None])
-        if skipped:
-            print(f"ssapo split: {skipped} pool rows have multi-turn prompts and were left out of the pools")
+    if pool_prompts is None:  # the conversations of the rows left after the seed, labels dropped
+        prompts = [[dataset[int(usable_rows[i])]["prompt"] for i in pool] for pool in pools]
     else:
         _, pools, _ = split_lib.split_prompts(len(pool_prompts), 0, tuple(s.pool_sizes), seed=seed)
         prompts = [[pool_prompts[i] for i in pool] for pool in pools]

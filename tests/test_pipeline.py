@@ -146,6 +146,11 @@ def test_seed_split_flips_exactly_the_requested_labels(files, tmp_path):
         original = source[row["source_row"]]
         expect = (original["rejected"], original["chosen"]) if flipped else (original["chosen"], original["rejected"])
         assert (row["chosen"], row["rejected"]) == expect
+    config.ssapo.prompts = ""  # the pools come from the rows left after the seed, as conversations
+    split = pipeline.make_split(config, dataset, np.arange(len(dataset)), None, None, None)
+    pool_texts = [conversation[-1]["content"] for pool in split["pools"] for conversation in pool]
+    rest = [source[r]["prompt"] for r in range(len(source)) if r not in set(split["seed_rows"])]
+    assert len(pool_texts) == 16 and set(pool_texts) <= set(rest)
 
 
 def test_ssapo_settings_are_validated(files, tmp_path):
