@@ -26,3 +26,36 @@ def model_config(args: argparse.Namespace, max_length: int, **overrides):
                          num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
                          rope_theta=args.rope_theta, rms_norm_eps=1e-6,
                          max_position_embeddings=max(2048, max_length), **overrides)
+
+
+def cpu_thread_env(threads: int) -> None:
+    """Pins XLA:CPU (``intra_op_parallelism_threads``) and OpenMP/MKL/OpenBLAS to ``threads`` and
+    keeps transformers offline; call before jax or torch is imported."""
+    import os
+
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}").strip()
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def hf_llama_config(cfg, attn: str, **extra):
+    """transformers' ``LlamaConfig`` of the DecoderConfig ``cfg`` (untied head), checked to
+    round-trip back to ``cfg``; ``extra`` adds token ids and the like."""
+    import transformers
+
+    from sgpo_jax.models import DecoderConfig
+
+    hf_config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters=dict(rope_type="default", rope_theta=cfg.rope_theta),
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
+        attn_implementation=attn, **extra)
+    assert DecoderConfig.from_hf(hf_config, attention_block=cfg.attention_block) == cfg, \
+        "the transformers config does not round-trip"
+    return hf_config

@@ -71,7 +71,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmark_model import add_model_args, model_config
+from benchmark_model import add_model_args, cpu_thread_env, hf_llama_config, model_config
 
 
 def parse_args(argv=None):
@@ -99,17 +99,10 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
-_THREADS = str(ARGS.threads if ARGS else 2)
-os.environ["JAX_PLATFORMS"] = "cpu"  # before jax is imported anywhere
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={_THREADS}").strip()
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ[_var] = _THREADS
+cpu_thread_env(ARGS.threads if ARGS else 2)  # before jax is imported anywhere
 # torch's OpenMP threads spin at every barrier by default; on a machine shared with other work
 # that is pathological (measured here under load: 530 ms vs 20 ms per step of a tiny model).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 import jax  # noqa: E402
@@ -120,7 +113,6 @@ from sgpo_jax.losses import sequence_logps  # noqa: E402
 from sgpo_jax.models import (  # noqa: E402
     DEFAULT_CHUNK_SIZE,
     Decoder,
-    DecoderConfig,
     chunked_sequence_logps,
     decoder_logps_fn,
     params_to_hf_state_dict,
@@ -263,15 +255,7 @@ def main(args):
             pass
         env.update(torch=torch.__version__, transformers=transformers.__version__,
                    torch_threads=torch.get_num_threads())
-        hf_config = transformers.LlamaConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-            rope_parameters=dict(rope_type="default", rope_theta=cfg.rope_theta),
-            max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
-            attn_implementation=args.attn)
-        assert DecoderConfig.from_hf(hf_config, attention_block=cfg.attention_block) == cfg, \
-            "the transformers config does not round-trip"
+        hf_config = hf_llama_config(cfg, args.attn)
         torch_model = transformers.LlamaForCausalLM(hf_config).float().train()
         state = {k: torch.from_numpy(v) for k, v in params_to_hf_state_dict(params, cfg).items()}
         torch_model.load_state_dict(state, strict=True)

@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmark_model import add_model_args, model_config
+from benchmark_model import add_model_args, cpu_thread_env, hf_llama_config, model_config
 
 
 def parse_args(argv=None):
@@ -66,14 +66,7 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
-_THREADS = str(ARGS.threads if ARGS else 2)
-os.environ["JAX_PLATFORMS"] = "cpu"  # before jax is imported anywhere
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={_THREADS}").strip()
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ[_var] = _THREADS
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+cpu_thread_env(ARGS.threads if ARGS else 2)  # before jax is imported anywhere
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 import jax  # noqa: E402
@@ -134,13 +127,7 @@ def main(args):
         torch.manual_seed(args.seed)
         env.update(torch=torch.__version__, transformers=transformers.__version__,
                    torch_threads=torch.get_num_threads())
-        hf_config = transformers.LlamaConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-            rope_parameters=dict(rope_type="default", rope_theta=cfg.rope_theta),
-            max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
-            attn_implementation=args.attn)
+        hf_config = hf_llama_config(cfg, args.attn)
         torch_model = transformers.LlamaForCausalLM(hf_config).float().eval()
         state = {k: torch.from_numpy(v) for k, v in params_to_hf_state_dict(params, cfg).items()}
         torch_model.load_state_dict(state, strict=True)

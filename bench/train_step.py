@@ -87,7 +87,7 @@ import time
 import warnings
 from pathlib import Path
 
-from benchmark_model import add_model_args, model_config
+from benchmark_model import add_model_args, hf_llama_config, model_config
 
 OURS_VARIANTS = ("logits", "chunked", "resp-chunked")
 DEFAULT_OURS = ["logits", "chunked", "resp-chunked"]
@@ -174,7 +174,6 @@ from sgpo_jax import losses as losses_lib  # noqa: E402
 from sgpo_jax.models import (  # noqa: E402
     DEFAULT_CHUNK_SIZE,
     Decoder,
-    DecoderConfig,
     chunked_sequence_logps,
     decoder_logps_fn,
     params_to_hf_state_dict,
@@ -282,15 +281,7 @@ def torch_models(args, cfg, params, attn):
     import torch
     import transformers
 
-    hf_config = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters=dict(rope_type="default", rope_theta=cfg.rope_theta),
-        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=EOS_ID, pad_token_id=PAD_ID, attn_implementation=attn)
-    assert DecoderConfig.from_hf(hf_config, attention_block=cfg.attention_block) == cfg, \
-        "the transformers config does not round-trip"
+    hf_config = hf_llama_config(cfg, attn, bos_token_id=1, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     state = {k: torch.from_numpy(v) for k, v in params_to_hf_state_dict(params, cfg).items()}
 
     def build(train):
