@@ -90,23 +90,22 @@ def config_problems(config: ConfigDict) -> List[str]:
 # ----------------------------------------------------------------------------------- files
 
 
-def _write_json(path: Path, value: Any) -> None:
-    """Atomic: a killed run leaves either the old file or the new one."""
+def _write_text(path: Path, text: str) -> None:
+    """Process 0 writes ``text`` atomically: a killed run leaves either the old file or the new one."""
     if jax.process_index() != 0:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    _write_text(path, json.dumps(value, indent=2))
 
 
 def _write_jsonl(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
-    if jax.process_index() != 0:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    os.replace(tmp, path)
+    _write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _read_jsonl(path: Path) -> List[Dict[str, Any]]:
@@ -403,7 +402,7 @@ def run(config: ConfigDict, workdir: Path) -> Dict[str, Any]:
         summary["export"] = export_policy(workdir, cfg, policy, tokenizer)  # every process (a collective)
     if jax.process_index() == 0:
         summary["plots"] = _plots(workdir / "plots", rounds, gap_sets, config, initial_eval)
-        (workdir / "summary.md").write_text(table + "\n")
+        _write_text(workdir / "summary.md", table + "\n")
         _write_json(workdir / "summary.json", summary)
     print(table)
     return summary
