@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from sgpo_jax import distributed, sharding
 from sgpo_jax.data.batching import default_buckets
 from sgpo_jax.data.tokenize import Prompt, left_pad, tokenize_prompts
 from sgpo_jax.models.llama import Decoder
@@ -214,7 +215,9 @@ class SampledBatch:
       index: the batch index ``i`` (prompts ``[i * B, i * B + b)``).
       prompt_index: int64 ``[b]``, the real prompts' indices into ``prompts``.
       prompt_ids, prompt_mask: int32 ``[B, P]``, left-padded; rows ``b..B-1`` repeat the last prompt.
-      output: the :class:`~sgpo_jax.sampling.GenerationOutput` of all ``B * n`` rows (on device),
+      output: the :class:`~sgpo_jax.sampling.GenerationOutput` of all ``B * n`` rows (NumPy
+        arrays, the same on every host: generation is split over the params' devices and hosts,
+        then gathered),
         with ``lengths`` (and ``finished``) of the real rows cut at ``stop_strings``.
       texts: the ``b * n`` real rows' texts (prompt-major), each the decoding of its first
         ``lengths`` tokens (special tokens skipped).
@@ -259,7 +262,7 @@ def _cut_at_stop_strings(output: GenerationOutput, tokenizer: Any, rows: int, st
             else:
                 hi = mid
         lengths[r], finished[r], texts[r] = lo, True, _decode(tokenizer, tokens[:lo])
-    return output.replace(lengths=jnp.asarray(lengths), finished=jnp.asarray(finished)), texts
+    return output.replace(lengths=lengths, finished=finished), texts
 
 
 def sample_batches(model: Decoder, params: Any, tokenizer: Any, prompts: Sequence[Prompt], *, num_samples: int,
@@ -302,6 +305,7 @@ def sample_batches(model: Decoder, params: Any, tokenizer: Any, prompts: Sequenc
         eos_token_ids = (tokenizer.eos_token_id,)
     stop_strings = tuple(stop_strings or ())
     first = start_batch * batch_size
+    mesh = sharding.mesh_of(params)
     ids, pad_id = tokenize_prompts(tokenizer, prompts[first:], max_prompt_length=max_prompt_length)
     buckets = default_buckets(max_prompt_length)
     with tqdm(total=len(ids), desc=desc, unit="prompt", disable=not progress) as bar:
@@ -312,10 +316,11 @@ def sample_batches(model: Decoder, params: Any, tokenizer: Any, prompts: Sequenc
             longest = max(len(s) for s in batch)
             prompt_ids, prompt_mask = left_pad(batch + [batch[-1]] * (batch_size - b), pad_id,
                                                length=min(x for x in buckets if x >= longest))
-            output = generate(model, params, prompt_ids, prompt_mask, rng=batch_keys(seed, index)[0],
-                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              num_samples=num_samples, eos_token_ids=eos_token_ids, stop_strings=stop_strings,
-                              pad_token_id=pad_id)
+            output = generate(model, params, *sharding.place_rows(mesh, prompt_ids, prompt_mask),
+                              rng=batch_keys(seed, index)[0], max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, top_k=top_k, num_samples=num_samples, eos_token_ids=eos_token_ids,
+                              stop_strings=stop_strings, pad_token_id=pad_id)
+            output = distributed.to_host(output)  # every host gets every row (a collective)
             output, texts = _cut_at_stop_strings(output, tokenizer, b * num_samples, stop_strings)
             yield SampledBatch(index=index, prompt_index=np.arange(first + start, first + start + b, dtype=np.int64),
                                prompt_ids=prompt_ids, prompt_mask=prompt_mask, output=output, texts=texts,
@@ -426,6 +431,7 @@ def annotate(model: Decoder, policy_params: Any, ref_params: Any, tokenizer: Any
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     n = int(num_samples)
+    mesh = sharding.mesh_of(policy_params)
     step = _score_and_select(model, int(logps_chunk), strategy, None if beta is None else float(beta))
     rows: List[Dict[str, Any]] = []
     report = AnnotationReport(start_batch=start_batch)
@@ -439,9 +445,9 @@ def annotate(model: Decoder, policy_params: Any, ref_params: Any, tokenizer: Any
         keyed = np.asarray(stripped, dtype=object).reshape(batch_size, n)
         same = keyed[:, :, None] == keyed[:, None, :]
         valid = keyed != ""
-        rewards, chosen, rejected, keep = jax.device_get(step(
-            policy_params, ref_params, batch.prompt_ids, batch.prompt_mask, batch.output, same, valid,
-            batch_keys(seed, batch.index)[1]))
+        placed = sharding.place_rows(mesh, batch.prompt_ids, batch.prompt_mask, batch.output, same, valid)
+        rewards, chosen, rejected, keep = distributed.to_host(step(
+            policy_params, ref_params, *placed, batch_keys(seed, batch.index)[1]))
         real_rewards = rewards[:b][valid[:b]]
         if not np.all(np.isfinite(real_rewards)):
             raise FloatingPointError(f"batch {batch.index}: non-finite implicit rewards {real_rewards.tolist()}")

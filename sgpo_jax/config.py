@@ -15,6 +15,10 @@ data.max_length     prompt + response tokens; data.max_prompt_length: prompts ar
 data.buckets        padded sequence lengths (bounded recompilation); () = powers of two
 data.on_bad_row     "error" (stop, naming file/row/field) or "skip" (drop and report)
 data.limit          use only the first N usable pairs (0 = all), for smoke runs
+data.shards         data shards (0 = one per process): each host reads and tokenizes only the
+                    shards it feeds, and each global batch takes batch_size / shards pairs from
+                    every shard. The pair order depends on it, so runs agree (and a run resumes
+                    mid-epoch) only with the same number; set it to resume on another host count
 train.mode          "dpo", "sgpo" (one run on data.source) or "ssapo" (the self-annotation loop)
 train.beta, train.label_smoothing (dpo)
 train.learning_rate, train.warmup_ratio (linear warmup, then cosine decay to 0)
@@ -67,7 +71,7 @@ def base_config() -> ConfigDict:
     c.data = ConfigDict(dict(
         source="", split="train", prompt_column="prompt", chosen_column="chosen",
         rejected_column="rejected", max_length=512, max_prompt_length=256, buckets=(),
-        on_bad_row="error", limit=0,
+        on_bad_row="error", limit=0, shards=0,
     ))
     c.train = ConfigDict(dict(
         mode="sgpo", beta=0.1, label_smoothing=0.0, learning_rate=5e-7, warmup_ratio=0.1,

@@ -50,14 +50,16 @@ import math
 import os
 import re
 import warnings
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 __all__ = [
     "ClusterSpec", "detect", "initialize", "is_initialized", "first_slurm_host", "is_coordinator",
     "split_mesh_shape", "make_global_mesh", "check_batch_layout", "host_batch_rows",
-    "to_host", "local_rows", "allgather_host", "broadcast_from_coordinator", "any_process", "sync",
+    "to_host", "local_rows", "allgather_host", "allgather_objects", "fail_together", "broadcast_from_coordinator",
+    "broadcast_object",
+    "any_process", "sync",
 ]
 
 ENV_COORDINATOR = "SGPO_COORDINATOR"
@@ -497,6 +499,63 @@ def allgather_host(x: np.ndarray) -> np.ndarray:
 
     words = np.asarray(multihost_utils.process_allgather(_as_words(x)))
     return np.stack([_from_words(w, x) for w in words])
+
+
+def allgather_objects(obj: Any) -> List[Any]:
+    """Every process's picklable ``obj`` (any size, may differ between processes), as a list in
+    process order, on every process; a collective. With one process: ``[obj]``.
+
+    Two all-gathers: the pickled sizes, then the pickles padded to the largest. For host-side
+    metadata (counts, per-pair lengths, digests, error messages), not for model-sized data."""
+    import pickle
+
+    import jax
+
+    if jax.process_count() == 1:
+        return [obj]
+    blob = np.frombuffer(pickle.dumps(obj), np.uint8)
+    sizes = allgather_host(np.asarray([blob.size], np.int64))[:, 0]
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:blob.size] = blob
+    return [pickle.loads(row[:size].tobytes()) for row, size in zip(allgather_host(padded), sizes)]
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Process 0's picklable ``obj`` on every process (the others pass anything, e.g. None); a
+    collective. With one process: ``obj``. For host-side state that process 0 decides (what a
+    shared workdir already holds) and every process must act on alike."""
+    import pickle
+
+    import jax
+
+    if jax.process_count() == 1:
+        return obj
+    blob = np.frombuffer(pickle.dumps(obj), np.uint8) if jax.process_index() == 0 else np.zeros(0, np.uint8)
+    size = int(broadcast_from_coordinator(np.asarray([blob.size], np.int64))[0])
+    if jax.process_index() != 0:
+        blob = np.zeros(size, np.uint8)
+    return pickle.loads(broadcast_from_coordinator(blob).tobytes())
+
+
+def fail_together(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every process, failing on all of them if it fails on any; a collective.
+
+    For host-local work (reading and tokenizing a data shard) that is followed by collectives:
+    a process that raised alone would leave the others waiting in the next collective. Here the
+    process whose ``fn`` raised re-raises its own exception, and the others raise
+    ``RuntimeError`` with that process's message."""
+    try:
+        result, error = fn(), None
+    except Exception as err:  # re-raised below, on every process
+        result, error = None, err
+    errors = allgather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(p, message) for p, message in enumerate(errors) if message]
+    if failed:
+        p, message = failed[0]
+        raise RuntimeError(f"process {p} failed: {message}")
+    return result
 
 
 def broadcast_from_coordinator(tree: Any) -> Any:

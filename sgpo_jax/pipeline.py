@@ -31,7 +31,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -39,7 +39,7 @@ from ml_collections import ConfigDict
 
 from sgpo_jax import annotate as annotate_lib
 from sgpo_jax import eval as eval_lib
-from sgpo_jax import sharding
+from sgpo_jax import distributed, sharding
 from sgpo_jax.data import load_preferences
 from sgpo_jax.data import split as split_lib
 from sgpo_jax.data.tokenize import encode_prompts
@@ -91,13 +91,33 @@ def config_problems(config: ConfigDict) -> List[str]:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Process 0 writes ``text`` atomically: a killed run leaves either the old file or the new one."""
-    if jax.process_index() != 0:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Process 0 writes ``text`` atomically (a killed run leaves either the old file or the new
+    one); every process calls it and returns once the file is written, so any host may read it
+    next (the workdir is shared)."""
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    distributed.sync(f"wrote {path}")
+
+
+def _as_seen_by_process_0(fn: Callable[[], Any]) -> Any:
+    """``fn()`` evaluated on process 0 (e.g. which stages the workdir already holds), on every
+    process: all of them then take the same branch, also where another host's view of the
+    shared workdir lags."""
+    return distributed.broadcast_object(fn() if jax.process_index() == 0 else None)
+
+
+def _read_json(path: Path) -> Optional[Any]:
+    """The JSON at ``path`` as process 0 reads it, or None where it does not exist."""
+    return _as_seen_by_process_0(lambda: json.loads(path.read_text()) if path.exists() else None)
+
+
+def _say(message: str) -> None:
+    """Progress for the console, printed once (by process 0)."""
+    if jax.process_index() == 0:
+        print(message)
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -177,8 +197,9 @@ def _evaluate(config: ConfigDict, path: Path, model: Decoder, params: Any, token
     """Held-out pass rate (cached in ``path``); also writes the generations in AlpacaEval's format."""
     if not tasks:
         return None
-    if path.exists():
-        return json.loads(path.read_text())
+    done = _read_json(path)
+    if done is not None:
+        return done
     e = config.eval
     result = eval_lib.evaluate_heldout(model, params, tokenizer, tasks, max_new_tokens=e.max_new_tokens,
                                        batch_size=e.batch_size, max_prompt_length=config.data.max_prompt_length,
@@ -186,7 +207,7 @@ def _evaluate(config: ConfigDict, path: Path, model: Decoder, params: Any, token
     if jax.process_index() == 0:
         eval_lib.export_alpaca_eval([t.prompt for t in tasks], result["responses"], generator,
                                     path.with_name(path.stem + "_alpaca_eval.json"))
-    _write_json(path, result)
+    _write_json(path, result)  # every process: it waits for the write
     return result
 
 
@@ -197,16 +218,23 @@ def _annotate_round(config: ConfigDict, directory: Path, round_index: int, promp
     ``i`` draws only from ``(seed, i)``, so the rows equal an uninterrupted run's)."""
     s = config.ssapo
     out, stats_path = directory / "pairs.jsonl", directory / "annotation.json"
-    if out.exists() and stats_path.exists():
-        return out, json.loads(stats_path.read_text())
     size = s.generation_batch_size
     batch_file = lambda b: directory / "generations" / f"batch_{b:05d}.jsonl"
     num_batches = -(-len(prompts) // size)
-    done = 0
-    while done < num_batches and batch_file(done).exists():
-        done += 1
+
+    def progress():
+        if out.exists() and stats_path.exists():
+            return json.loads(stats_path.read_text()), num_batches
+        done = 0
+        while done < num_batches and batch_file(done).exists():
+            done += 1
+        return None, done
+
+    stats, done = _as_seen_by_process_0(progress)
+    if stats is not None:
+        return out, stats
     if done:
-        print(f"round {round_index}: {done} of {num_batches} generation batches already done, continuing")
+        _say(f"round {round_index}: {done} of {num_batches} generation batches already done, continuing")
     if done < num_batches:
         annotate_lib.annotate(
             model, policy, initial, tokenizer, list(prompts), num_samples=s.num_samples, temperature=s.temperature,
@@ -230,7 +258,7 @@ def _annotate_round(config: ConfigDict, directory: Path, round_index: int, promp
     stats = {"prompts": len(prompts), "pairs": len(rows), "dropped": sum(dropped.values()), "drop_reasons": dropped,
              "mean_gap": float(gaps.mean())}
     if dropped:
-        print(f"round {round_index}: {stats['dropped']} of {len(prompts)} prompts dropped: {dropped}")
+        _say(f"round {round_index}: {stats['dropped']} of {len(prompts)} prompts dropped: {dropped}")
     _write_jsonl(out, rows)
     _write_json(stats_path, stats)
     return out, stats
@@ -333,20 +361,19 @@ def run(config: ConfigDict, workdir: Path) -> Dict[str, Any]:
     dataset = load_preferences(d.source, split=d.split, prompt_column=d.prompt_column, chosen_column=d.chosen_column,
                                rejected_column=d.rejected_column)
     split_path = workdir / "split.json"
-    if split_path.exists():
-        split = json.loads(split_path.read_text())
-    else:
+    split = _read_json(split_path)
+    if split is None:
         seed_data = ConfigDict(d.to_dict())
         seed_data.limit = 0
         usable, _ = load_pairs(seed_data, tokenizer)
-        split = make_split(config, dataset, np.asarray(usable.rows), model, initial, tokenizer)
+        split = make_split(config, dataset, np.sort(usable.rows), model, initial, tokenizer)
         _write_json(split_path, split)
-    print(f"ssapo: seed {len(split['seed_rows'])} pairs ({sum(split['flipped'])} labels flipped), "
+    _say(f"ssapo: seed {len(split['seed_rows'])} pairs ({sum(split['flipped'])} labels flipped), "
           f"pools {[len(p) for p in split['pools']]}")
 
     initial_eval = _evaluate(config, workdir / "eval_initial.json", model, initial, tokenizer, tasks, "initial")
     if initial_eval:
-        print(f"initial model: held-out pass rate {initial_eval[PROMPT_ACC]:.3f} (prompt), "
+        _say(f"initial model: held-out pass rate {initial_eval[PROMPT_ACC]:.3f} (prompt), "
               f"{initial_eval[INSTRUCTION_ACC]:.3f} (instruction)")
 
     rounds: List[Dict[str, Any]] = []
@@ -361,7 +388,7 @@ def run(config: ConfigDict, workdir: Path) -> Dict[str, Any]:
             row: Dict[str, Any] = {"round": t}
             if t == 0:
                 seed_file = directory / "seed.jsonl"
-                if not seed_file.exists():
+                if not _as_seen_by_process_0(seed_file.exists):
                     _write_jsonl(seed_file, seed_rows_jsonl(dataset, split))
                 pairs, gaps = load_pairs(round_data, tokenizer, str(seed_file))
                 round_config = _round_config(config, 0, epochs=s.seed_epochs,
@@ -387,11 +414,11 @@ def run(config: ConfigDict, workdir: Path) -> Dict[str, Any]:
             evaluation = _evaluate(config, directory / "eval.json", model, policy, tokenizer, tasks, f"round_{t}")
             if evaluation:
                 row.update(pass_rate_prompt=evaluation[PROMPT_ACC], pass_rate_instruction=evaluation[INSTRUCTION_ACC])
-                print(f"after round {t}: held-out pass rate {evaluation[PROMPT_ACC]:.3f} (prompt), "
+                _say(f"after round {t}: held-out pass rate {evaluation[PROMPT_ACC]:.3f} (prompt), "
                       f"{evaluation[INSTRUCTION_ACC]:.3f} (instruction)")
             rounds.append(row)
     except Preempted as stop:
-        print(stop)
+        _say(str(stop))
         return {"preempted": True, "workdir": str(workdir), "rounds": rounds}
 
     table = round_table(rounds)
@@ -402,7 +429,7 @@ def run(config: ConfigDict, workdir: Path) -> Dict[str, Any]:
         summary["export"] = export_policy(workdir, cfg, policy, tokenizer)  # every process (a collective)
     if jax.process_index() == 0:
         summary["plots"] = _plots(workdir / "plots", rounds, gap_sets, config, initial_eval)
-        _write_text(workdir / "summary.md", table + "\n")
-        _write_json(workdir / "summary.json", summary)
-    print(table)
+    _write_text(workdir / "summary.md", table + "\n")
+    _write_json(workdir / "summary.json", summary)
+    _say(table)
     return summary

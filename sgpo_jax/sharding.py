@@ -42,7 +42,7 @@ DEFAULT_RULES: Tuple[Tuple[str, P], ...] = (
 )
 
 __all__ = ["AXES", "BATCH_AXES", "DEFAULT_RULES", "make_mesh", "spec_for", "param_sharding", "shard_params",
-           "batch_sharding", "activation_sharding", "constrain_batch"]
+           "batch_sharding", "mesh_of", "place_rows", "activation_sharding", "constrain_batch"]
 
 _ACTIVATION_MESH: contextvars.ContextVar[Optional[Mesh]] = contextvars.ContextVar("sgpo_activation_mesh",
                                                                                   default=None)
@@ -139,6 +139,37 @@ def shard_params(params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (pair) axis split over ``("data", "fsdp")``, the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def mesh_of(tree: Any) -> Optional[Mesh]:
+    """The mesh of the first leaf of ``tree`` placed on a multi-device mesh (e.g. parameters
+    after :func:`shard_params`), or None (NumPy leaves, one device)."""
+    for leaf in jax.tree.leaves(tree):
+        placement = getattr(leaf, "sharding", None)
+        if isinstance(placement, NamedSharding) and placement.mesh.size > 1:
+            return placement.mesh
+    return None
+
+
+def place_rows(mesh: Optional[Mesh], *trees: Any) -> Tuple[Any, ...]:
+    """Host arrays ``[B, ...]`` (pytrees of them), the same on every process, as global arrays on
+    ``mesh`` with their rows split over the batch axes (:func:`batch_sharding`), so forward
+    passes and generation over them are data-parallel across devices and hosts. An array whose
+    ``B`` does not divide over the batch axes (or a mesh without them) is replicated instead;
+    with ``mesh=None`` the trees come back as they are. Each process copies only the rows its
+    own devices hold."""
+    if mesh is None:
+        return trees
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+    def place(x):
+        x = np.asarray(x)
+        split = bool(axes) and x.ndim > 0 and x.shape[0] % ways == 0
+        target = NamedSharding(mesh, P(axes) if split else P())
+        return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+    return tuple(jax.tree.map(place, tree) for tree in trees)
 
 
 @contextlib.contextmanager

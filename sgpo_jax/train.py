@@ -36,14 +36,15 @@ from ml_collections import ConfigDict
 
 from sgpo_jax import distributed, memory, sharding
 from sgpo_jax.checkpoint import Checkpointer, PreemptionGuard
-from sgpo_jax.data import PairBatcher, TokenizedPairs, load_preferences, ordered_batches, tokenize_preferences
+from sgpo_jax.data import (BadRowReport, PairBatcher, TokenizedPairs, held_shards, load_preferences, ordered_batches,
+                           tokenize_preferences)
 from sgpo_jax.follower import worst_case, margin_window
 from sgpo_jax.losses import preference_centers
 from sgpo_jax.models import Decoder, DecoderConfig, decoder_logps_fn, from_pretrained, load_gguf, save_pretrained
 from sgpo_jax.models import smollm2_gguf_path
 from sgpo_jax.step import PreferenceBatch, SGPOConfig, TrainState, make_sgpo_step
 
-__all__ = ["load_model", "load_pairs", "make_optimizer", "pair_logps", "weights_fingerprint", "fit", "FitResult",
+__all__ = ["load_model", "data_shards", "load_pairs", "make_optimizer", "pair_logps", "weights_fingerprint", "fit", "FitResult",
            "Preempted", "export_policy", "train", "main"]
 
 _TOKEN_FIELDS = ("chosen_ids", "chosen_attention", "chosen_loss_mask",
@@ -217,16 +218,7 @@ def _cached_arrays(path: Path, compute: Callable[[], Dict[str, np.ndarray]]) -> 
     if jax.process_index() == 0 and path.exists():
         with np.load(path) as f:
             loaded = {name: f[name] for name in f.files}
-    if jax.process_count() > 1:
-        names = sorted(loaded or ())
-        header = json.dumps({n: [list(loaded[n].shape), loaded[n].dtype.str] for n in names}).encode()
-        size = int(distributed.broadcast_from_coordinator(np.asarray([len(header)], np.int64))[0])
-        header = bytes(distributed.broadcast_from_coordinator(
-            np.frombuffer(header.ljust(size, b" "), np.uint8) if jax.process_index() == 0 else np.zeros(size, np.uint8)))
-        spec = json.loads(header.decode())
-        if spec:
-            local = [loaded[n] if loaded is not None else np.zeros(shape, dtype) for n, (shape, dtype) in spec.items()]
-            loaded = dict(zip(spec, distributed.broadcast_from_coordinator(local)))
+    loaded = distributed.broadcast_object(loaded)
     if loaded:
         return loaded
     arrays = compute()
@@ -334,6 +326,15 @@ def validate(config: ConfigDict) -> None:
         problems.append(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if d.limit < 0:
         problems.append(f"data.limit must be >= 0 (0 = every pair), got {d.limit}")
+    if d.shards < 0:
+        problems.append(f"data.shards must be >= 0 (0 = one per process), got {d.shards}")
+    else:
+        shards = data_shards(d)
+        for name in ("batch_size", "reference_batch_size"):
+            size = t[name]
+            if size < 1 or size % shards or size % jax.process_count():
+                problems.append(f"train.{name} ({size}) must be a multiple of the number of data shards ({shards}, "
+                                f"data.shards={d.shards}) and of the process count ({jax.process_count()})")
     if d.max_prompt_length >= d.max_length:
         problems.append(f"data.max_prompt_length ({d.max_prompt_length}) must be < data.max_length ({d.max_length})")
     if config.sgpo.follower not in FOLLOWERS:
@@ -354,27 +355,49 @@ def validate(config: ConfigDict) -> None:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
 
 
+def data_shards(data_config: ConfigDict) -> int:
+    """The number of data shards: ``data.shards``, or one per process when it is 0."""
+    return int(data_config.shards) or jax.process_count()
+
+
 def load_pairs(data_config: ConfigDict, tokenizer, source: Optional[str] = None) -> Tuple[TokenizedPairs, np.ndarray]:
     """Loads, normalizes and tokenizes ``source`` (default ``data.source``; comma-separated files
     are concatenated) with the ``data`` settings, keeping the first ``data.limit`` usable pairs.
 
+    Each process loads and tokenizes only the data shards it feeds (:func:`data_shards` shards,
+    rows ``s, s + S, ...`` in shard ``s``; :func:`sgpo_jax.data.held_shards`), then the processes
+    exchange the pairs' lengths and source rows (:meth:`TokenizedPairs.from_shards`); a failure
+    on one process (a bad row, a missing file) stops all of them with its message.
+
     Returns ``(pairs, gaps)``: ``gaps [N]`` float64 is ``chosen_reward - rejected_reward`` of each
     pair's source row where the source has those columns (self-annotated data), else NaN.
-    Skipped bad rows (``data.on_bad_row="skip"``) are reported on the console.
+    Skipped bad rows (``data.on_bad_row="skip"``) are reported on the console (by process 0).
     """
     d = data_config
     source = source or d.source
     parts = [part for part in source.split(",") if part]
-    dataset = load_preferences(parts if len(parts) > 1 else source, split=d.split, prompt_column=d.prompt_column,
-                               chosen_column=d.chosen_column, rejected_column=d.rejected_column)
-    pairs, report = tokenize_preferences(dataset, tokenizer, max_length=d.max_length,
-                                         max_prompt_length=d.max_prompt_length, on_bad_row=d.on_bad_row,
-                                         source_name=source)
-    if report.skipped:
+    shards = data_shards(d)
+
+    def tokenize_held() -> Dict[int, Tuple[TokenizedPairs, BadRowReport]]:
+        out = {}
+        for s in held_shards(jax.process_index(), jax.process_count(), shards):
+            dataset = load_preferences(parts if len(parts) > 1 else source, split=d.split,
+                                       prompt_column=d.prompt_column, chosen_column=d.chosen_column,
+                                       rejected_column=d.rejected_column, shard=(s, shards) if shards > 1 else None)
+            out[s] = tokenize_preferences(dataset, tokenizer, max_length=d.max_length,
+                                          max_prompt_length=d.max_prompt_length, on_bad_row=d.on_bad_row,
+                                          source_name=source, allow_empty=shards > 1)
+        return out
+
+    tokenized = distributed.fail_together(tokenize_held)
+    reports: Dict[int, BadRowReport] = {}
+    for host in distributed.allgather_objects({s: r for s, (_, r) in tokenized.items()}):
+        reports.update(host)
+    report = BadRowReport.merge([reports[s] for s in sorted(reports)], source)
+    if report.skipped and jax.process_index() == 0:
         print(report)
-    if d.limit:
-        pairs = dataclasses.replace(pairs, **{f: getattr(pairs, f)[: d.limit]
-                                              for f in ("prompt_ids", "chosen_ids", "rejected_ids", "rows")})
+    pairs = TokenizedPairs.from_shards({s: p for s, (p, _) in tokenized.items()}, shards,
+                                       distributed.allgather_objects, limit=d.limit)
     return pairs, _reward_gaps(parts, d.split, pairs.rows)
 
 
@@ -468,10 +491,16 @@ def fit(config: ConfigDict, workdir: str | Path, *, model: Decoder, params: Any,
     directory = config.checkpoint.directory or workdir / "checkpoints"
     checkpointer = Checkpointer(directory, save_every=config.checkpoint.every,
                                 max_to_keep=config.checkpoint.keep)
-    meta = {"data_fingerprint": pairs.fingerprint(), "steps_per_epoch": steps_per_epoch}
+    meta = {"data_fingerprint": pairs.fingerprint(), "steps_per_epoch": steps_per_epoch,
+            "data_shards": pairs.num_shards}
     start = 0
     if checkpointer.latest_step() is not None:
         state, saved = checkpointer.restore(state)
+        if saved.get("data_shards", 1) != pairs.num_shards:
+            raise ValueError(
+                f"{workdir}: the checkpoint was trained with {saved.get('data_shards', 1)} data shards and this run has "
+                f"{pairs.num_shards} (data.shards={config.data.shards}, {jax.process_count()} processes); the pair "
+                f"order depends on it: rerun with --config.data.shards={saved.get('data_shards', 1)}")
         if saved.get("data_fingerprint") != meta["data_fingerprint"]:
             raise ValueError(f"{workdir}: the checkpoint was trained on other data or length settings; "
                              "use a new --workdir")
@@ -531,7 +560,8 @@ def fit(config: ConfigDict, workdir: str | Path, *, model: Decoder, params: Any,
         checkpointer.close()  # waits for in-flight saves, also when a step failed
         log.close()
     summary = {"step": step, "total_steps": total_steps, "preempted": preempted, "metrics": last,
-               "workdir": str(workdir), "pairs": len(pairs), **_run_statistics(workdir / "metrics.jsonl", step)}
+               "workdir": str(workdir), "pairs": len(pairs),
+               **distributed.broadcast_object(_run_statistics(workdir / "metrics.jsonl", step))}
     if preempted:
         raise Preempted(f"SIGTERM: saved step {step} in {workdir}; rerun the same command to resume", summary)
     return FitResult(params=state.params, summary=summary)
@@ -548,7 +578,8 @@ class Preempted(Exception):
 
 def _run_statistics(metrics_path: Path, last_step: int) -> Dict[str, float]:
     """Mean loss and reward accuracy over the steps logged (the latest record of each step up to
-    ``last_step``, so a resumed run counts each step once), and the follower metrics."""
+    ``last_step``, so a resumed run counts each step once), and the follower metrics; ``{}``
+    except on process 0, which writes the log."""
     if jax.process_index() != 0 or not metrics_path.exists():
         return {}
     records: Dict[int, Dict[str, float]] = {}

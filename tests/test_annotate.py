@@ -314,3 +314,28 @@ def test_bad_arguments_are_named(policy, ref):
         annotate(*args, start_batch=-1, **SETTINGS)
     with pytest.raises(ValueError, match="not one string"):
         annotate(MODEL, policy, ref, TOKENIZER, "w1 w2", **SETTINGS)
+
+
+def test_sharded_params_split_generation_and_scoring_over_the_mesh(policy, ref, full_run, monkeypatch):
+    """With the params on a (data 2, fsdp 1, tensor 4) mesh, each batch's prompts are split over
+    the data axis for generation and scoring, and the rows equal the single-device run's."""
+    from sgpo_jax import annotate as annotate_lib
+    from sgpo_jax import sharding
+
+    mesh = sharding.make_mesh(2, 1, 4)
+    specs = []
+    real_generate = annotate_lib.generate
+
+    def spy(model, params, prompt_ids, prompt_mask, **kwargs):
+        specs.append(prompt_ids.sharding.spec)
+        return real_generate(model, params, prompt_ids, prompt_mask, **kwargs)
+
+    monkeypatch.setattr(annotate_lib, "generate", spy)
+    rows = annotate(MODEL, sharding.shard_params(policy, mesh), sharding.shard_params(ref, mesh), TOKENIZER, PROMPTS,
+                    seed=3, progress=False, **SETTINGS)
+    assert specs == [jax.sharding.PartitionSpec(("data", "fsdp"))] * 3
+    expected, _, _ = full_run
+    assert [(r["prompt_index"], r["chosen"], r["rejected"]) for r in rows] == \
+        [(r["prompt_index"], r["chosen"], r["rejected"]) for r in expected]
+    np.testing.assert_allclose([[r["chosen_reward"], r["rejected_reward"]] for r in rows],
+                               [[r["chosen_reward"], r["rejected_reward"]] for r in expected], rtol=1e-5, atol=1e-5)

@@ -438,3 +438,152 @@ def test_ordered_batches_visit_every_pair_in_order_on_every_host():
     local = [list(ordered_batches(pairs, 4, process_index=p, process_count=2)) for p in range(2)]
     indices = np.concatenate([np.concatenate([a["index"], b["index"]]) for a, b in zip(*local)])
     assert indices.tolist() == list(range(11)) + [-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data shards (each host tokenizes only the shards it feeds)
+# ----------------------------------------------------------------------------------------------
+
+
+def simulated_hosts(num_hosts, work):
+    """Runs ``work(process_index, allgather)`` on ``num_hosts`` threads that stand for hosts:
+    ``allgather(obj)`` returns every thread's ``obj`` in host order, as a collective would."""
+    import threading
+
+    barrier = threading.Barrier(num_hosts)
+    slots, results, errors = [None] * num_hosts, [None] * num_hosts, []
+
+    def host(p):
+        def allgather(obj):
+            barrier.wait()
+            slots[p] = obj
+            barrier.wait()
+            out = list(slots)
+            barrier.wait()
+            return out
+        try:
+            results[p] = work(p, allgather)
+        except BaseException as err:  # reported below
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=host, args=(p,)) for p in range(num_hosts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def shard_rows(n):
+    """``n`` rows of varied lengths, every 5th one bad (identical responses)."""
+    return [{"prompt": text(*range(k % 7 + 1)), "chosen": text(*range(10, 10 + k % 5 + 1)),
+             "rejected": text(*range(10, 10 + k % 5 + 1)) if k % 5 == 3 else text(20 + k % 9)} for k in range(n)]
+
+
+def tokenize_as_host(tmp_path, tokenizer, num_shards, process_index, process_count, allgather, limit=0):
+    """One host's ``train.load_pairs``: tokenize the shards it feeds, then join."""
+    from sgpo_jax.data import held_shards
+
+    parts = {}
+    for s in held_shards(process_index, process_count, num_shards):
+        dataset = load_preferences(tmp_path / "prefs.jsonl", cache_dir=tmp_path / "cache", shard=(s, num_shards))
+        parts[s], _ = tokenize_preferences(dataset, tokenizer, max_length=24, max_prompt_length=12,
+                                           on_bad_row="skip", allow_empty=True)
+    return TokenizedPairs.from_shards(parts, num_shards, allgather, limit=limit)
+
+
+@pytest.mark.parametrize("num_shards, num_hosts, limit", [(3, 3, 0), (4, 2, 0), (2, 4, 0), (3, 3, 11)])
+def test_hosts_tokenize_only_their_shards_and_together_hold_every_pair(tmp_path, tokenizer, num_shards, num_hosts,
+                                                                       limit):
+    rows = shard_rows(31)
+    write(tmp_path / "prefs.jsonl", rows)
+    whole, _ = tokenize_preferences(load_preferences(tmp_path / "prefs.jsonl", cache_dir=tmp_path / "cache"),
+                                    tokenizer, max_length=24, max_prompt_length=12, on_bad_row="skip")
+    usable = [r for r in range(31) if r % 5 != 3]  # the oracle: rows with distinct responses
+    assert whole.rows.tolist() == usable
+    kept = usable[:limit] if limit else usable
+    by_row = {int(r): k for k, r in enumerate(whole.rows)}
+
+    hosts = simulated_hosts(num_hosts, lambda p, gather: tokenize_as_host(tmp_path, tokenizer, num_shards, p,
+                                                                          num_hosts, gather, limit))
+    for p, pairs in enumerate(hosts):
+        assert pairs.num_shards == num_shards and len(pairs) == len(kept)
+        # Shard s holds the kept rows r with r % S == s, in row order; global order is shard-major.
+        assert pairs.rows.tolist() == [r for s in range(num_shards) for r in kept if r % num_shards == s]
+        assert pairs.shard_sizes == tuple(sum(r % num_shards == s for r in kept) for s in range(num_shards))
+        first, last = p * num_shards // num_hosts, -(-(p + 1) * num_shards // num_hosts)
+        assert pairs.held_shards == (first, last)
+        begin, end = pairs.held_pairs
+        assert len(pairs.prompt_ids) == end - begin < len(kept) or num_shards == 1
+        lengths = whole.pair_lengths()
+        np.testing.assert_array_equal(pairs.pair_lengths(), [lengths[by_row[r]] for r in pairs.rows])
+        for k in range(begin, end):  # the held token ids are the whole tokenization's
+            expected = (whole.prompt_ids[by_row[pairs.rows[k]]], whole.chosen_ids[by_row[pairs.rows[k]]],
+                        whole.rejected_ids[by_row[pairs.rows[k]]])
+            for got, want in zip(pairs.token_ids(k), expected):
+                np.testing.assert_array_equal(got, want)
+        with pytest.raises(IndexError, match="not held here"):
+            pairs.token_ids(end % len(pairs) if end - begin < len(pairs) else -1)
+        assert pairs.fingerprint() == hosts[0].fingerprint()
+    # One host holding every shard sees the same pairs, and the same fingerprint.
+    single = tokenize_as_host(tmp_path, tokenizer, num_shards, 0, 1, lambda x: [x], limit)
+    assert single.held_shards == (0, num_shards) and single.fingerprint() == hosts[0].fingerprint()
+    assert single.rows.tolist() == hosts[0].rows.tolist()
+    assert single.fingerprint() != whole.fingerprint()  # the layout is part of the data order
+
+
+def test_sharded_batches_do_not_depend_on_the_host_count(tmp_path, tokenizer):
+    write(tmp_path / "prefs.jsonl", shard_rows(45))
+    single = tokenize_as_host(tmp_path, tokenizer, 4, 0, 1, lambda x: [x])
+    n, sizes = len(single), single.shard_sizes
+    assert n == 36 and sizes == (10, 9, 9, 8)  # usable rows r (r % 5 != 3) with r % 4 == s
+    batcher = PairBatcher(single, 8, seed=5)
+    assert batcher.steps_per_epoch == 5  # ceil(10 / (8 / 4)); the shorter shards pad their last parts
+    for epoch in range(2):
+        batches = list(batcher.epoch(epoch))
+        seen = np.concatenate([b["index"] for b in batches])
+        assert sorted(seen[seen >= 0].tolist()) == list(range(n))  # every pair exactly once
+        offsets = single.shard_offsets()
+        for b in batches:  # rows [2s, 2s + 2) of a batch come from shard s
+            for row, k in enumerate(b["index"]):
+                assert k < 0 or offsets[row // 2] <= k < offsets[row // 2 + 1]
+    for hosts in (2, 4):
+        views = simulated_hosts(hosts, lambda p, gather: tokenize_as_host(tmp_path, tokenizer, 4, p, hosts, gather))
+        batchers = [PairBatcher(v, 8, seed=5, process_index=p, process_count=hosts) for p, v in enumerate(views)]
+        for epoch in range(2):
+            for step in range(batcher.steps_per_epoch):
+                expected = batcher.batch(epoch, step)
+                parts = [b.batch(epoch, step) for b in batchers]  # each reads only its own shards
+                for field in expected:
+                    np.testing.assert_array_equal(np.concatenate([p[field] for p in parts]), expected[field])
+    with pytest.raises(ValueError, match="multiple of process_count .* and of the number of data shards"):
+        PairBatcher(single, 6)
+    partial = simulated_hosts(2, lambda p, gather: tokenize_as_host(tmp_path, tokenizer, 4, p, 2, gather))[0]
+    with pytest.raises(ValueError, match=r"feeds data shards \[2, 4\) of 4 but holds the token ids of \[0, 2\)"):
+        PairBatcher(partial, 8, process_index=1, process_count=2)
+
+
+def test_a_shard_with_fewer_pairs_pads_its_part():
+    """Shard sizes 5 and 2 at 2 pairs per shard and batch: 3 steps, shard 1 padded from step 1."""
+    pairs = random_pairs(7)
+    sharded = TokenizedPairs(pairs.prompt_ids, pairs.chosen_ids, pairs.rejected_ids, pairs.rows, 100, 40, 0,
+                             shard_sizes=(5, 2), shard_digests=("a", "b"))
+    batches = list(PairBatcher(sharded, 4, shuffle=False).epoch(0))
+    assert [b["index"].tolist() for b in batches] == [[0, 1, 5, 6], [2, 3, -1, -1], [4, -1, -1, -1]]
+    assert [b["weight"].tolist() for b in batches][-1] == [1, 0, 0, 0]
+
+
+def test_bad_row_reports_of_shards_merge():
+    from sgpo_jax.data import BadRow, BadRowReport
+
+    a, b = BadRowReport("f", 10), BadRowReport("f", 12)
+    for report, rows in ((a, (1, 7, 9)), (b, (0, 4))):
+        for r in rows:
+            report.add(BadRow(r, "rejected", loading.IDENTICAL))
+    b.add(BadRow(6, "prompt", loading.EMPTY))
+    merged = BadRowReport.merge([a, b])
+    assert merged.total == 22 and merged.counts == {loading.IDENTICAL: 5, loading.EMPTY: 1}
+    assert [bad.row for bad in merged.examples] == [0, 1, 4, 6, 7]

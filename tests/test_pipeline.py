@@ -13,30 +13,15 @@ from sgpo_jax import annotate as annotate_lib
 from sgpo_jax import pipeline
 from sgpo_jax import train as train_lib
 from sgpo_jax.data import load_preferences
-from sgpo_jax.instructions import load_tasks, make_tasks
+from sgpo_jax.instructions import load_tasks
 from sgpo_jax.models import from_pretrained
 
-from tiny_run import NEUTRAL, tiny, write_pairs, write_tokenizer
+from tiny_run import ssapo_config, write_ssapo_files
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ssapo")
-    rng = np.random.default_rng(1)
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(NEUTRAL, 4))}) + "\n" for _ in range(40)))
-    tasks = root / "tasks.jsonl"
-    tasks.write_text("".join(json.dumps(t.to_json()) + "\n" for t in make_tasks(4, seed=0)))
-    return dict(tokenizer=write_tokenizer(root / "tokenizer"), data=write_pairs(root / "prefs.jsonl", 40),
-                prompts=str(prompts), tasks=str(tasks))
-
-
-def ssapo_config(files, **overrides):
-    settings = dict(train__mode="ssapo", train__epochs=1, ssapo__prompts=files["prompts"], ssapo__seed_size=16,
-                    ssapo__pool_sizes=(8, 8), ssapo__seed_epochs=2, ssapo__generation_batch_size=4,
-                    ssapo__max_new_tokens=6, ssapo__temperature=1.0, sgpo__follower="annotation",
-                    eval__tasks=files["tasks"], eval__max_new_tokens=6, eval__batch_size=4)
-    return tiny(files["tokenizer"], files["data"], **{**settings, **overrides})
+    return write_ssapo_files(tmp_path_factory.mktemp("ssapo"))
 
 
 def export_params(workdir):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
+from sgpo_jax import sharding
 from sgpo_jax.data import farthest_point_sampling, flip_labels, last_token_hidden, split_prompts
 from sgpo_jax.models import Decoder, DecoderConfig
 
@@ -78,6 +79,11 @@ def test_last_token_hidden_matches_unpadded_forward_for_left_and_right_padding()
         got = np.asarray(last_token_hidden(MODEL, params, ids, mask, batch_size=2))
         assert got.shape == (5, CFG.hidden_size)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # Parameters on a mesh: batches of 4 rows split over the 4 data-parallel devices.
+    sharded = sharding.shard_params(params, sharding.make_mesh(2, 2, 2))
+    got = last_token_hidden(MODEL, sharded, *mixed, batch_size=4)
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no real token"):
         last_token_hidden(MODEL, params, left[0], np.zeros_like(left[1]), batch_size=2)
 

@@ -193,3 +193,18 @@ def test_checkpoints_go_to_checkpoint_directory_and_resume_from_there(tokenizer_
     config.train.max_steps = 3
     summary = train_lib.train(config, tmp_path / "work")
     assert summary["step"] == 3 and [m["step"] for m in read_metrics(tmp_path / "work")] == [1, 2, 3]
+
+
+def test_resume_needs_the_same_number_of_data_shards(tokenizer_dir, data_file, tmp_path):
+    """The pair order depends on data.shards (batch_size / S pairs of each shard per batch), so
+    a checkpoint resumes only with its own number; the message says which."""
+    config = tiny(tokenizer_dir, data_file, data__shards=2, train__max_steps=2, export=False)
+    train_lib.train(config, tmp_path)
+    config.train.max_steps, config.data.shards = 3, 0  # one process: one shard
+    with pytest.raises(ValueError, match=r"trained with 2 data shards and this run has 1 .*--config.data.shards=2"):
+        train_lib.train(config, tmp_path)
+    config.data.shards = 2
+    assert train_lib.train(config, tmp_path)["step"] == 3
+    with pytest.raises(ValueError, match=r"train.batch_size \(8\) must be a multiple of the number of data shards "
+                                         r"\(3, data.shards=3\)"):
+        train_lib.train(tiny(tokenizer_dir, data_file, data__shards=3), tmp_path / "bad")

@@ -60,3 +60,25 @@ def tiny(tokenizer_dir, data_file, **overrides):
         else:
             config[dotted] = value
     return config
+
+
+def write_ssapo_files(root: Path) -> dict:
+    """Tokenizer, 40 pairs, 40 pool prompts and 4 held-out tasks under ``root``, for the SSAPO loop."""
+    from sgpo_jax.instructions import make_tasks
+
+    rng = np.random.default_rng(1)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(NEUTRAL, 4))}) + "\n" for _ in range(40)))
+    tasks = root / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(t.to_json()) + "\n" for t in make_tasks(4, seed=0)))
+    return dict(tokenizer=write_tokenizer(root / "tokenizer"), data=write_pairs(root / "prefs.jsonl", 40),
+                prompts=str(prompts), tasks=str(tasks))
+
+
+def ssapo_config(files: dict, **overrides):
+    """The tiny config in train.mode=ssapo: seed 16, pools 8 + 8, 6 new tokens, the authors' follower."""
+    settings = dict(train__mode="ssapo", train__epochs=1, ssapo__prompts=files["prompts"], ssapo__seed_size=16,
+                    ssapo__pool_sizes=(8, 8), ssapo__seed_epochs=2, ssapo__generation_batch_size=4,
+                    ssapo__max_new_tokens=6, ssapo__temperature=1.0, sgpo__follower="annotation",
+                    eval__tasks=files["tasks"], eval__max_new_tokens=6, eval__batch_size=4)
+    return tiny(files["tokenizer"], files["data"], **{**settings, **overrides})

@@ -12,9 +12,14 @@
     for batch in batcher.epoch(epoch, start_step=step): ...         # training, resumable
 
 ``pairs.fingerprint()`` keys caches of per-pair results (e.g. reference log-probs).
+
+Multi-host: with ``S`` data shards each host loads and tokenizes only the shards it feeds
+(``held_shards(process_index, process_count, S)``, each ``load_preferences(..., shard=(s, S))``)
+and ``TokenizedPairs.from_shards`` joins them, exchanging only per-pair lengths and source rows;
+:func:`sgpo_jax.train.load_pairs` does all of it.
 """
 
-from sgpo_jax.data.batching import PairBatcher, default_buckets, ordered_batches
+from sgpo_jax.data.batching import PairBatcher, default_buckets, held_shards, ordered_batches
 from sgpo_jax.data.loading import NORMALIZED_FEATURES, ROW_PROBLEMS, load_preferences, normalize_preferences
 from sgpo_jax.data.split import farthest_point_sampling, flip_labels, last_token_hidden, split_prompts
 from sgpo_jax.data.tokenize import (
@@ -39,6 +44,7 @@ __all__ = [
     "encode_prompts",
     "farthest_point_sampling",
     "flip_labels",
+    "held_shards",
     "last_token_hidden",
     "left_pad",
     "load_preferences",

@@ -1,26 +1,42 @@
 """Padded, bucketed, shuffled and host-sharded batches of tokenized pairs.
 
-A global batch holds ``batch_size`` pairs; with ``process_count`` hosts, host ``p`` gets its
-rows ``[p * b, (p + 1) * b)``, ``b = batch_size // process_count``, so the hosts' batches,
-concatenated in host order, are the global batch. Each row is a pair's prompt followed by its
-response, right-padded with the pad id to the batch's length ``T``: the smallest bucket that
-holds the longest pair of the *global* batch (chosen and rejected alike), so every host pads to
-the same shape and at most ``len(buckets)`` shapes ever reach the compiled step.
+A global batch holds ``B = batch_size`` pairs: ``c = B / S`` from each of the ``S`` data shards
+of the pairs (one shard unless the pairs were tokenized per host, see
+:meth:`~sgpo_jax.data.tokenize.TokenizedPairs.from_shards`), in shard order. With
+``process_count`` hosts, host ``p`` gets rows ``[p * b, (p + 1) * b)``, ``b = B / process_count``,
+so the hosts' batches, concatenated in host order, are the global batch; those rows come from
+shards ``[floor(p S / P), ceil((p + 1) S / P))`` (:func:`held_shards`), the only ones whose token
+ids host ``p`` needs. Each row is a pair's prompt followed by its response, right-padded with the
+pad id to the batch's length ``T``: the smallest bucket that holds the longest pair of the
+*global* batch (chosen and rejected alike), so every host pads to the same shape and at most
+``len(buckets)`` shapes ever reach the compiled step.
 
-The pair order of an epoch is a permutation seeded by ``(seed, epoch)``; batch ``(epoch, step)``
-depends on nothing else, so resuming at a step yields the batches an uninterrupted run would. The
-last batch of an epoch is filled up with padding rows (weight 0, index -1); no pair is dropped.
+Each shard's pair order in an epoch is a permutation seeded by ``(seed, epoch)`` (one shard) or
+``(seed, epoch, shard)``; batch ``(epoch, step)`` depends on nothing else (not on the number of
+hosts), so resuming at a step yields the batches an uninterrupted run would. An epoch has
+``max_s ceil(n_s / c)`` steps; a shard whose pairs run out (its last batch, or a shard with fewer
+pairs than the others) fills its part with padding rows (weight 0, index -1): no pair is dropped.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from sgpo_jax.data.tokenize import TokenizedPairs
 
-__all__ = ["PairBatcher", "default_buckets", "ordered_batches"]
+__all__ = ["PairBatcher", "default_buckets", "held_shards", "ordered_batches"]
+
+
+def held_shards(process_index: int, process_count: int, num_shards: int) -> range:
+    """The data shards whose pairs host ``process_index`` feeds (module docstring):
+    ``[floor(p S / P), ceil((p + 1) S / P))``; e.g. ``S = P``: shard ``p``; ``S = 2P``: shards
+    ``2p, 2p + 1``; ``S = 1``: shard 0 on every host."""
+    if not 0 <= process_index < process_count or num_shards < 1:
+        raise ValueError(f"need 0 <= process_index < process_count and num_shards >= 1, got {process_index}, "
+                         f"{process_count} and {num_shards}")
+    return range(process_index * num_shards // process_count, -(-(process_index + 1) * num_shards // process_count))
 
 
 def default_buckets(max_length: int, *, smallest: int = 64) -> Tuple[int, ...]:
@@ -47,15 +63,16 @@ class PairBatcher:
       a padding row attends its first position only, so no attention row is fully masked;
     * ``chosen_loss_mask``, ``rejected_loss_mask``: int32 ``[b, T]``, 1 exactly on the response;
     * ``weight``: float32 ``[b]``, 1 for pairs, 0 for padding rows;
-    * ``index``: int32 ``[b]``, the pair's position in ``pairs`` (-1 for padding rows), to look
-      up cached reference log-probs (mask them with ``weight``).
+    * ``index``: int32 ``[b]``, the pair's global index in ``pairs`` (-1 for padding rows), to
+      look up cached reference log-probs (mask them with ``weight``).
 
     Args:
-      pairs: the tokenized pairs.
-      batch_size: pairs per global batch, divisible by ``process_count``.
+      pairs: the tokenized pairs; this host must hold the shards :func:`held_shards` names.
+      batch_size: pairs per global batch, divisible by ``process_count`` and by the number of
+        shards.
       buckets: allowed lengths ``T``; default :func:`default_buckets` of ``pairs.max_length``.
         The largest must hold the longest pair.
-      shuffle: permute the pairs every epoch (else keep their order).
+      shuffle: permute each shard's pairs every epoch (else keep their order).
       seed: shuffling seed.
       process_index, process_count: this host and the number of hosts.
     """
@@ -71,11 +88,17 @@ class PairBatcher:
         process_index: int = 0,
         process_count: int = 1,
     ):
-        if batch_size < 1 or batch_size % process_count:
+        shards = pairs.num_shards
+        if batch_size < 1 or batch_size % process_count or batch_size % shards:
             raise ValueError(f"batch_size ({batch_size}) must be a positive multiple of process_count "
-                             f"({process_count})")
+                             f"({process_count}) and of the number of data shards ({shards})")
         if not 0 <= process_index < process_count:
             raise ValueError(f"need 0 <= process_index < process_count, got {process_index} and {process_count}")
+        needed = held_shards(process_index, process_count, shards)
+        first, last = pairs.held_shards
+        if not (first <= needed.start and needed.stop <= last):
+            raise ValueError(f"host {process_index} of {process_count} feeds data shards [{needed.start}, "
+                             f"{needed.stop}) of {shards} but holds the token ids of [{first}, {last})")
         buckets = default_buckets(pairs.max_length) if buckets is None else buckets
         self.buckets = tuple(sorted({int(b) for b in buckets}))
         self._lengths = pairs.pair_lengths()
@@ -86,21 +109,27 @@ class PairBatcher:
         self.pairs = pairs
         self.batch_size = batch_size
         self.local_batch_size = batch_size // process_count
+        self.shard_batch_size = batch_size // shards
         self.shuffle = shuffle
         self.seed = seed
         self.process_index = process_index
-        self._order: Optional[Tuple[int, np.ndarray]] = None  # (epoch, its order), the last one asked
+        self._offsets = pairs.shard_offsets()
+        self._order: Optional[Tuple[int, List[np.ndarray]]] = None  # (epoch, its order), the last one asked
 
     @property
     def steps_per_epoch(self) -> int:
-        """Batches per epoch, the last one padded: ``ceil(len(pairs) / batch_size)``."""
-        return -(-len(self.pairs) // self.batch_size)
+        """Batches per epoch: ``max_s ceil(n_s / c)`` (``ceil(N / B)`` with one shard)."""
+        return int(max(-(-np.diff(self._offsets) // self.shard_batch_size)))
 
-    def order(self, epoch: int) -> np.ndarray:
-        """int64 ``[N]``: the pairs in ``epoch``'s order."""
+    def order(self, epoch: int) -> List[np.ndarray]:
+        """Per shard, int64 ``[n_s]``: its pairs' global indices in ``epoch``'s order."""
         if self._order is None or self._order[0] != epoch:
-            n = len(self.pairs)
-            order = np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
+            order = []
+            for s, (begin, end) in enumerate(zip(self._offsets[:-1], self._offsets[1:])):
+                n = int(end - begin)
+                key = (self.seed, epoch) if len(self._offsets) == 2 else (self.seed, epoch, s)
+                local = np.random.default_rng(key).permutation(n) if self.shuffle else np.arange(n)
+                order.append(begin + local)
             self._order = (epoch, order)
         return self._order[1]
 
@@ -108,10 +137,13 @@ class PairBatcher:
         """This host's part of global batch ``step`` (``0 <= step < steps_per_epoch``) of ``epoch``."""
         if not 0 <= step < self.steps_per_epoch:
             raise IndexError(f"step {step} out of range [0, {self.steps_per_epoch})")
+        c = self.shard_batch_size
         indices = np.full(self.batch_size, -1, np.int64)
-        chunk = self.order(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
-        indices[:len(chunk)] = chunk
-        length = self.buckets[int(np.searchsorted(self.buckets, self._lengths[chunk].max()))]
+        for s, shard in enumerate(self.order(epoch)):
+            chunk = shard[step * c:(step + 1) * c]
+            indices[s * c:s * c + len(chunk)] = chunk
+        real = indices[indices >= 0]
+        length = self.buckets[int(np.searchsorted(self.buckets, self._lengths[real].max()))]
         start = self.process_index * self.local_batch_size
         return _assemble(self.pairs, indices[start:start + self.local_batch_size], length)
 
@@ -129,8 +161,8 @@ def ordered_batches(
     process_index: int = 0,
     process_count: int = 1,
 ) -> Iterator[Dict[str, np.ndarray]]:
-    """Every pair once, in order, in :class:`PairBatcher` batches of ``batch_size`` (the last
-    one padded); for forward-only passes such as the reference log-probs."""
+    """Every pair once, each shard in order, in :class:`PairBatcher` batches of ``batch_size``
+    (the last one padded); for forward-only passes such as the reference log-probs."""
     return PairBatcher(pairs, batch_size, buckets=buckets, shuffle=False, process_index=process_index,
                        process_count=process_count).epoch(0)
 
@@ -139,7 +171,7 @@ def _assemble(pairs: TokenizedPairs, indices: np.ndarray, length: int) -> Dict[s
     """The batch dict of ``indices`` (``[b]``, -1 for padding rows) padded to ``length``."""
     b = len(indices)
     batch = {}
-    for side, responses in (("chosen", pairs.chosen_ids), ("rejected", pairs.rejected_ids)):
+    for side in ("chosen", "rejected"):
         ids = np.full((b, length), pairs.pad_id, np.int32)
         attention = np.zeros((b, length), np.int32)
         loss_mask = np.zeros((b, length), np.int32)
@@ -147,7 +179,8 @@ def _assemble(pairs: TokenizedPairs, indices: np.ndarray, length: int) -> Dict[s
             if k < 0:
                 attention[row, 0] = 1
                 continue
-            prompt, response = pairs.prompt_ids[k], responses[k]
+            prompt, chosen, rejected = pairs.token_ids(int(k))
+            response = chosen if side == "chosen" else rejected
             p, n = len(prompt), len(prompt) + len(response)
             ids[row, :p] = prompt
             ids[row, p:n] = response

@@ -11,7 +11,8 @@ Accepted row formats (TRL's preference formats; column names are configurable):
 
 Every row becomes (:data:`NORMALIZED_FEATURES`):
 
-* ``row`` (int64): the row's index in the loaded split (several files count on in order);
+* ``row`` (int64): the row's index in the loaded split (several files count on in order; also
+  when only a shard of the split is normalized, see ``shard``);
 * ``prompt``: list of ``{"role", "content"}`` messages (a string prompt is one user message);
 * ``chosen``, ``rejected``: the assistant responses as strings. A conversation's leading
   messages must equal the prompt's (compared whitespace-stripped) and are dropped; exactly one
@@ -71,6 +72,7 @@ def load_preferences(
     rejected_column: str = "rejected",
     data_files: Optional[Union[str, Sequence[str], Dict[str, Any]]] = None,
     cache_dir: Optional[Union[str, os.PathLike]] = None,
+    shard: Optional[Tuple[int, int]] = None,
 ) -> datasets.Dataset:
     """Loads a preference split and normalizes its rows (see the module docstring).
 
@@ -84,6 +86,10 @@ def load_preferences(
       prompt_column, chosen_column, rejected_column: the source columns to read.
       data_files: passed to ``datasets.load_dataset`` for directories, builders and Hub datasets.
       cache_dir: ``datasets`` cache directory (default: ``datasets``' own).
+      shard: ``(index, count)``: normalize only rows ``index, index + count, index + 2 count, ...``
+        (``row`` keeps their index in the split), e.g. one host's share of a multi-host run. The
+        split itself is read as ``datasets`` reads it (memory-mapped Arrow, cached on disk);
+        only the shard's rows are converted.
 
     Returns a ``datasets.Dataset`` with exactly the columns of :data:`NORMALIZED_FEATURES`.
 
@@ -114,7 +120,7 @@ def load_preferences(
                     "pass a local .json, .jsonl or .parquet file (or a list or directory of them) instead"
                 ) from err
     return normalize_preferences(dataset, prompt_column=prompt_column, chosen_column=chosen_column,
-                                 rejected_column=rejected_column, source_name=name)
+                                 rejected_column=rejected_column, source_name=name, shard=shard)
 
 
 def _load_files(name: str, paths: List[Path], split: str, cache_dir: Optional[str]) -> datasets.Dataset:
@@ -137,11 +143,14 @@ def normalize_preferences(
     chosen_column: str = "chosen",
     rejected_column: str = "rejected",
     source_name: str = "dataset",
+    shard: Optional[Tuple[int, int]] = None,
 ) -> datasets.Dataset:
     """Normalizes the rows of an already loaded ``dataset`` (see the module docstring); rows
     keep their order and ``row`` is their index in ``dataset``. Other columns are dropped.
+    ``shard=(index, count)`` normalizes only rows ``index + count * i`` (as in
+    :func:`load_preferences`).
 
-    Raises ``ValueError`` naming ``source_name`` if a column is missing.
+    Raises ``ValueError`` naming ``source_name`` if a column is missing or ``shard`` is invalid.
     """
     columns = (prompt_column, chosen_column, rejected_column)
     for argument, column in zip(("prompt_column", "chosen_column", "rejected_column"), columns):
@@ -150,22 +159,28 @@ def normalize_preferences(
                 f"{source_name}: column {column!r} not found (columns: {dataset.column_names}); "
                 f"set {argument} to the column that holds it"
             )
+    index, count = (0, 1) if shard is None else (int(shard[0]), int(shard[1]))
+    if not 0 <= index < count:
+        raise ValueError(f"{source_name}: shard must be (index, count) with 0 <= index < count, got {shard}")
+    if count > 1:
+        dataset = dataset.shard(num_shards=count, index=index, contiguous=False)
     return dataset.map(
         _normalize_batch,
         batched=True,
         with_indices=True,
-        fn_kwargs={"columns": columns},
+        fn_kwargs={"columns": columns, "first": index, "stride": count},
         remove_columns=dataset.column_names,
         features=NORMALIZED_FEATURES,
-        desc=f"normalizing {source_name}",
+        desc=f"normalizing {source_name}" + (f" (shard {index} of {count})" if count > 1 else ""),
     )
 
 
-def _normalize_batch(batch: Dict[str, list], indices: List[int], *, columns: Tuple[str, str, str]) -> Dict[str, list]:
+def _normalize_batch(batch: Dict[str, list], indices: List[int], *, columns: Tuple[str, str, str], first: int,
+                     stride: int) -> Dict[str, list]:
     out: Dict[str, list] = {name: [] for name in NORMALIZED_FEATURES}
     for index, values in zip(indices, zip(*(batch[column] for column in columns))):
         prompt, chosen, rejected, problem = _normalize_row(*values)
-        out["row"].append(index)
+        out["row"].append(first + stride * index)
         out["prompt"].append(prompt)
         out["chosen"].append(chosen)
         out["rejected"].append(rejected)

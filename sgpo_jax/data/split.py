@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgpo_jax import distributed, sharding
 from sgpo_jax.data.batching import default_buckets
 
 Array = jax.Array
@@ -59,7 +60,8 @@ def last_token_hidden(model: Any, params: Any, ids: Any, mask: Any, *, batch_siz
       mask: ``[N, T]``, 1 on real tokens; every row needs one.
       batch_size: rows per forward pass.
 
-    Returns a device array ``[N, D]``.
+    Returns a NumPy array ``[N, D]``, the same on every host: with parameters on a multi-device
+    mesh each batch's rows are split over its batch axes (and hosts), then gathered.
     """
     ids, mask = np.asarray(ids), np.asarray(mask)
     if ids.ndim != 2 or mask.shape != ids.shape:
@@ -71,6 +73,7 @@ def last_token_hidden(model: Any, params: Any, ids: Any, mask: Any, *, batch_siz
     if empty.size:
         raise ValueError(f"{empty.size} rows have no real token (mask all 0), e.g. rows {empty[:10].tolist()}")
     variables = params if set(params) == {"params"} else {"params": params}
+    mesh = sharding.mesh_of(variables)
     n, t = ids.shape
     buckets = default_buckets(t)
     out = []
@@ -82,10 +85,10 @@ def last_token_hidden(model: Any, params: Any, ids: Any, mask: Any, *, batch_siz
         width = min(x for x in buckets if x >= hi - lo + 1)
         lo = min(lo, t - width)  # a window [lo, lo + width) inside [0, T) covering every real token
         window = slice(lo, lo + width)
-        hidden = _last_hidden(model, variables, jnp.asarray(ids[rows, window], jnp.int32),
-                              jnp.asarray(mask[rows, window], jnp.int32))
-        out.append(hidden[:min(batch_size, n - start)])
-    return jnp.concatenate(out, axis=0)
+        hidden = _last_hidden(model, variables, *sharding.place_rows(
+            mesh, ids[rows, window].astype(np.int32), mask[rows, window].astype(np.int32)))
+        out.append(distributed.to_host(hidden)[:min(batch_size, n - start)])
+    return np.concatenate(out, axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "variant"))

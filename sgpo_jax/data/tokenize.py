@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import datasets
 import numpy as np
@@ -62,6 +62,19 @@ class BadRowReport:
     def skipped(self) -> int:
         return sum(self.counts.values())
 
+    @classmethod
+    def merge(cls, reports: Sequence["BadRowReport"], source: Optional[str] = None) -> "BadRowReport":
+        """One report of several (e.g. the data shards'): totals and counts summed, the first
+        examples by row."""
+        merged = cls(source=source or (reports[0].source if reports else "dataset"), total=0)
+        for report in reports:
+            merged.total += report.total
+            for reason, n in report.counts.items():
+                merged.counts[reason] = merged.counts.get(reason, 0) + n
+        examples = sorted((bad for report in reports for bad in report.examples), key=lambda bad: bad.row)
+        merged.examples = examples[:merged.max_examples]
+        return merged
+
     def add(self, bad: BadRow) -> None:
         self.counts[bad.reason] = self.counts.get(bad.reason, 0) + 1
         if len(self.examples) < self.max_examples:
@@ -77,15 +90,26 @@ class BadRowReport:
 
 @dataclasses.dataclass(frozen=True)
 class TokenizedPairs:
-    """``N`` tokenized pairs, truncated.
+    """``N`` tokenized pairs, truncated; possibly split into ``S`` data shards of which this host
+    holds the token ids of some (multi-host runs: each host tokenizes only the shards it feeds,
+    see :meth:`from_shards`).
+
+    The pairs' global order is shard-major (shard 0's pairs in row order, then shard 1's, ...);
+    with one shard (the default) it is row order and every pair is held.
 
     Attributes:
-      prompt_ids: ``N`` int32 arrays ``[P_i]``.
-      chosen_ids, rejected_ids: ``N`` int32 arrays ``[C_i]``, ``[R_i]``: response tokens, EOS
-        last unless truncated; ``P_i + C_i <= max_length``, ``P_i + R_i <= max_length``.
-      rows: int64 ``[N]``, each pair's row index in the source split.
+      prompt_ids: the held pairs' int32 arrays ``[P_i]`` (all ``N`` with one shard).
+      chosen_ids, rejected_ids: the held pairs' int32 arrays ``[C_i]``, ``[R_i]``: response
+        tokens, EOS last unless truncated; ``P_i + C_i <= max_length``, ``P_i + R_i <= max_length``.
+      rows: int64 ``[N]``, every pair's row index in the source split (global order).
       max_length, max_prompt_length: the truncation settings.
       pad_id: the tokenizer's pad id (its EOS id if it has none).
+      shard_sizes: pairs per shard, ``S`` ints summing to ``N``; ``()`` is one shard of all pairs.
+      held: ``(first, last)``: the token ids here are those of shards ``[first, last)``;
+        ``None`` is every shard.
+      lengths: int64 ``[N]``, every pair's :meth:`pair_lengths` (required unless all are held).
+      shard_digests: every shard's :meth:`fingerprint` as a one-shard ``TokenizedPairs``
+        (required with several shards).
     """
 
     prompt_ids: List[np.ndarray]
@@ -95,23 +119,77 @@ class TokenizedPairs:
     max_length: int
     max_prompt_length: int
     pad_id: int
+    shard_sizes: Tuple[int, ...] = ()
+    held: Optional[Tuple[int, int]] = None
+    lengths: Optional[np.ndarray] = None
+    shard_digests: Tuple[str, ...] = ()
 
     def __post_init__(self):
         n = len(self.rows)
-        if not len(self.prompt_ids) == len(self.chosen_ids) == len(self.rejected_ids) == n:
-            raise ValueError("prompt_ids, chosen_ids, rejected_ids and rows must have the same length")
+        if self.shard_sizes and sum(self.shard_sizes) != n:
+            raise ValueError(f"shard_sizes {self.shard_sizes} must sum to the number of pairs ({n})")
+        first, last = self.held_shards
+        if not 0 <= first <= last <= self.num_shards:
+            raise ValueError(f"held shards {self.held} out of range [0, {self.num_shards}]")
+        begin, end = self.held_pairs
+        if not len(self.prompt_ids) == len(self.chosen_ids) == len(self.rejected_ids) == end - begin:
+            raise ValueError(f"prompt_ids, chosen_ids and rejected_ids must hold the {end - begin} pairs of shards "
+                             f"[{first}, {last}) (rows holds all {n})")
+        if self.lengths is None and (first, last) != (0, self.num_shards):
+            raise ValueError("lengths (of every pair) is required when not every shard is held")
+        if self.num_shards > 1 and len(self.shard_digests) != self.num_shards:
+            raise ValueError(f"shard_digests must hold one digest per shard ({self.num_shards})")
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def num_shards(self) -> int:
+        """``S``, the number of data shards."""
+        return len(self.shard_sizes) or 1
+
+    @property
+    def held_shards(self) -> Tuple[int, int]:
+        """``(first, last)``: the shards ``[first, last)`` whose token ids are here."""
+        return self.held if self.held is not None else (0, self.num_shards)
+
+    def shard_offsets(self) -> np.ndarray:
+        """int64 ``[S + 1]``: shard ``s`` holds global pairs ``[offsets[s], offsets[s + 1])``."""
+        return np.concatenate([[0], np.cumsum(self.shard_sizes or (len(self),))]).astype(np.int64)
+
+    @property
+    def held_pairs(self) -> Tuple[int, int]:
+        """``(begin, end)``: the global pairs ``[begin, end)`` whose token ids are here."""
+        offsets = self.shard_offsets()
+        first, last = self.held_shards
+        return int(offsets[first]), int(offsets[last])
+
+    def token_ids(self, k: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(prompt, chosen, rejected)`` ids of global pair ``k``, which must be held here."""
+        begin, end = self.held_pairs
+        if not begin <= k < end:
+            raise IndexError(f"pair {k} is not held here (this host holds pairs [{begin}, {end}))")
+        return self.prompt_ids[k - begin], self.chosen_ids[k - begin], self.rejected_ids[k - begin]
+
     def pair_lengths(self) -> np.ndarray:
-        """int64 ``[N]``: ``P_i + max(C_i, R_i)``, the padded length a pair needs."""
+        """int64 ``[N]``: ``P_i + max(C_i, R_i)``, the padded length a pair needs (every pair,
+        held or not)."""
+        if self.lengths is not None:
+            return np.asarray(self.lengths, np.int64)
         return np.array([len(p) + max(len(c), len(r))
                          for p, c, r in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids)], np.int64)
 
     def fingerprint(self) -> str:
-        """A stable hex digest of the token ids, source rows and truncation settings (not
-        ``pad_id``, which changes no log-probability): equal for equal data on any machine."""
+        """A stable hex digest of the token ids, source rows, truncation settings and shard
+        layout (not ``pad_id``, which changes no log-probability): equal for equal data on any
+        machine and any number of hosts. With several shards it hashes the shards' digests."""
+        if self.num_shards > 1:
+            digest = hashlib.blake2b(digest_size=16)
+            header = {"format": "sgpo_jax.TokenizedPairs/shards", "shard_sizes": list(self.shard_sizes)}
+            digest.update(json.dumps(header, sort_keys=True).encode())
+            for shard in self.shard_digests:
+                digest.update(shard.encode())
+            return digest.hexdigest()
         digest = hashlib.blake2b(digest_size=16)
         header = {"format": "sgpo_jax.TokenizedPairs/1", "max_length": self.max_length,
                   "max_prompt_length": self.max_prompt_length, "pairs": len(self)}
@@ -122,6 +200,68 @@ class TokenizedPairs:
             for a in arrays:
                 digest.update(np.asarray(a, "<i4").tobytes())
         return digest.hexdigest()
+
+    def head(self, n: int) -> "TokenizedPairs":
+        """The first ``n`` pairs (one shard, all held)."""
+        if self.num_shards > 1:
+            raise ValueError("head() of sharded pairs: pass limit to from_shards instead")
+        return dataclasses.replace(self, prompt_ids=self.prompt_ids[:n], chosen_ids=self.chosen_ids[:n],
+                                   rejected_ids=self.rejected_ids[:n], rows=self.rows[:n])
+
+    @classmethod
+    def from_shards(cls, parts: Dict[int, "TokenizedPairs"], num_shards: int,
+                    allgather: Callable[[Any], List[Any]], *, limit: int = 0) -> "TokenizedPairs":
+        """Pairs split into ``num_shards`` shards from each host's tokenized shards; a collective.
+
+        Args:
+          parts: ``{shard: its pairs}`` for the consecutive shards this host tokenized (each a
+            one-shard ``TokenizedPairs``, e.g. :func:`tokenize_preferences` of
+            ``load_preferences(..., shard=(shard, num_shards))``; may be empty).
+          num_shards: ``S``; together the hosts must have tokenized every shard.
+          allgather: ``obj -> [every process's obj]`` (e.g.
+            :func:`sgpo_jax.distributed.allgather_objects`; ``lambda x: [x]`` in one process).
+          limit: keep only the first ``limit`` pairs in source-row order (0: all), so the kept
+            pairs do not depend on ``S``.
+
+        Two all-gathers of per-pair metadata (rows, then lengths and the shards' digests); the
+        token ids stay where they were tokenized. With ``S = 1`` the result is the shard itself
+        (cut to ``limit``).
+
+        Raises ``ValueError`` if a shard is missing on every host, or no pair is left.
+        """
+        if num_shards == 1:
+            return parts[0].head(limit) if limit else parts[0]
+        held = sorted(parts)
+        if held and held != list(range(held[0], held[-1] + 1)):
+            raise ValueError(f"each host must tokenize consecutive shards, got {held}")
+        rows_by_shard: Dict[int, np.ndarray] = {}
+        for host in allgather({s: np.asarray(p.rows, np.int64) for s, p in parts.items()}):
+            rows_by_shard.update(host)
+        missing = sorted(set(range(num_shards)) - set(rows_by_shard))
+        if missing:
+            raise ValueError(f"no host tokenized data shards {missing} of {num_shards}")
+        if limit:
+            every = np.sort(np.concatenate([rows_by_shard[s] for s in range(num_shards)]))
+            if limit < every.size:
+                cutoff = every[limit - 1]  # rows are distinct: exactly `limit` rows are <= cutoff
+                parts = {s: p.head(int(np.sum(p.rows <= cutoff))) for s, p in parts.items()}
+                rows_by_shard = {s: r[r <= cutoff] for s, r in rows_by_shard.items()}
+        info: Dict[int, Tuple[str, np.ndarray]] = {}
+        for host in allgather({s: (p.fingerprint(), p.pair_lengths()) for s, p in parts.items()}):
+            info.update(host)
+        sizes = tuple(int(rows_by_shard[s].size) for s in range(num_shards))
+        if not sum(sizes):
+            raise ValueError("no usable pairs in any data shard")
+        some = next(iter(parts.values())) if parts else None
+        if some is None:
+            raise ValueError("every host must tokenize at least one data shard")
+        pick = lambda field: [x for s in held for x in getattr(parts[s], field)]
+        return cls(prompt_ids=pick("prompt_ids"), chosen_ids=pick("chosen_ids"), rejected_ids=pick("rejected_ids"),
+                   rows=np.concatenate([rows_by_shard[s] for s in range(num_shards)]).astype(np.int64),
+                   max_length=some.max_length, max_prompt_length=some.max_prompt_length, pad_id=some.pad_id,
+                   shard_sizes=sizes, held=(held[0], held[-1] + 1),
+                   lengths=np.concatenate([info[s][1] for s in range(num_shards)]).astype(np.int64),
+                   shard_digests=tuple(info[s][0] for s in range(num_shards)))
 
 
 def plain_prompt(messages: Sequence[Dict[str, str]]) -> str:
@@ -150,6 +290,7 @@ def tokenize_preferences(
     on_bad_row: str = "error",
     source_name: str = "dataset",
     chunk_size: int = 1000,
+    allow_empty: bool = False,
 ) -> Tuple[TokenizedPairs, BadRowReport]:
     """Tokenizes and truncates normalized rows (see the module docstring).
 
@@ -162,10 +303,13 @@ def tokenize_preferences(
       on_bad_row: ``"error"`` raises on the first bad row; ``"skip"`` drops and reports them.
       source_name: the file or dataset name used in messages.
       chunk_size: rows tokenized per call of the tokenizer.
+      allow_empty: return no pairs instead of raising when no row is usable (one data shard of
+        several may be empty).
 
     Returns ``(pairs, report)``, the pairs in row order.
 
-    Raises ``ValueError`` on a bad row (``"error"``), when no row is usable, or on bad arguments.
+    Raises ``ValueError`` on a bad row (``"error"``), when no row is usable (unless
+    ``allow_empty``), or on bad arguments.
     """
     if not 1 <= max_prompt_length <= max_length:
         raise ValueError(f"need 1 <= max_prompt_length <= max_length, got {max_prompt_length} and {max_length}")
@@ -209,7 +353,7 @@ def tokenize_preferences(
                 else:
                     report.add(bad)
             bar.update(len(batch["row"]))
-    if not rows:
+    if not rows and not allow_empty:
         raise ValueError(f"no usable rows in {report}")
     pad = tokenizer.pad_token_id
     pairs = TokenizedPairs(prompt_ids=prompts, chosen_ids=chosen, rejected_ids=rejected,
