@@ -48,7 +48,7 @@ def test_resumes_at_every_stage_without_redoing_work(files, tmp_path, monkeypatc
         return annotate(*args, **{**kwargs, "on_batch": record})
 
     monkeypatch.setattr(annotate_lib, "annotate", recording_annotate)
-    straight = train_lib.train(config, tmp_path / "straight")
+    train_lib.train(config, tmp_path / "straight")
     assert len(generated) == 4 and len(set(generated)) == 4  # 2 rounds x 2 batches of 8 prompts
     straight_batches = list(generated)
 
