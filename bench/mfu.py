@@ -37,7 +37,7 @@ layers it is not comparable), compile time, compiled memory
 (``memory_analysis``), the device's peak bytes in use, and the memory planner's estimate.
 
 Imports only ``sgpo_jax.models``, ``step``, ``losses``, ``follower``, ``sharding`` (and
-``sgpo_jax.memory`` when present): no ott, ml_collections or datasets.
+``sgpo_jax.training.memory`` when present): no ott, ml_collections or datasets.
 
     python bench/mfu.py                         # TinyLlama-1.1B shape, 8 pairs x 1024 tokens, remat
     python bench/mfu.py --preset=tiny           # a seconds-long CPU smoke run
@@ -130,9 +130,10 @@ def main(argv=None):
     import numpy as np
     import optax
 
-    from sgpo_jax import sharding
+    from sgpo_jax.parallel import mesh as mesh_lib
+    from sgpo_jax.parallel import sharding
     from sgpo_jax.models import Decoder, DecoderConfig, decoder_logps_fn
-    from sgpo_jax.step import PreferenceBatch, SGPOConfig, TrainState, make_sgpo_step
+    from sgpo_jax.core.step import PreferenceBatch, SGPOConfig, TrainState, make_sgpo_step
 
     fields = dict(PRESETS[args.preset])
     if args.layers:
@@ -142,7 +143,7 @@ def main(argv=None):
                         dtype=jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.param_dtype),
                         remat=args.remat, scan_layers=args.scan, **extra)
     devices = jax.local_devices()
-    mesh = sharding.make_mesh(*(int(x) for x in args.mesh.split(",")), devices=devices)
+    mesh = mesh_lib.make_mesh(*(int(x) for x in args.mesh.split(",")), devices=devices)
     model = Decoder(cfg)
     logps_fn = decoder_logps_fn(model, chunk_size=args.chunk)
     sgpo = SGPOConfig(mode=args.mode, beta=0.1, epsilon=0.01, num_tangents=6)
@@ -180,13 +181,13 @@ def main(argv=None):
 
     plan = None
     try:
-        from sgpo_jax import memory
+        from sgpo_jax.training import memory
 
         plan = memory.estimate(cfg, dict(mesh.shape), batch_size=args.pairs, seq_len=args.seq,
                                logps_chunk=args.chunk)
     except ImportError:
         pass
-    step = make_sgpo_step(mesh, state, batch_axes=sharding.BATCH_AXES, state_sharding=state_sharding)
+    step = make_sgpo_step(mesh, state, batch_axes=mesh_lib.BATCH_AXES, state_sharding=state_sharding)
     begin = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - begin

@@ -109,7 +109,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sgpo_jax.losses import sequence_logps  # noqa: E402
+from sgpo_jax.core.losses import sequence_logps  # noqa: E402
 from sgpo_jax.models import (  # noqa: E402
     DEFAULT_CHUNK_SIZE,
     Decoder,
@@ -339,7 +339,7 @@ def print_table(results, args, chunk):
     head = mem["head_only_xla_temp_bytes"]
     print("\nRSS: peak resident-set increase during one step over the RSS before it (heap trimmed "
           "first, sampled every ~0.2 ms).")
-    print(f"\nlog-prob head alone (value+grad from [B,T,H] hidden states), XLA temp: " + ", ".join(
+    print("\nlog-prob head alone (value+grad from [B,T,H] hidden states), XLA temp: " + ", ".join(
         f"{k} {v / MB:.0f} MB ({v / head['naive']:.2f}x)" for k, v in head.items())
           + f"; one float32 [B,T,V] logits array is {mem['float32_logits_bytes'] / MB:.0f} MB")
     print("\nagreement (vs " + ("torch" if base else "jax chunked") + "): " + ", ".join(

@@ -1,4 +1,4 @@
-r"""Benchmark: :func:`sgpo_jax.sampling.generate` vs transformers' PyTorch ``generate`` on CPU.
+r"""Benchmark: :func:`sgpo_jax.ssapo.sampling.generate` vs transformers' PyTorch ``generate`` on CPU.
 
 Both sample ``--new-tokens`` tokens after each of ``--batch`` prompts of ``--prompt`` random
 tokens (no padding) from the same model: our :class:`~sgpo_jax.models.Decoder` with a random
@@ -74,7 +74,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sgpo_jax.models import Decoder, params_to_hf_state_dict  # noqa: E402
-from sgpo_jax.sampling import generate  # noqa: E402
+from sgpo_jax.ssapo.sampling import generate  # noqa: E402
 
 
 def time_interleaved(calls, warmup, iters):

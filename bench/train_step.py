@@ -170,7 +170,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from sgpo_jax import losses as losses_lib  # noqa: E402
+from sgpo_jax.core import losses as losses_lib  # noqa: E402
 from sgpo_jax.models import (  # noqa: E402
     DEFAULT_CHUNK_SIZE,
     Decoder,
@@ -178,7 +178,7 @@ from sgpo_jax.models import (  # noqa: E402
     decoder_logps_fn,
     params_to_hf_state_dict,
 )
-from sgpo_jax.step import PreferenceBatch, SGPOConfig, TrainState, sgpo_step  # noqa: E402
+from sgpo_jax.core.step import PreferenceBatch, SGPOConfig, TrainState, sgpo_step  # noqa: E402
 
 EOS_ID, PAD_ID, UNK_ID = 2, 2, 0  # token ids of the word-level tokenizer built for TRL
 FIRST_WORD_ID = 3
@@ -676,7 +676,7 @@ def diag_breakdown(args, methods, rows, model, params, ref_params, cached, fns, 
     ``log_softmax`` + ``gather``, the fused AdamW step)."""
     import dataclasses
 
-    from sgpo_jax import follower as follower_lib
+    from sgpo_jax.core import follower as follower_lib
 
     best = _best_ours(rows, methods)
     if best is None:

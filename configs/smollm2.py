@@ -14,7 +14,7 @@ every round. Scale it up with e.g. --config.ssapo.pool_sizes='(200, 200)' --conf
 """
 
 from sgpo_jax.config import base_config
-from sgpo_jax.instructions import ASSETS_DIR
+from sgpo_jax.ssapo.instructions import ASSETS_DIR
 
 
 def get_config():

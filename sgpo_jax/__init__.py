@@ -3,7 +3,7 @@
 Importing this package has no side effects (no device initialization, no flags).
 """
 
-from sgpo_jax.follower import (
+from sgpo_jax.core.follower import (
     SmoothWorstCase,
     WorstCase,
     entropic_worst_case,
@@ -11,8 +11,8 @@ from sgpo_jax.follower import (
     w1_certificate,
     worst_case,
 )
-from sgpo_jax.losses import authors_weighted_loss, dpo_loss, sgpo_loss
-from sgpo_jax.step import PreferenceBatch, SGPOConfig, TrainState, make_sgpo_step, sgpo_step
+from sgpo_jax.core.losses import authors_weighted_loss, dpo_loss, sgpo_loss
+from sgpo_jax.core.step import PreferenceBatch, SGPOConfig, TrainState, make_sgpo_step, sgpo_step
 
 __all__ = [
     "PreferenceBatch",

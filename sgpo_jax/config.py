@@ -33,7 +33,7 @@ sgpo.follower       "step" (exact follower on each batch, on-device), "epoch" (o
                     authors do per SSAPO round; needs chosen_reward/rejected_reward columns)
 sgpo.annotation_scale  the authors' 0.1 in sigmoid(0.1 * reward gap)
 sgpo.leader_loss    "" = sgpo.loss; "neg_log" pairs the authors' tangent follower with -log p
-ssapo.*             the self-annotation loop (train.mode="ssapo", see sgpo_jax/pipeline.py):
+ssapo.*             the self-annotation loop (train.mode="ssapo", see sgpo_jax/ssapo/pipeline.py):
   prompts           JSONL/JSON file of {"prompt": str} rows for the round pools; "" = the prompts of
                     data.source rows left after the seed (the authors' UltraFeedback split)
   seed_size, pool_sizes   labeled seed pairs taken from data.source; prompts per round (T rounds)
@@ -56,7 +56,22 @@ checkpoint.directory  "" = workdir/checkpoints; else a shared path or gs:// URL 
 export              write the final policy as a Hugging Face checkpoint (workdir/export)
 """
 
+from pathlib import Path
+from typing import List, Optional
+
+import jax
 from ml_collections import ConfigDict
+
+from sgpo_jax.core.step import SGPOConfig
+from sgpo_jax.data.pairs import data_shards
+from sgpo_jax.data.split import SELECTIONS
+from sgpo_jax.ssapo.annotate import STRATEGIES
+
+__all__ = ["FOLLOWERS", "MODES", "SSAPO_REFERENCES", "base_config", "seven_to_eight_b", "sgpo_config", "validate"]
+
+MODES = ("dpo", "sgpo", "ssapo")
+FOLLOWERS = ("step", "epoch", "annotation")
+SSAPO_REFERENCES = ("previous", "initial")  # the reference policy of SSAPO round t: pi_{t-1} or pi_0
 
 
 def base_config() -> ConfigDict:
@@ -123,3 +138,97 @@ def seven_to_eight_b(c: ConfigDict) -> ConfigDict:
     c.ssapo.generation_batch_size = 64
     c.sgpo.follower = "annotation"
     return c
+
+
+def sgpo_config(config: ConfigDict, mode: Optional[str] = None) -> SGPOConfig:
+    """The step's static settings from the ``train`` and ``sgpo`` groups (``mode`` overrides
+    ``train.mode``, e.g. ``"dpo"`` for SSAPO's seed round)."""
+    t, s = config.train, config.sgpo
+    return SGPOConfig(
+        mode=mode or t.mode, beta=t.beta, label_smoothing=t.label_smoothing, space=s.space, loss=s.loss,
+        leader_loss=s.leader_loss or None, num_tangents=s.num_tangents, epsilon=s.epsilon,
+        window_tau=s.window_tau, variant=s.variant, micro_batches=t.micro_batches,
+    )
+
+
+def validate(config: ConfigDict) -> None:
+    """Checks the whole config up front; raises ValueError listing every problem at once."""
+    problems = _train_problems(config)
+    if config.train.mode == "ssapo":
+        problems.extend(_ssapo_problems(config))
+    try:
+        sgpo_config(config, mode="sgpo" if config.train.mode == "ssapo" else None)
+    except ValueError as err:
+        problems.append(str(err))
+    if problems:
+        raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _train_problems(config: ConfigDict) -> List[str]:
+    problems = []
+    t, d = config.train, config.data
+    if t.mode not in MODES:
+        problems.append(f"train.mode must be 'dpo', 'sgpo' or 'ssapo', got {t.mode!r}")
+    if not config.data.source and t.mode != "ssapo":
+        problems.append("data.source is empty: give a hub dataset name or local .json/.jsonl/.parquet file")
+    if t.batch_size < 1 or t.batch_size % t.micro_batches:
+        problems.append(f"train.batch_size ({t.batch_size}) must be a positive multiple of train.micro_batches ({t.micro_batches})")
+    if t.epochs < 1 and t.max_steps < 1:
+        problems.append("train.epochs or train.max_steps must be >= 1")
+    if not t.learning_rate > 0:
+        problems.append(f"train.learning_rate must be > 0, got {t.learning_rate}")
+    if not 0 <= t.warmup_ratio < 1:
+        problems.append(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if d.limit < 0:
+        problems.append(f"data.limit must be >= 0 (0 = every pair), got {d.limit}")
+    if d.shards < 0:
+        problems.append(f"data.shards must be >= 0 (0 = one per process), got {d.shards}")
+    else:
+        shards = data_shards(d)
+        for name in ("batch_size", "reference_batch_size"):
+            size = t[name]
+            if size < 1 or size % shards or size % jax.process_count():
+                problems.append(f"train.{name} ({size}) must be a multiple of the number of data shards ({shards}, "
+                                f"data.shards={d.shards}) and of the process count ({jax.process_count()})")
+    if d.max_prompt_length >= d.max_length:
+        problems.append(f"data.max_prompt_length ({d.max_prompt_length}) must be < data.max_length ({d.max_length})")
+    if config.sgpo.follower not in FOLLOWERS:
+        problems.append(f"sgpo.follower must be one of {FOLLOWERS}, got {config.sgpo.follower!r}")
+    if not config.sgpo.annotation_scale > 0:
+        problems.append(f"sgpo.annotation_scale must be > 0, got {config.sgpo.annotation_scale}")
+    if config.checkpoint.every < 1:
+        problems.append(f"checkpoint.every must be >= 1, got {config.checkpoint.every}")
+    return problems
+
+
+def _ssapo_problems(config: ConfigDict) -> List[str]:
+    """The ``ssapo`` and ``eval`` settings' problems."""
+    s, problems = config.ssapo, []
+    if not config.data.source:
+        problems.append("data.source is empty: ssapo needs labeled seed pairs (a .json/.jsonl/.parquet file "
+                        "or hub dataset)")
+    if s.seed_size < 1:
+        problems.append(f"ssapo.seed_size must be >= 1, got {s.seed_size}")
+    if any(size < 1 for size in s.pool_sizes):
+        problems.append(f"ssapo.pool_sizes must all be >= 1, got {tuple(s.pool_sizes)}")
+    if s.seed_selection not in SELECTIONS:
+        problems.append(f"ssapo.seed_selection must be one of {SELECTIONS}, got {s.seed_selection!r}")
+    if not 0 <= s.seed_label_noise <= 1:
+        problems.append(f"ssapo.seed_label_noise must be in [0, 1], got {s.seed_label_noise}")
+    if s.strategy not in STRATEGIES:
+        problems.append(f"ssapo.strategy must be one of {STRATEGIES}, got {s.strategy!r}")
+    if s.reference not in SSAPO_REFERENCES:
+        problems.append(f"ssapo.reference must be one of {SSAPO_REFERENCES}, got {s.reference!r}")
+    if s.round_mode not in ("dpo", "sgpo"):
+        problems.append(f"ssapo.round_mode must be 'dpo' or 'sgpo', got {s.round_mode!r}")
+    if s.num_samples < 2:
+        problems.append(f"ssapo.num_samples must be >= 2 (a pair needs two samples), got {s.num_samples}")
+    if s.max_new_tokens < 1 or s.generation_batch_size < 1:
+        problems.append("ssapo.max_new_tokens and ssapo.generation_batch_size must be >= 1")
+    if s.seed_epochs < 1:
+        problems.append(f"ssapo.seed_epochs must be >= 1, got {s.seed_epochs}")
+    if config.eval.tasks and config.eval.tasks != "heldout" and not Path(config.eval.tasks).is_file():
+        problems.append(f"eval.tasks: {config.eval.tasks}: no such file ('heldout' = the bundled tasks, '' = no eval)")
+    if s.prompts and not Path(s.prompts).is_file():
+        problems.append(f"ssapo.prompts: {s.prompts}: no such file")
+    return problems

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sgpo_jax.losses import sequence_logps
-from sgpo_jax.step import PreferenceBatch, SGPOConfig, TrainState, sgpo_step
+from sgpo_jax.core.losses import sequence_logps
+from sgpo_jax.core.step import PreferenceBatch, SGPOConfig, TrainState, sgpo_step
 
 
 class PrefixMeanLM(nn.Module):

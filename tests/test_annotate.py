@@ -1,9 +1,9 @@
-"""Self-annotation (:mod:`sgpo_jax.annotate`) and prompt encoding (:func:`sgpo_jax.data.encode_prompts`).
+"""Self-annotation (:mod:`sgpo_jax.ssapo.annotate`) and prompt encoding (:func:`sgpo_jax.data.encode_prompts`).
 
 Oracles are independent of the code under test: prompt ids written by hand from the chat template
 (and transformers' own ``apply_chat_template`` for SmolLM2); implicit rewards as float64 NumPy
 log-softmax sums over full forward passes of each *unpadded* sequence; pair selection by hand
-cases and by brute force over the samples; sampled tokens from :func:`sgpo_jax.sampling.generate`
+cases and by brute force over the samples; sampled tokens from :func:`sgpo_jax.ssapo.sampling.generate`
 called directly with the documented per-batch key. The model is a tiny random decoder over the
 word-level test tokenizer of ``test_data.py`` (``wK`` has id ``K + 8``).
 """
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from test_data import ASSISTANT, BOS, END, EOS, PAD, USER, make_tokenizer, w
 
-from sgpo_jax.annotate import (
+from sgpo_jax.ssapo.annotate import (
     DROP_EMPTY,
     DROP_IDENTICAL,
     annotate,
@@ -26,9 +26,10 @@ from sgpo_jax.annotate import (
     sample_batches,
     select_pairs,
 )
+from sgpo_jax.parallel import mesh as mesh_lib
 from sgpo_jax.data import encode_prompts, left_pad, tokenize_prompts
 from sgpo_jax.models import Decoder, DecoderConfig, decoder_logps_fn
-from sgpo_jax.sampling import GenerationOutput, generate
+from sgpo_jax.ssapo.sampling import GenerationOutput, generate
 
 TOKENIZER = make_tokenizer()
 VOCAB = len(TOKENIZER)
@@ -256,7 +257,7 @@ def test_annotate_is_deterministic_by_seed_and_resumes_by_batch(policy, ref, ful
 
 def test_dropped_prompts_are_reported_with_reasons(policy, ref, caplog):
     settings = dict(SETTINGS, temperature=0.0, num_samples=2)
-    with caplog.at_level(logging.WARNING, logger="sgpo_jax.annotate"):
+    with caplog.at_level(logging.WARNING, logger="sgpo_jax.ssapo.annotate"):
         rows = annotate(MODEL, policy, ref, TOKENIZER, PROMPTS, progress=False, **settings)
     report = rows.report
     assert rows == [] and report.dropped == {DROP_IDENTICAL: 5} and report.num_dropped == 5
@@ -319,10 +320,10 @@ def test_bad_arguments_are_named(policy, ref):
 def test_sharded_params_split_generation_and_scoring_over_the_mesh(policy, ref, full_run, monkeypatch):
     """With the params on a (data 2, fsdp 1, tensor 4) mesh, each batch's prompts are split over
     the data axis for generation and scoring, and the rows equal the single-device run's."""
-    from sgpo_jax import annotate as annotate_lib
-    from sgpo_jax import sharding
+    from sgpo_jax.ssapo import annotate as annotate_lib
+    from sgpo_jax.parallel import sharding
 
-    mesh = sharding.make_mesh(2, 1, 4)
+    mesh = mesh_lib.make_mesh(2, 1, 4)
     specs = []
     real_generate = annotate_lib.generate
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sgpo_jax.train import validate
+from sgpo_jax.config import validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

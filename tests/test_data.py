@@ -26,7 +26,7 @@ from sgpo_jax.data import (
     tokenize_preferences,
 )
 from sgpo_jax.data import loading
-from sgpo_jax.step import PreferenceBatch
+from sgpo_jax.core.step import PreferenceBatch
 
 PAD, BOS, EOS, UNK, SYSTEM, USER, ASSISTANT, END = range(8)
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]

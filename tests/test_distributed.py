@@ -56,13 +56,14 @@ def rehearsal_ssapo_config(files, shards=0):
 
 def worker(spec: dict) -> None:
     """One of the two processes: start jax.distributed, train, resume, report."""
-    from sgpo_jax import distributed
+    from sgpo_jax.parallel import distributed
 
     cluster = distributed.initialize(spec["coordinator"], spec["num_processes"], spec["process_id"])
     import jax
 
-    from sgpo_jax import sharding
+    from sgpo_jax.parallel import sharding
     from sgpo_jax import train as train_lib
+    from sgpo_jax.data.pairs import load_pairs
 
     report = {"cluster": [cluster.num_processes, cluster.process_id, cluster.source],
               "devices": [jax.device_count(), jax.local_device_count()]}
@@ -78,9 +79,9 @@ def worker(spec: dict) -> None:
                                         spec["resume_workdir"])["step"]
     # A mesh whose tensor axis spans the hosts puts the same batch rows on both hosts: refused.
     devices = sorted(jax.devices(), key=lambda d: (d.id % 4, d.process_index))  # p0d0, p1d0, p0d1, ...
-    mesh = sharding.make_mesh(1, 4, 2, devices=devices)
+    mesh = mesh_lib.make_mesh(1, 4, 2, devices=devices)
     try:
-        distributed.check_batch_layout(sharding.batch_sharding(mesh), 8)
+        mesh_lib.check_batch_layout(sharding.batch_sharding(mesh), 8)
         report["layout_error"] = None
     except ValueError as err:
         report["layout_error"] = str(err)
@@ -88,11 +89,11 @@ def worker(spec: dict) -> None:
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(tok)
-    pairs, _ = train_lib.load_pairs(run_config(tok, data, FIRST_MESH).data, tokenizer)
+    pairs, _ = load_pairs(run_config(tok, data, FIRST_MESH).data, tokenizer)
     report["pairs"] = dict(num_shards=pairs.num_shards, held=list(pairs.held_shards), held_pairs=len(pairs.prompt_ids),
                            rows=pairs.rows.tolist(), fingerprint=pairs.fingerprint())
     try:  # a bad row in process 1's shard only
-        train_lib.load_pairs(run_config(tok, spec["bad_data"], FIRST_MESH).data, tokenizer)
+        load_pairs(run_config(tok, spec["bad_data"], FIRST_MESH).data, tokenizer)
         report["bad_row"] = None
     except Exception as err:
         report["bad_row"] = [type(err).__name__, str(err)]
@@ -112,8 +113,9 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from sgpo_jax import distributed, sharding  # noqa: E402
-from sgpo_jax.checkpoint import Checkpointer, checkpoint_path  # noqa: E402
+from sgpo_jax.parallel import distributed, sharding  # noqa: E402
+from sgpo_jax.parallel import mesh as mesh_lib  # noqa: E402
+from sgpo_jax.training.checkpoint import Checkpointer, checkpoint_path  # noqa: E402
 
 
 def test_detect_reads_flags_env_and_slurm_in_that_order():
@@ -171,14 +173,14 @@ def test_initialize_is_a_no_op_for_one_process():
 
 
 def test_split_mesh_shape_keeps_tensor_inside_a_host():
-    assert distributed.split_mesh_shape((2, 8, 1), 8, 2) == ((1, 8, 1), (2, 1, 1))  # HSDP
-    assert distributed.split_mesh_shape((1, 16, 1), 8, 2) == ((1, 8, 1), (1, 2, 1))  # FSDP over both
-    assert distributed.split_mesh_shape((2, 2, 2), 4, 2) == ((1, 2, 2), (2, 1, 1))
-    assert distributed.split_mesh_shape((4, 2, 2), 4, 4) == ((1, 2, 2), (4, 1, 1))
+    assert mesh_lib.split_mesh_shape((2, 8, 1), 8, 2) == ((1, 8, 1), (2, 1, 1))  # HSDP
+    assert mesh_lib.split_mesh_shape((1, 16, 1), 8, 2) == ((1, 8, 1), (1, 2, 1))  # FSDP over both
+    assert mesh_lib.split_mesh_shape((2, 2, 2), 4, 2) == ((1, 2, 2), (2, 1, 1))
+    assert mesh_lib.split_mesh_shape((4, 2, 2), 4, 4) == ((1, 2, 2), (4, 1, 1))
     with pytest.raises(ValueError, match=r"mesh.tensor=8 does not divide the 4 devices of a host"):
-        distributed.split_mesh_shape((1, 1, 8), 4, 2)
+        mesh_lib.split_mesh_shape((1, 1, 8), 4, 2)
     with pytest.raises(ValueError, match="but there are 2 hosts x 4 devices = 8"):
-        distributed.split_mesh_shape((2, 2, 1), 4, 2)
+        mesh_lib.split_mesh_shape((2, 2, 1), 4, 2)
 
 
 class _Device:
@@ -199,15 +201,15 @@ class _Sharding:
 
 def test_check_batch_layout_refuses_hosts_that_share_rows():
     good = _Sharding([(0, 0, 2), (0, 2, 4), (1, 4, 6), (1, 6, 8)])
-    distributed.check_batch_layout(good, 8)
+    mesh_lib.check_batch_layout(good, 8)
     interleaved = _Sharding([(0, 0, 2), (1, 2, 4), (0, 4, 6), (1, 6, 8)])
     with pytest.raises(ValueError, match=r"process 0's devices hold batch rows \[0, 1, 4, 5\] instead of its own "
                                          r"block \[0, 4\)"):
-        distributed.check_batch_layout(interleaved, 8)
+        mesh_lib.check_batch_layout(interleaved, 8)
 
 
 def test_host_helpers_in_one_process():
-    mesh = sharding.make_mesh(1, 8, 1)
+    mesh = mesh_lib.make_mesh(1, 8, 1)
     assert [d.id for d in mesh.devices.reshape(-1)] == [d.id for d in jax.devices()]  # unchanged order
     x = jax.device_put(np.arange(16.0).reshape(8, 2), NamedSharding(mesh, P("fsdp")))
     rows, values = distributed.local_rows(x)
@@ -252,6 +254,8 @@ def rehearsal(tmp_path_factory):
     from tiny_run import write_pairs, write_ssapo_files, write_tokenizer
 
     from sgpo_jax import train as train_lib
+    from sgpo_jax.data.pairs import load_pairs
+    from sgpo_jax.models import load_model
 
     base = tmp_path_factory.mktemp("rehearsal")
     tok, data = write_tokenizer(base / "tokenizer"), write_pairs(base / "prefs.jsonl")
@@ -283,8 +287,8 @@ def rehearsal(tmp_path_factory):
             (dirs[name] / "metrics.jsonl").unlink()
         ready.touch()
         train_lib.train(run_config(tok, data, RESUME_MESH, RESUMED_STEPS, shards=2), dirs["resume_single"])
-        single_pairs, _ = train_lib.load_pairs(run_config(tok, data, FIRST_MESH, shards=2).data,
-                                               train_lib.load_model(run_config(tok, data, FIRST_MESH).model)[2])
+        single_pairs, _ = load_pairs(run_config(tok, data, FIRST_MESH, shards=2).data,
+                                               load_model(run_config(tok, data, FIRST_MESH).model)[2])
         ssapo_rounds = train_lib.train(rehearsal_ssapo_config(files, shards=2), dirs["ssapo_single"])["rounds"]
         deadline = time.monotonic() + 600
         for proc in procs:
@@ -347,17 +351,18 @@ def test_two_process_checkpoint_restores_on_one_process_and_another_mesh(rehears
 
     from tiny_run import tiny
 
-    from sgpo_jax import train as train_lib
+    from sgpo_jax.models import load_model
+    from sgpo_jax.training import trainer as trainer_lib
     from sgpo_jax.models import Decoder
-    from sgpo_jax.step import SGPOConfig, TrainState
+    from sgpo_jax.core.step import SGPOConfig, TrainState
 
     config = tiny(rehearsal["tokenizer"], rehearsal["data"])
-    cfg, params, _ = train_lib.load_model(config.model)
-    tx, _ = train_lib.make_optimizer(config.train, STEPS)
+    cfg, params, _ = load_model(config.model)
+    tx, _ = trainer_lib.make_optimizer(config.train, STEPS)
 
     def restore(workdir, mesh_shape):
         """As train() resumes: a fresh state placed on the new mesh is the restore target."""
-        mesh = sharding.make_mesh(*mesh_shape)
+        mesh = mesh_lib.make_mesh(*mesh_shape)
         state = TrainState.create(apply_fn=Decoder(cfg).apply, params=params, tx=tx, config=SGPOConfig(),
                                   rng=jax.random.PRNGKey(0))
         state = jax.device_put(state, sharding.param_sharding(state, mesh))
@@ -429,9 +434,9 @@ def test_two_processes_run_the_ssapo_loop_like_one(rehearsal):
     # while training moves the weights by more than 1e-2.
     final = _exported(dirs["ssapo_single"])
     _assert_trees_close(final, _exported(dirs["ssapo_multi"]), atol=1e-3)
-    from sgpo_jax import train as train_lib
+    from sgpo_jax.models import load_model
 
-    initial = train_lib.load_model(rehearsal_ssapo_config(rehearsal["ssapo_files"]).model)[1]
+    initial = load_model(rehearsal_ssapo_config(rehearsal["ssapo_files"]).model)[1]
     moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                 for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(final)))
     assert moved > 1e-2

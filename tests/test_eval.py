@@ -1,4 +1,4 @@
-"""Evaluation (:mod:`sgpo_jax.eval`) against hand counts and independent oracles: pass rates on
+"""Evaluation (:mod:`sgpo_jax.ssapo.eval`) against hand counts and independent oracles: pass rates on
 hand-made tasks and responses, greedy generation against step-by-step argmax of full forward
 passes, the AlpacaEval / FastChat file schemas, and win rates with deterministic fake judges.
 """
@@ -13,7 +13,7 @@ import pytest
 from test_data import EOS, make_tokenizer
 
 from sgpo_jax.data import tokenize_prompts
-from sgpo_jax.eval import (
+from sgpo_jax.ssapo.eval import (
     evaluate_heldout,
     export_alpaca_eval,
     export_mt_bench_answers,
@@ -21,7 +21,7 @@ from sgpo_jax.eval import (
     instruction_pass_rate,
     pairwise_win_rate,
 )
-from sgpo_jax.instructions import EndWith, IncludeKeywords, Lowercase, MaxWords, NoCommas, VerifiableTask
+from sgpo_jax.ssapo.instructions import EndWith, IncludeKeywords, Lowercase, MaxWords, NoCommas, VerifiableTask
 from sgpo_jax.models import Decoder, DecoderConfig
 
 TOKENIZER = make_tokenizer()
@@ -89,7 +89,7 @@ def test_generate_responses_is_greedy_and_independent_of_batching(params):
 def test_evaluate_heldout_scores_its_responses(params):
     result = evaluate_heldout(MODEL, params, TOKENIZER, max_new_tokens=2, batch_size=100, progress=False)
     assert result["num_prompts"] == len(result["responses"]) == len(result["prompts"]) == 100
-    from sgpo_jax.instructions import ASSETS_DIR, HELDOUT, load_tasks
+    from sgpo_jax.ssapo.instructions import ASSETS_DIR, HELDOUT, load_tasks
 
     tasks = load_tasks(ASSETS_DIR / HELDOUT)
     assert result["prompts"] == [t.prompt for t in tasks]

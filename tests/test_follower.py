@@ -19,7 +19,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lp_oracle import ball_dual_lp, paper_lp, transport_lp
-from sgpo_jax.follower import (
+from sgpo_jax.core.follower import (
     entropic_worst_case,
     make_loss,
     margin_window,

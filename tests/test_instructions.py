@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from sgpo_jax import instructions as vi
+from sgpo_jax.ssapo import instructions as vi
 from sgpo_jax.data import NORMALIZED_FEATURES, load_preferences
-from sgpo_jax.instructions import (
+from sgpo_jax.ssapo.instructions import (
     AvoidWord, BulletPoints, EndWith, IncludeKeywords, JsonFormat, Lowercase, MaxSentences, MaxWords, MinWords,
     NoCommas, Postscript, StartWith, Title, Uppercase, VerifiableTask, WrapInQuotes,
 )

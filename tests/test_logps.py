@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sgpo_jax.losses import sequence_logps
+from sgpo_jax.core.losses import sequence_logps
 from sgpo_jax.models import (
     Decoder,
     DecoderConfig,

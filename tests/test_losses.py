@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sgpo_jax import losses
-from sgpo_jax.follower import worst_case
+from sgpo_jax.core import losses
+from sgpo_jax.core.follower import worst_case
 
 
 def _logsigmoid(x):

@@ -15,9 +15,11 @@ import numpy as np
 import optax
 import pytest
 
-from sgpo_jax import memory, sharding
+from sgpo_jax.training import memory
+from sgpo_jax.parallel import mesh as mesh_lib
+from sgpo_jax.parallel import sharding
 from sgpo_jax.models import Decoder, DecoderConfig, decoder_logps_fn
-from sgpo_jax.step import PreferenceBatch, SGPOConfig, TrainState, make_sgpo_step
+from sgpo_jax.core.step import PreferenceBatch, SGPOConfig, TrainState, make_sgpo_step
 
 TOLERANCE = 1.5  # estimate / measured in [1 / 1.5, 1.5]
 CHUNK = 32
@@ -42,7 +44,7 @@ def measured(name):
         return _MEASURED[name]
     overrides, mesh_shape, pairs, length, parts = CASES[name]
     cfg = DecoderConfig(**{**BASE, **overrides})
-    mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
+    mesh = mesh_lib.make_mesh(*mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
     model = Decoder(cfg)
     ids = jnp.zeros((1, 2), jnp.int32)
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids)))
@@ -53,7 +55,7 @@ def measured(name):
     tokens = jax.ShapeDtypeStruct((pairs, length), jnp.int32)
     scalars = jax.ShapeDtypeStruct((pairs,), jnp.float32)
     batch = PreferenceBatch(tokens, tokens, tokens, tokens, tokens, tokens, scalars, scalars, scalars)
-    step = make_sgpo_step(mesh, state, batch_axes=sharding.BATCH_AXES,
+    step = make_sgpo_step(mesh, state, batch_axes=mesh_lib.BATCH_AXES,
                           state_sharding=sharding.param_sharding(state, mesh))
     m = step.lower(state, batch).compile().memory_analysis()
     peak = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import transformers
 
-from sgpo_jax import sharding
+from sgpo_jax.parallel import sharding
+from sgpo_jax.parallel import mesh as mesh_lib
 from sgpo_jax.models import (
     Decoder,
     DecoderConfig,
@@ -255,7 +256,7 @@ def test_blocked_attention_sharded_equals_unsharded():
     ids = ids % 96
     model = Decoder(cfg)
     expected = np.asarray(jax.jit(Decoder(dataclasses.replace(cfg, attention_block=0)).apply)(params, ids, mask))
-    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    mesh = mesh_lib.make_mesh(data=2, fsdp=2, tensor=2)
     batch = sharding.batch_sharding(mesh)
     with sharding.activation_sharding(mesh):
         logits = jax.jit(model.apply)(sharding.shard_params(params, mesh), jax.device_put(ids, batch),

@@ -9,11 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from sgpo_jax import annotate as annotate_lib
-from sgpo_jax import pipeline
+from sgpo_jax.ssapo import annotate as annotate_lib
 from sgpo_jax import train as train_lib
+from sgpo_jax.data.split import make_split, seed_rows_jsonl
+from sgpo_jax.models import Decoder, load_model
+from sgpo_jax.training.metrics import MetricsLog
 from sgpo_jax.data import load_preferences
-from sgpo_jax.instructions import load_tasks
+from sgpo_jax.ssapo.instructions import load_tasks
 from sgpo_jax.models import from_pretrained
 
 from tiny_run import ssapo_config, write_ssapo_files
@@ -60,7 +62,7 @@ def test_resumes_at_every_stage_without_redoing_work(files, tmp_path, monkeypatc
     assert generated == straight_batches[:1]
     assert len(list((tmp_path / "resumed" / "round_1" / "generations").glob("batch_*.jsonl"))) == 1
 
-    write = train_lib._MetricsLog.write
+    write = MetricsLog.write
 
     def preempt_in_round_2(self, step, metrics):
         write(self, step, metrics)
@@ -68,12 +70,12 @@ def test_resumes_at_every_stage_without_redoing_work(files, tmp_path, monkeypatc
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(annotate_lib, "annotate", recording_annotate)
-    monkeypatch.setattr(train_lib._MetricsLog, "write", preempt_in_round_2)
+    monkeypatch.setattr(MetricsLog, "write", preempt_in_round_2)
     generated.clear()
     first = train_lib.train(config, tmp_path / "resumed")
     assert first["preempted"]
     assert generated == straight_batches[1:]  # round 1 batch 1, round 2 batches 0-1
-    monkeypatch.setattr(train_lib._MetricsLog, "write", write)
+    monkeypatch.setattr(MetricsLog, "write", write)
     generated.clear()
     second = train_lib.train(config, tmp_path / "resumed")
     assert not second["preempted"] and generated == []  # nothing regenerated after the preemption
@@ -123,16 +125,16 @@ def test_summary_rows_match_the_files_they_summarize(files, tmp_path):
 def test_seed_split_flips_exactly_the_requested_labels(files, tmp_path):
     config = ssapo_config(files, ssapo__seed_label_noise=0.25)
     dataset = load_preferences(files["data"])
-    split = pipeline.make_split(config, dataset, np.arange(len(dataset)), None, None, None)
+    split = make_split(config, dataset, np.arange(len(dataset)), None, None, None)
     assert len(split["seed_rows"]) == 16 and len(set(split["seed_rows"])) == 16
     assert sum(split["flipped"]) == 4 and [len(p) for p in split["pools"]] == [8, 8]
     source = [json.loads(l) for l in Path(files["data"]).open()]
-    for row, flipped in zip(pipeline.seed_rows_jsonl(dataset, split), split["flipped"]):
+    for row, flipped in zip(seed_rows_jsonl(dataset, split), split["flipped"]):
         original = source[row["source_row"]]
         expect = (original["rejected"], original["chosen"]) if flipped else (original["chosen"], original["rejected"])
         assert (row["chosen"], row["rejected"]) == expect
     config.ssapo.prompts = ""  # the pools come from the rows left after the seed, as conversations
-    split = pipeline.make_split(config, dataset, np.arange(len(dataset)), None, None, None)
+    split = make_split(config, dataset, np.arange(len(dataset)), None, None, None)
     pool_texts = [conversation[-1]["content"] for pool in split["pools"] for conversation in pool]
     rest = [source[r]["prompt"] for r in range(len(source)) if r not in set(split["seed_rows"])]
     assert len(pool_texts) == 16 and set(pool_texts) <= set(rest)
@@ -153,10 +155,10 @@ def test_farthest_point_seed_selection_uses_the_initial_models_prompt_states(fil
     from sgpo_jax.data.tokenize import encode_prompts
 
     config = ssapo_config(files, ssapo__seed_selection="fps", ssapo__seed_size=6)
-    cfg, params, tokenizer = train_lib.load_model(config.model)
-    model = train_lib.Decoder(cfg)
+    cfg, params, tokenizer = load_model(config.model)
+    model = Decoder(cfg)
     dataset = load_preferences(files["data"])
-    split = pipeline.make_split(config, dataset, np.arange(len(dataset)), model, params, tokenizer)
+    split = make_split(config, dataset, np.arange(len(dataset)), model, params, tokenizer)
     ids, mask = encode_prompts(tokenizer, dataset["prompt"], max_prompt_length=config.data.max_prompt_length)
     hidden = np.asarray(model.apply(params, ids, mask, return_hidden=True), np.float64)
     last = hidden[:, -1]  # left padding: every row's last real token is the last column

@@ -1,4 +1,4 @@
-"""Batched generation with the KV cache (:mod:`sgpo_jax.sampling`).
+"""Batched generation with the KV cache (:mod:`sgpo_jax.ssapo.sampling`).
 
 A tiny random decoder (weights at std 0.1, so logits are O(1)) checks greedy decoding against
 step-by-step argmax of full forward passes, left-padding invariance, sampling frequencies
@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sgpo_jax import sharding
+from sgpo_jax.parallel import sharding
+from sgpo_jax.parallel import mesh as mesh_lib
 from sgpo_jax.models import Decoder, DecoderConfig
-from sgpo_jax.sampling import GenerationOutput, decode_text, generate, sample_logits
+from sgpo_jax.ssapo.sampling import GenerationOutput, decode_text, generate, sample_logits
 
 VOCAB, PROMPT, NEW = 32, 6, 8
 CFG = DecoderConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -227,7 +228,7 @@ def test_samples_are_deterministic_by_key_and_differ_across_keys_rows_and_sample
 
 
 def test_sharded_equals_unsharded(params):
-    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    mesh = mesh_lib.make_mesh(data=2, fsdp=2, tensor=2)
     ids, mask = left_padded([6, 1, 3, 5, 2, 6, 4, 3], seed=5)
     placed = sharding.shard_params(params, mesh)
     sharded_ids = jax.device_put(ids, sharding.batch_sharding(mesh))

@@ -8,10 +8,11 @@ import numpy as np
 import optax
 import pytest
 
-from sgpo_jax import sharding
-from sgpo_jax.losses import sequence_logps
+from sgpo_jax.parallel import sharding
+from sgpo_jax.parallel import mesh as mesh_lib
+from sgpo_jax.core.losses import sequence_logps
 from sgpo_jax.models import Decoder, DecoderConfig
-from sgpo_jax.step import SGPOConfig, TrainState, make_sgpo_step, sgpo_step, shard_batch
+from sgpo_jax.core.step import SGPOConfig, TrainState, make_sgpo_step, sgpo_step
 from toy import random_batch
 
 CFG = DecoderConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -33,21 +34,21 @@ def _tokens(batch=8, length=10, seed=0):
 
 
 def test_make_mesh_sizes_and_errors():
-    mesh = sharding.make_mesh(data=-1, fsdp=2, tensor=2)
+    mesh = mesh_lib.make_mesh(data=-1, fsdp=2, tensor=2)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
-    assert dict(sharding.make_mesh(data=1, fsdp=-1).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert dict(mesh_lib.make_mesh(data=1, fsdp=-1).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
     with pytest.raises(ValueError, match="there are 8 devices"):
-        sharding.make_mesh(data=3, fsdp=1, tensor=1)
+        mesh_lib.make_mesh(data=3, fsdp=1, tensor=1)
     with pytest.raises(ValueError, match="at most one -1"):
-        sharding.make_mesh(data=-1, fsdp=-1)
+        mesh_lib.make_mesh(data=-1, fsdp=-1)
     with pytest.raises(ValueError, match="not divisible"):
-        sharding.make_mesh(data=-1, fsdp=3)
+        mesh_lib.make_mesh(data=-1, fsdp=3)
 
 
 def test_pure_fsdp_puts_an_eighth_of_the_parameters_on_each_device():
     _, params = _model()
-    mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
+    mesh = mesh_lib.make_mesh(data=1, fsdp=8, tensor=1)
     placed = sharding.shard_params(params, mesh)
     leaves = jax.tree.leaves(placed)
     total = sum(x.size for x in leaves)
@@ -60,7 +61,7 @@ def test_pure_fsdp_puts_an_eighth_of_the_parameters_on_each_device():
 
 def test_rules_follow_the_megatron_split():
     _, params = _model()
-    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    mesh = mesh_lib.make_mesh(data=2, fsdp=2, tensor=2)
     specs = sharding.param_sharding(params, mesh)
     layer = specs["params"]["layers_0"]
     assert layer["self_attn"]["q_proj"]["kernel"].spec == jax.sharding.PartitionSpec("fsdp", "tensor")
@@ -72,13 +73,13 @@ def test_rules_follow_the_megatron_split():
 
 def test_scanned_layers_get_an_unsharded_leading_axis():
     _, params = _model(dataclasses.replace(CFG, scan_layers=True))
-    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    mesh = mesh_lib.make_mesh(data=2, fsdp=2, tensor=2)
     spec = sharding.param_sharding(params, mesh)["params"]["layers"]["mlp"]["up_proj"]["kernel"].spec
     assert spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
 
 
 def test_indivisible_dimension_fails_clearly():
-    mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
+    mesh = mesh_lib.make_mesh(data=1, fsdp=8, tensor=1)
     with pytest.raises(ValueError, match=r"up_proj/kernel of shape \(60, 128\).*60 is not divisible"):
         sharding.spec_for("params/layers_0/mlp/up_proj/kernel", (60, 128), mesh)
     odd = dataclasses.replace(CFG, hidden_size=36, num_attention_heads=3, num_key_value_heads=3, head_dim=12)
@@ -100,7 +101,7 @@ def test_sharded_forward_and_gradients_equal_unsharded(shape):
     ref_logits = model.apply(params, ids, mask)
     ref_loss, ref_grads = jax.value_and_grad(loss)(params, ids, mask)
 
-    mesh = sharding.make_mesh(**shape)
+    mesh = mesh_lib.make_mesh(**shape)
     placed = sharding.shard_params(params, mesh)
     batch = sharding.batch_sharding(mesh)
     s_ids, s_mask = jax.device_put(ids, batch), jax.device_put(mask, batch)
@@ -121,16 +122,16 @@ def test_fsdp_train_state_step_equals_unsharded():
     batch = random_batch(seed=7, pairs=8, vocab=CFG.vocab_size, pad_rows=1)
     ref_state, ref_metrics = jax.jit(sgpo_step)(make(), batch)
 
-    mesh = sharding.make_mesh(data=2, fsdp=4, tensor=1)
+    mesh = mesh_lib.make_mesh(data=2, fsdp=4, tensor=1)
     state = make()
     state_sharding = sharding.param_sharding(state, mesh)
     mu = state_sharding.opt_state[0].mu["params"]["layers_1"]["mlp"]["gate_proj"]["kernel"]
     assert mu.spec == jax.sharding.PartitionSpec("fsdp", "tensor")  # optimizer state follows params
-    step = make_sgpo_step(mesh, state, batch_axes=sharding.BATCH_AXES, state_sharding=state_sharding)
+    step = make_sgpo_step(mesh, state, batch_axes=mesh_lib.BATCH_AXES, state_sharding=state_sharding)
     state = jax.device_put(state, state_sharding)
-    hlo = step.lower(state, shard_batch(batch, mesh, sharding.BATCH_AXES)).as_text()
+    hlo = step.lower(state, sharding.place_rows(mesh, batch)[0]).as_text()
     assert hlo.count("sharding_constraint") >= CFG.num_hidden_layers + 1  # activation constraints per layer
-    got_state, got_metrics = step(state, shard_batch(batch, mesh, sharding.BATCH_AXES))
+    got_state, got_metrics = step(state, sharding.place_rows(mesh, batch)[0])
     for name in ("loss", "grad_norm", "follower/dual", "rewards/margins"):
         assert float(got_metrics[name]) == pytest.approx(float(ref_metrics[name]), rel=1e-4, abs=1e-6), name
     for a, b in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(got_state.params)):

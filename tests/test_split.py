@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from sgpo_jax import sharding
+from sgpo_jax.parallel import sharding
+from sgpo_jax.parallel import mesh as mesh_lib
 from sgpo_jax.data import farthest_point_sampling, flip_labels, last_token_hidden, split_prompts
 from sgpo_jax.models import Decoder, DecoderConfig
 
@@ -80,7 +81,7 @@ def test_last_token_hidden_matches_unpadded_forward_for_left_and_right_padding()
         assert got.shape == (5, CFG.hidden_size)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     # Parameters on a mesh: batches of 4 rows split over the 4 data-parallel devices.
-    sharded = sharding.shard_params(params, sharding.make_mesh(2, 2, 2))
+    sharded = sharding.shard_params(params, mesh_lib.make_mesh(2, 2, 2))
     got = last_token_hidden(MODEL, sharded, *mixed, batch_size=4)
     assert isinstance(got, np.ndarray)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

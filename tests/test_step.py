@@ -9,8 +9,9 @@ import optax
 import pytest
 
 from sgpo_jax import sgpo_step
-from sgpo_jax.follower import worst_case
-from sgpo_jax.step import SGPOConfig, TrainState, make_sgpo_step, shard_batch
+from sgpo_jax.core.follower import worst_case
+from sgpo_jax.parallel import sharding
+from sgpo_jax.core.step import SGPOConfig, TrainState, make_sgpo_step
 from toy import init_toy, random_batch
 
 
@@ -173,7 +174,7 @@ def test_sharded_step_matches_unsharded(config):
     reference_state, reference_metrics = jax.jit(sgpo_step)(state, batch)
     _, fresh = _state(config)
     sharded = make_sgpo_step(mesh, fresh)
-    got_state, got_metrics = sharded(fresh, shard_batch(batch, mesh))
+    got_state, got_metrics = sharded(fresh, sharding.place_rows(mesh, batch)[0])
     assert got_state.params["params"]["Embed_0"]["embedding"].sharding.is_fully_replicated
     for name, value in reference_metrics.items():
         assert float(got_metrics[name]) == pytest.approx(float(value), rel=1e-5, abs=1e-6), name

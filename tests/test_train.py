@@ -13,6 +13,8 @@ import pytest
 from ml_collections import config_flags  # noqa: F401  (the CLI's dependency must import)
 
 from sgpo_jax import train as train_lib
+from sgpo_jax.training import trainer as trainer_lib
+from sgpo_jax.training.metrics import MetricsLog
 from sgpo_jax.models import from_pretrained
 
 from tiny_run import ROOT, tiny, write_pairs, write_tokenizer
@@ -66,17 +68,17 @@ def test_preempted_run_resumes_exactly(tokenizer_dir, data_file, tmp_path, monke
     config = tiny(tokenizer_dir, data_file, sgpo__follower="epoch", checkpoint__every=100)
     train_lib.train(config, tmp_path / "straight")
 
-    write = train_lib._MetricsLog.write
+    write = MetricsLog.write
 
     def write_then_preempt(self, step, metrics):
         write(self, step, metrics)
         if step == 4:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(train_lib._MetricsLog, "write", write_then_preempt)
+    monkeypatch.setattr(MetricsLog, "write", write_then_preempt)
     first = train_lib.train(config, tmp_path / "resumed")
     assert first["preempted"] and first["step"] == 4
-    monkeypatch.setattr(train_lib._MetricsLog, "write", write)
+    monkeypatch.setattr(MetricsLog, "write", write)
     second = train_lib.train(config, tmp_path / "resumed")
     assert not second["preempted"] and second["step"] == 10
     assert [m["step"] for m in read_metrics(tmp_path / "resumed")] == list(range(1, 11))
@@ -88,14 +90,14 @@ def test_preempted_run_resumes_exactly(tokenizer_dir, data_file, tmp_path, monke
 def test_crash_resumes_from_last_checkpoint_and_reuses_the_reference_cache(tokenizer_dir, data_file, tmp_path,
                                                                           monkeypatch):
     config = tiny(tokenizer_dir, data_file, checkpoint__every=3, train__mode="dpo")
-    run = train_lib._run_step
+    run = trainer_lib.run_step
 
     def crash_at_step_8(step_fn, state, batch, cfg):
         if int(state.step) == 7:
             raise RuntimeError("simulated crash")
         return run(step_fn, state, batch, cfg)
 
-    monkeypatch.setattr(train_lib, "_run_step", crash_at_step_8)
+    monkeypatch.setattr(trainer_lib, "run_step", crash_at_step_8)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_lib.train(config, tmp_path)
     cache = list((tmp_path / "cache").glob("reference_logps_*.npz"))
@@ -103,9 +105,9 @@ def test_crash_resumes_from_last_checkpoint_and_reuses_the_reference_cache(token
     stamp = cache[0].stat().st_mtime_ns
 
     calls = []
-    pair_logps = train_lib.pair_logps
-    monkeypatch.setattr(train_lib, "pair_logps", lambda *a, **k: calls.append(1) or pair_logps(*a, **k))
-    monkeypatch.setattr(train_lib, "_run_step", run)
+    pair_logps = trainer_lib.pair_logps
+    monkeypatch.setattr(trainer_lib, "pair_logps", lambda *a, **k: calls.append(1) or pair_logps(*a, **k))
+    monkeypatch.setattr(trainer_lib, "run_step", run)
     summary = train_lib.train(config, tmp_path)
     assert summary["step"] == 10 and not calls  # resumed from step 6, reference log-probs from the cache
     assert cache[0].stat().st_mtime_ns == stamp
@@ -118,7 +120,7 @@ def test_crash_resumes_from_last_checkpoint_and_reuses_the_reference_cache(token
 
 def test_non_finite_loss_stops_with_a_clear_message(tokenizer_dir, data_file, tmp_path, monkeypatch):
     config = tiny(tokenizer_dir, data_file, checkpoint__every=2)
-    run = train_lib._run_step
+    run = trainer_lib.run_step
 
     def poisoned(step_fn, state, batch, cfg):
         step = int(state.step)  # read before the step donates the state
@@ -127,7 +129,7 @@ def test_non_finite_loss_stops_with_a_clear_message(tokenizer_dir, data_file, tm
             metrics = dict(metrics, loss=np.float32("nan"))
         return new_state, metrics
 
-    monkeypatch.setattr(train_lib, "_run_step", poisoned)
+    monkeypatch.setattr(trainer_lib, "run_step", poisoned)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 5.*last good checkpoint.*step 4"):
         train_lib.train(config, tmp_path)
 
@@ -171,9 +173,9 @@ def test_out_of_memory_names_the_settings_to_reduce(tokenizer_dir, data_file):
     batch = types.SimpleNamespace(chosen_ids=np.zeros((8, 48)))
     with pytest.raises(MemoryError, match=r"train\.batch_size \(8\).*train\.micro_batches.*data\.max_length \(48\)"
                                           r".*model\.remat.*mesh\.fsdp"):
-        train_lib._run_step(exhausted, None, batch, config)
+        trainer_lib.run_step(exhausted, None, batch, config)
     with pytest.raises(ValueError, match="unrelated"):  # other errors pass through untouched
-        train_lib._run_step(lambda s, b: (_ for _ in ()).throw(ValueError("unrelated")), None, batch, config)
+        trainer_lib.run_step(lambda s, b: (_ for _ in ()).throw(ValueError("unrelated")), None, batch, config)
 
 
 def test_data_limit_uses_the_first_pairs_only(tokenizer_dir, data_file, tmp_path):

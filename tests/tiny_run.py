@@ -64,7 +64,7 @@ def tiny(tokenizer_dir, data_file, **overrides):
 
 def write_ssapo_files(root: Path) -> dict:
     """Tokenizer, 40 pairs, 40 pool prompts and 4 held-out tasks under ``root``, for the SSAPO loop."""
-    from sgpo_jax.instructions import make_tasks
+    from sgpo_jax.ssapo.instructions import make_tasks
 
     rng = np.random.default_rng(1)
     prompts = root / "prompts.jsonl"

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgpo_jax.demo import PrefixMeanLM
-from sgpo_jax.step import PreferenceBatch
+from sgpo_jax.core.step import PreferenceBatch
 
 
 def init_toy(seed=0, vocab=11, dim=8, dtype=jnp.float32):

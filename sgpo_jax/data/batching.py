@@ -20,13 +20,15 @@ pairs than the others) fills its part with padding rows (weight 0, index -1): no
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from sgpo_jax.core.step import PreferenceBatch
 from sgpo_jax.data.tokenize import TokenizedPairs
 
-__all__ = ["PairBatcher", "default_buckets", "held_shards", "ordered_batches"]
+__all__ = ["PairBatcher", "default_buckets", "held_shards", "ordered_batches", "preference_batch"]
 
 
 def held_shards(process_index: int, process_count: int, num_shards: int) -> range:
@@ -190,3 +192,34 @@ def _assemble(pairs: TokenizedPairs, indices: np.ndarray, length: int) -> Dict[s
     batch["weight"] = (indices >= 0).astype(np.float32)
     batch["index"] = indices.astype(np.int32)
     return batch
+
+
+def preference_batch(batch: Dict[str, np.ndarray], ref: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+                     atoms: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+                     support: Optional[Sequence[float]] = None) -> PreferenceBatch:
+    """A host batch (a :class:`PairBatcher` dict, ``b`` rows) as a
+    :class:`~sgpo_jax.core.step.PreferenceBatch` of NumPy arrays.
+
+    Per-pair arrays indexed by pair (``batch["index"]``; padding rows, index -1, get zeros):
+    ``ref = (chosen [N], rejected [N])`` reference log-probs (zeros when None), ``atoms =
+    (shift [N, J], mass [N, J])`` the follower's atoms (None: the step runs its own follower),
+    and ``support`` the margin window ``(lo, hi)`` the atoms were solved on (margin space)."""
+    index = batch["index"]
+    real = index >= 0
+    rows = np.maximum(index, 0)
+    take = lambda values: np.where(real, values[rows], 0).astype(np.float32)
+    zeros = np.zeros(index.shape, np.float32)
+    tokens = {f.name: batch[f.name] for f in dataclasses.fields(PreferenceBatch) if f.name in batch}
+    extra = {}
+    if atoms is not None:
+        shift, mass = atoms
+        extra = dict(atom_shift=np.where(real[:, None], shift[rows], 0).astype(np.float32),
+                     atom_mass=np.where(real[:, None], mass[rows], 0).astype(np.float32))
+        if support is not None:
+            extra["support"] = np.tile(np.asarray(support, np.float32), (index.shape[0], 1))
+    return PreferenceBatch(
+        **tokens,
+        ref_chosen_logps=take(ref[0]) if ref is not None else zeros,
+        ref_rejected_logps=take(ref[1]) if ref is not None else zeros,
+        **extra,
+    )

@@ -16,19 +16,22 @@ state at the prompt's last token, with cosine distance :math:`d(u, v) = 1 - u \c
 from __future__ import annotations
 
 import functools
-from typing import Any, List, Optional, Sequence, Tuple
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgpo_jax import distributed, sharding
 from sgpo_jax.data.batching import default_buckets
+from sgpo_jax.data.tokenize import encode_prompts
+from sgpo_jax.parallel import distributed, sharding
 
 Array = jax.Array
 
 __all__ = ["FPS_VARIANTS", "SELECTIONS", "farthest_point_sampling", "flip_labels", "last_token_hidden",
-           "split_prompts"]
+           "make_split", "pool_prompts", "seed_rows_jsonl", "split_prompts"]
 
 FPS_VARIANTS = ("maxmin", "sum")
 SELECTIONS = ("random", "fps", "fps_sum")
@@ -214,3 +217,65 @@ def flip_labels(num_pairs: int, fraction: float, seed: int) -> np.ndarray:
     flipped = np.zeros(num_pairs, bool)
     flipped[np.random.default_rng(seed).choice(num_pairs, size=count, replace=False)] = True
     return flipped
+
+
+# ----------------------------------------------------------------------------------- a run's split
+
+
+def pool_prompts(config: Any) -> Optional[List[str]]:
+    """The prompts of ``ssapo.prompts`` (a JSONL/JSON file with a ``prompt`` field), or None."""
+    path = config.ssapo.prompts
+    if not path:
+        return None
+    text = Path(path).read_text(encoding="utf-8")
+    rows = ([json.loads(line) for line in text.splitlines() if line.strip()] if path.endswith(".jsonl")
+            else json.loads(text))
+    prompts = []
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise ValueError(f"{path}: row {i}: field 'prompt' is missing or not a non-empty string")
+        prompts.append(row["prompt"])
+    return prompts
+
+
+def make_split(config: Any, dataset, usable_rows: np.ndarray, model: Any, params: Any,
+               tokenizer) -> Dict[str, Any]:
+    """The SSAPO split of a run: ``{"seed_rows", "flipped", "pools", "selection"}``.
+
+    ``ssapo.seed_size`` rows of ``usable_rows`` (rows of ``dataset`` that tokenize) form the seed,
+    chosen at random or by farthest-point sampling (``ssapo.seed_selection``) on the initial
+    model's last-layer last-token hidden states of their prompts; ``ssapo.seed_label_noise`` of
+    their labels are flipped; the per-round prompt pools (``ssapo.pool_sizes``) come from
+    ``ssapo.prompts`` or, when that is empty, from the rows left after the seed (labels dropped),
+    as the authors split UltraFeedback."""
+    s, seed = config.ssapo, config.train.seed
+    pool_prompts_ = pool_prompts(config)
+    embeddings = None
+    if s.seed_selection != "random":
+        conversations = [dataset[int(r)]["prompt"] for r in usable_rows]
+        ids, mask = encode_prompts(tokenizer, conversations, max_prompt_length=config.data.max_prompt_length)
+        embeddings = last_token_hidden(model, params, ids, mask, batch_size=config.train.reference_batch_size)
+    seed_pools = () if pool_prompts_ is not None else tuple(s.pool_sizes)
+    seed_idx, pools, _ = split_prompts(len(usable_rows), s.seed_size, seed_pools, seed=seed,
+                                                 selection=s.seed_selection, embeddings=embeddings)
+    seed_rows = usable_rows[np.asarray(seed_idx)]
+    if pool_prompts_ is None:  # the conversations of the rows left after the seed, labels dropped
+        prompts = [[dataset[int(usable_rows[i])]["prompt"] for i in pool] for pool in pools]
+    else:
+        _, pools, _ = split_prompts(len(pool_prompts_), 0, tuple(s.pool_sizes), seed=seed)
+        prompts = [[pool_prompts_[i] for i in pool] for pool in pools]
+    flipped = flip_labels(len(seed_rows), s.seed_label_noise, seed)
+    return {"seed_rows": [int(r) for r in seed_rows], "flipped": [bool(f) for f in flipped],
+            "pools": prompts, "selection": s.seed_selection}
+
+
+def seed_rows_jsonl(dataset, split: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The seed pairs as JSONL rows (conversational prompts), chosen and rejected swapped where
+    the split flipped the label."""
+    rows = []
+    for row, flip in zip(split["seed_rows"], split["flipped"]):
+        item = dataset[row]
+        chosen, rejected = (item["rejected"], item["chosen"]) if flip else (item["chosen"], item["rejected"])
+        rows.append({"prompt": item["prompt"], "chosen": chosen, "rejected": rejected, "source_row": row,
+                     "flipped": flip})
+    return rows

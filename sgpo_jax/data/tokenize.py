@@ -219,7 +219,7 @@ class TokenizedPairs:
             ``load_preferences(..., shard=(shard, num_shards))``; may be empty).
           num_shards: ``S``; together the hosts must have tokenized every shard.
           allgather: ``obj -> [every process's obj]`` (e.g.
-            :func:`sgpo_jax.distributed.allgather_objects`; ``lambda x: [x]`` in one process).
+            :func:`sgpo_jax.parallel.distributed.allgather_objects`; ``lambda x: [x]`` in one process).
           limit: keep only the first ``limit`` pairs in source-row order (0: all), so the kept
             pairs do not depend on ``S``.
 
@@ -444,7 +444,7 @@ def left_pad(sequences: Sequence[np.ndarray], pad_id: int, *, length: Optional[i
 def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], *, max_prompt_length: int,
                    pad_to: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Prompts tokenized as for training (:func:`tokenize_prompts`) and left-padded for
-    :func:`sgpo_jax.sampling.generate` (:func:`left_pad` with the tokenizer's pad id).
+    :func:`sgpo_jax.ssapo.sampling.generate` (:func:`left_pad` with the tokenizer's pad id).
 
     Args:
       tokenizer, prompts, max_prompt_length: as in :func:`tokenize_prompts`.

@@ -13,7 +13,8 @@ from sgpo_jax.models.llama import (
     params_to_hf_state_dict,
     rope_inv_freq,
 )
-from sgpo_jax.models.logps import DEFAULT_CHUNK_SIZE, chunked_sequence_logps, decoder_logps_fn
+from sgpo_jax.models.loading import export_policy, gguf_path, load_model, load_tokenizer
+from sgpo_jax.models.logps import DEFAULT_CHUNK_SIZE, chosen_rejected_logps, chunked_sequence_logps, decoder_logps_fn
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -22,11 +23,16 @@ __all__ = [
     "DecoderConfig",
     "KVCache",
     "Llama3RopeScaling",
+    "chosen_rejected_logps",
     "chunked_sequence_logps",
     "decoder_logps_fn",
+    "export_policy",
     "from_pretrained",
+    "gguf_path",
     "hf_state_dict_to_params",
     "load_gguf",
+    "load_model",
+    "load_tokenizer",
     "output_head",
     "params_to_hf_state_dict",
     "resolve_checkpoint",

@@ -59,7 +59,7 @@ import numpy as np
 from flax import struct
 from flax import traverse_util
 
-from sgpo_jax.sharding import constrain_batch
+from sgpo_jax.parallel.sharding import constrain_batch
 
 Array = jax.Array
 

@@ -9,8 +9,8 @@ For a causal LM with final (normed) hidden states :math:`h_t \in \mathbb{R}^H` a
     \qquad
     \mathrm{logp}_b = \sum_{t=1}^{T-1} m_{b,t} \, \log p(x_{b,t} \mid x_{b,<t})
 
-(the convention of :func:`sgpo_jax.losses.sequence_logps`: logits at position ``t`` predict
-token ``t + 1``; position 0 is never scored). :func:`sgpo_jax.losses.sequence_logps` needs the
+(the convention of :func:`sgpo_jax.core.losses.sequence_logps`: logits at position ``t`` predict
+token ``t + 1``; position 0 is never scored). :func:`sgpo_jax.core.losses.sequence_logps` needs the
 full logits, ``B * T * V`` floats (plus as much again for the softmax in the backward pass): at
 ``B = 8, T = 256, V = 32000`` that is 262 MB per copy in float32, and several copies are live
 at once under ``jax.grad``. :func:`chunked_sequence_logps` instead scans over chunks of ``C``
@@ -46,7 +46,7 @@ Array = jax.Array
 
 DEFAULT_CHUNK_SIZE = 64
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "METHODS", "chunked_sequence_logps", "decoder_logps_fn"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "METHODS", "chosen_rejected_logps", "chunked_sequence_logps", "decoder_logps_fn"]
 
 
 METHODS = ("custom_vjp", "checkpoint")
@@ -209,7 +209,7 @@ def decoder_logps_fn(model: Decoder, *, chunk_size: int = DEFAULT_CHUNK_SIZE, me
 
     ``params`` is the variables dict ``{"params": ...}`` (``variables["params"]`` alone is accepted
     too); ``input_ids``/``attention_mask``/``loss_mask`` are ``[B, T]`` as in ``Decoder.__call__``
-    and :func:`sgpo_jax.losses.sequence_logps`; ``chunk_size`` and ``method`` as in
+    and :func:`sgpo_jax.core.losses.sequence_logps`; ``chunk_size`` and ``method`` as in
     :func:`chunked_sequence_logps`. Pure and ``jit``/``grad``/``vmap``-able.
     """
     if response_length is not None and (not isinstance(response_length, int) or isinstance(response_length, bool)
@@ -249,3 +249,19 @@ def _response_window(loss_mask: Array, width: int) -> Tuple[Array, Array]:
     start = jnp.minimum(first, n + 1 - width)
     fits = jnp.all(~jnp.any(scored, axis=-1) | (last < start + width - 1))
     return start, fits
+
+
+def chosen_rejected_logps(logps_fn: Callable[[Any, Array, Array, Array], Array], params: Any, batch: Any
+                          ) -> Tuple[Array, Array]:
+    """``(chosen [B], rejected [B])`` sequence log-probs of a preference batch (any object with
+    ``chosen_ids``/``_attention``/``_loss_mask`` and the ``rejected_*`` likewise, ``[B, T_c]`` and
+    ``[B, T_r]``) in one forward pass over ``[2B, T]``: chosen rows then rejected rows, both
+    right-padded to ``T = max(T_c, T_r)``. ``logps_fn(params, ids, attention, loss_mask) -> [2B]``."""
+    length = max(batch.chosen_ids.shape[1], batch.rejected_ids.shape[1])
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, length - x.shape[1])))
+    cat = lambda a, b: jnp.concatenate([pad(a), pad(b)])
+    logps = logps_fn(params, cat(batch.chosen_ids, batch.rejected_ids),
+                     cat(batch.chosen_attention, batch.rejected_attention),
+                     cat(batch.chosen_loss_mask, batch.rejected_loss_mask))
+    b = batch.chosen_ids.shape[0]
+    return logps[:b], logps[b:]

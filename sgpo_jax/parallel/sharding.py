@@ -1,6 +1,6 @@
-r"""Device meshes and parameter sharding by name rules.
+r"""Parameter sharding by name rules, and batch placement on the mesh.
 
-The mesh has three named axes:
+The mesh (:mod:`sgpo_jax.parallel.mesh`) has three named axes:
 
 * ``data``: pure data parallelism (parameters replicated along it);
 * ``fsdp``: data parallelism with parameters (and optimizer state) sharded along it, ZeRO-3 style;
@@ -21,14 +21,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import re
-from typing import Any, Iterator, Optional, Sequence, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from sgpo_jax.parallel.mesh import BATCH_AXES, auto_mesh, check_batch_layout
+
 
 DEFAULT_RULES: Tuple[Tuple[str, P], ...] = (
     (r"embed_tokens/embedding$", P("tensor", "fsdp")),  # [V, H]
@@ -41,45 +41,11 @@ DEFAULT_RULES: Tuple[Tuple[str, P], ...] = (
     (r"(norm|layernorm)/weight$", P()),
 )
 
-__all__ = ["AXES", "BATCH_AXES", "DEFAULT_RULES", "make_mesh", "spec_for", "param_sharding", "shard_params",
-           "batch_sharding", "mesh_of", "place_rows", "activation_sharding", "constrain_batch"]
+__all__ = ["DEFAULT_RULES", "spec_for", "param_sharding", "shard_params",
+           "batch_sharding", "mesh_of", "place_rows", "place_local_rows", "activation_sharding", "constrain_batch"]
 
 _ACTIVATION_MESH: contextvars.ContextVar[Optional[Mesh]] = contextvars.ContextVar("sgpo_activation_mesh",
                                                                                   default=None)
-
-
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Optional[Sequence[Any]] = None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all, on every host), axes in
-    ``Auto`` mode.
-
-    One size may be ``-1``: it takes whatever the others leave. The product must equal the
-    device count; ``tensor`` varies fastest (neighbouring devices, i.e. within a host). With
-    several processes the devices are laid out host-aware (:mod:`sgpo_jax.distributed`):
-    ``tensor`` must divide a host's device count and stays inside a host, then ``fsdp``, then
-    ``data``; what remains of ``data``/``fsdp`` spans hosts, and every host's devices hold one
-    contiguous block of the batch axis (the rows its :class:`~sgpo_jax.data.PairBatcher` reads).
-    One process on TPU uses the topology-aware order of ``mesh_utils.create_device_mesh``.
-    Explicit ``devices`` are always taken in the order given.
-    """
-    from sgpo_jax.distributed import _device_grid
-
-    topology = devices is None
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
-    if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"make_mesh: sizes must be positive, at most one -1; got data={data}, fsdp={fsdp}, tensor={tensor}")
-    known = int(np.prod([s for s in sizes if s != -1]))
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"make_mesh: {len(devices)} devices are not divisible by fsdp*tensor*data = {known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(
-            f"make_mesh: data*fsdp*tensor = {sizes[0]}*{sizes[1]}*{sizes[2]} = {int(np.prod(sizes))} "
-            f"but there are {len(devices)} devices"
-        )
-    grid = _device_grid(sizes, devices, topology=topology)
-    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def _path_str(path) -> str:
@@ -160,6 +126,7 @@ def place_rows(mesh: Optional[Mesh], *trees: Any) -> Tuple[Any, ...]:
     own devices hold."""
     if mesh is None:
         return trees
+    mesh = auto_mesh(mesh)
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
     ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
@@ -170,6 +137,17 @@ def place_rows(mesh: Optional[Mesh], *trees: Any) -> Tuple[Any, ...]:
         return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
 
     return tuple(jax.tree.map(place, tree) for tree in trees)
+
+
+def place_local_rows(tree: Any, mesh: Mesh) -> Any:
+    """This host's rows ``[b, ...]`` (a pytree of NumPy arrays) -> global arrays ``[P * b, ...]``
+    split over the mesh's batch axes (all hosts together): host ``p``'s rows become global rows
+    ``[p * b, (p + 1) * b)``. A mesh whose batch axes do not split the hosts apart raises
+    (:func:`~sgpo_jax.parallel.mesh.check_batch_layout`) instead of mixing the hosts' rows."""
+    target = batch_sharding(mesh)
+    rows = jax.tree.leaves(tree)[0].shape[0]
+    check_batch_layout(target, rows * jax.process_count())
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(target, np.asarray(x)), tree)
 
 
 @contextlib.contextmanager

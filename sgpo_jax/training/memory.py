@@ -2,11 +2,11 @@ r"""Per-device memory of one training step, estimated before compiling, and a ch
 plans that cannot fit.
 
 :func:`estimate` adds up what one device holds at the peak of
-:func:`sgpo_jax.step.sgpo_step` jitted over the mesh (``make_sgpo_step``), component by
+:func:`sgpo_jax.core.step.sgpo_step` jitted over the mesh (``make_sgpo_step``), component by
 component; :func:`check` compares it with the device's memory. Notation (all per device):
 
 * ``P_x``: the parameter leaf ``x``'s element count divided by how many devices share it under
-  :data:`sgpo_jax.sharding.DEFAULT_RULES` (``fsdp`` and ``tensor`` splits; ``data`` replicates);
+  :data:`sgpo_jax.parallel.sharding.DEFAULT_RULES` (``fsdp`` and ``tensor`` splits; ``data`` replicates);
 * ``p``, ``s``: bytes per element of the parameter and compute dtypes;
 * ``b = 2 * ceil(batch_size / micro_batches / (data * fsdp))``: sequences (chosen and rejected
   rows) per device in one micro-batch, ``T`` the padded length, ``tok = b * T``;
@@ -67,10 +67,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 import numpy as np
 
 __all__ = ["MemoryPlan", "MemoryPlanError", "estimate", "check", "plan_for_run", "device_memory_bytes",
-           "param_count", "format_bytes", "main", "MODEL_PRESETS", "OPTIMIZER_MOMENTS", "REFERENCES"]
+           "param_count", "format_bytes", "main", "MODEL_PRESETS", "OPTIMIZER_MOMENTS", "REFERENCE_SOURCES"]
 
 OPTIMIZER_MOMENTS = {"adamw": 2, "adam": 2, "lion": 1, "sgd": 0}
-REFERENCES = ("cached", "model")
+REFERENCE_SOURCES = ("cached", "model")  # where the reference log-probs come from
 
 # per token and layer, in elements of the compute dtype (see the module docstring)
 _CENTRAL = dict(h=4.15, q=3.8, kv=1.1, i=4.25, score_f32=1.9, score_compute=1.0)
@@ -152,7 +152,7 @@ def _mesh_sizes(mesh_shape: Any) -> Dict[str, int]:
 
 
 class _MeshShape:
-    """What :func:`sgpo_jax.sharding.spec_for` reads from a mesh: ``.shape[axis]``."""
+    """What :func:`sgpo_jax.parallel.sharding.spec_for` reads from a mesh: ``.shape[axis]``."""
 
     def __init__(self, sizes: Mapping[str, int]):
         self.shape = dict(sizes)
@@ -180,7 +180,7 @@ def _sharded_elements(model_cfg, sizes: Mapping[str, int]) -> Tuple[float, float
     head's elements (unsharded / t))`` under the default rules."""
     import jax
 
-    from sgpo_jax import sharding
+    from sgpo_jax.parallel import sharding
 
     mesh = _MeshShape(sizes)
     total = 0.0
@@ -203,7 +203,7 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
              param_dtype: Any = None, dtype: Any = None, remat: Optional[bool] = None,
              optimizer: str = "adamw", reference: str = "cached", logps_chunk: Optional[int] = None,
              device_bytes: Optional[float] = None) -> MemoryPlan:
-    """Per-device memory of one :func:`sgpo_jax.step.sgpo_step` (see the module docstring).
+    """Per-device memory of one :func:`sgpo_jax.core.step.sgpo_step` (see the module docstring).
 
     Args:
       model_cfg: the :class:`~sgpo_jax.models.DecoderConfig`.
@@ -230,8 +230,8 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
     sizes = _mesh_sizes(mesh_shape)
     if optimizer not in OPTIMIZER_MOMENTS:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_MOMENTS)}, got {optimizer!r}")
-    if reference not in REFERENCES:
-        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+    if reference not in REFERENCE_SOURCES:
+        raise ValueError(f"reference must be one of {REFERENCE_SOURCES}, got {reference!r}")
     if micro_batches < 1 or batch_size < 1 or seq_len < 2:
         raise ValueError(f"need batch_size >= 1, micro_batches >= 1, seq_len >= 2; got {batch_size}, "
                          f"{micro_batches}, {seq_len}")
@@ -427,7 +427,7 @@ MODEL_PRESETS = {  # DecoderConfig fields of common shapes (for the CLI and quic
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
-    """``python -m sgpo_jax.memory --model=llama3-8b --mesh=data=2,fsdp=8 --batch_size=32
+    """``python -m sgpo_jax.training.memory --model=llama3-8b --mesh=data=2,fsdp=8 --batch_size=32
     --micro_batches=2 --seq_len=2048 --device_gb=80``: prints the plan and the check's verdict
     (exit status 1 if it cannot fit). ``--model`` is a preset or a Hugging Face ``config.json``."""
     import argparse
@@ -436,7 +436,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
 
     from sgpo_jax.models import DecoderConfig
 
-    p = argparse.ArgumentParser(prog="python -m sgpo_jax.memory", description=main.__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sgpo_jax.training.memory", description=main.__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama3-8b", help=f"one of {sorted(MODEL_PRESETS)} or a config.json path")
     p.add_argument("--mesh", default="fsdp=1", help="e.g. data=2,fsdp=8,tensor=1")
     p.add_argument("--batch_size", type=int, default=32)
@@ -446,7 +446,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     p.add_argument("--param_dtype", default="float32")
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZER_MOMENTS))
-    p.add_argument("--reference", default="cached", choices=REFERENCES)
+    p.add_argument("--reference", default="cached", choices=REFERENCE_SOURCES)
     p.add_argument("--logps_chunk", type=int, default=256)
     p.add_argument("--device_gb", type=float, default=None, help="device memory in GB (1e9 bytes), e.g. 80 or 95")
     args = p.parse_args(None if argv is None else list(argv))

@@ -30,7 +30,7 @@ __all__ = ["Checkpointer", "PreemptionGuard", "checkpoint_path", "state_arrays"]
 
 
 def state_arrays(state: Any) -> Dict[str, Any]:
-    """The savable part of a :class:`sgpo_jax.step.TrainState` (no functions, no config)."""
+    """The savable part of a :class:`sgpo_jax.core.step.TrainState` (no functions, no config)."""
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}
 
 

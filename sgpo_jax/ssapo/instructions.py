@@ -40,7 +40,7 @@ everyday requests) and ``seed_answers.jsonl`` (hand-written answers to 40 of the
 sources; :func:`build_assets` turns them, deterministically, into ``seed_preferences.jsonl``
 (checker-labelled preference pairs), ``prompt_pool.jsonl`` (tasks for self-annotation rounds)
 and ``heldout.jsonl`` (evaluation tasks), three splits with disjoint base instructions.
-Regenerate with ``python -m sgpo_jax.instructions``.
+Regenerate with ``python -m sgpo_jax.ssapo.instructions``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ __all__ = [
     "build_assets", "compatible", "constraint_from_json", "count_sentences", "count_words", "load_tasks", "make_tasks",
 ]
 
-ASSETS_DIR = Path(__file__).with_name("assets")
+ASSETS_DIR = Path(__file__).parent.parent / "assets"
 BASE_INSTRUCTIONS = "base_instructions.txt"
 SEED_ANSWERS = "seed_answers.jsonl"
 SEED_PREFERENCES = "seed_preferences.jsonl"

@@ -60,9 +60,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-from sgpo_jax.annotate import sample_batches
+from sgpo_jax.ssapo.sampling import sample_batches
 from sgpo_jax.data.tokenize import Prompt
-from sgpo_jax.instructions import ASSETS_DIR, HELDOUT, VerifiableTask, load_tasks
+from sgpo_jax.ssapo.instructions import ASSETS_DIR, HELDOUT, VerifiableTask, load_tasks
 from sgpo_jax.models.llama import Decoder
 
 __all__ = ["evaluate_heldout", "export_alpaca_eval", "export_mt_bench_answers", "generate_responses",
@@ -70,6 +70,8 @@ __all__ = ["evaluate_heldout", "export_alpaca_eval", "export_mt_bench_answers", 
 
 Judge = Callable[[str, str, str], float]
 
+
+PROMPT_ACC, INSTRUCTION_ACC = "prompt_level_strict_acc", "instruction_level_strict_acc"
 
 def instruction_pass_rate(tasks: Sequence[VerifiableTask], responses: Sequence[str]) -> Dict[str, Any]:
     """IFEval's strict accuracies of ``responses[i]`` on ``tasks[i]``.
@@ -100,7 +102,7 @@ def instruction_pass_rate(tasks: Sequence[VerifiableTask], responses: Sequence[s
             counts[0] += ok
             counts[1] += 1
     return {
-        "prompt_level_strict_acc": sum(passed) / len(passed),
+        PROMPT_ACC: sum(passed) / len(passed),
         "instruction_level_strict_acc": met / total,
         "num_prompts": len(passed),
         "num_prompts_passed": sum(passed),
@@ -117,7 +119,7 @@ def generate_responses(model: Decoder, params: Any, tokenizer: Any, prompts: Seq
                        seed: int = 0, eos_token_ids: Optional[Sequence[int]] = None,
                        progress: bool = True) -> List[str]:
     """One response per prompt, batched with a progress bar (the generation loop of
-    :func:`sgpo_jax.annotate.sample_batches` with one sample per prompt).
+    :func:`sgpo_jax.ssapo.sampling.sample_batches` with one sample per prompt).
 
     Args:
       model, params, tokenizer: the :class:`Decoder`, its variables and a ``transformers``
@@ -127,10 +129,10 @@ def generate_responses(model: Decoder, params: Any, tokenizer: Any, prompts: Seq
       max_new_tokens: tokens per response at most.
       batch_size: prompts per batch (every batch, the last one filled up, has this shape).
       max_prompt_length: prompts keep their last ``max_prompt_length`` tokens.
-      temperature: 0 (default) is greedy; top_p, top_k as in :func:`sgpo_jax.sampling.generate`.
+      temperature: 0 (default) is greedy; top_p, top_k as in :func:`sgpo_jax.ssapo.sampling.generate`.
       stop_strings: texts are cut before the first of them.
       seed: sampling seed (unused when greedy); batch ``i`` uses
-        :func:`sgpo_jax.annotate.batch_keys` ``(seed, i)``.
+        :func:`sgpo_jax.ssapo.sampling.batch_keys` ``(seed, i)``.
       eos_token_ids: default ``(tokenizer.eos_token_id,)``.
       progress: show progress bars.
 

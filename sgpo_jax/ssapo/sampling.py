@@ -51,8 +51,8 @@ int32 tokens. For the 135M-parameter SmolLM2 (``L = 30, K = 3, D = 64``, float32
 per row and slot: 64 prompts x 8 samples x 512 slots take 12 GB.
 
 **Sharding.** :func:`generate` is one ``jax.jit`` that follows the shardings of its inputs:
-with params placed by :func:`sgpo_jax.sharding.shard_params` and the prompts by
-:func:`sgpo_jax.sharding.batch_sharding`, the batch stays split over the data axes and XLA
+with params placed by :func:`sgpo_jax.parallel.sharding.shard_params` and the prompts by
+:func:`sgpo_jax.parallel.sharding.batch_sharding`, the batch stays split over the data axes and XLA
 inserts the tensor-parallel collectives; results equal the unsharded ones up to float rounding.
 
 **Stop strings** cannot be matched on device (they depend on decoding), so :func:`generate`
@@ -68,18 +68,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from tqdm.auto import tqdm
 
+from sgpo_jax.data.batching import default_buckets
+from sgpo_jax.data.tokenize import Prompt, left_pad, tokenize_prompts
 from sgpo_jax.models.llama import Decoder, output_head
+from sgpo_jax.parallel import distributed, sharding
 
 Array = jax.Array
 
-__all__ = ["GenerationOutput", "generate", "sample_logits", "decode_text"]
+__all__ = ["GenerationOutput", "SampledBatch", "batch_keys", "decode_text", "generate", "sample_batches", "sample_logits"]
 
 _BLOCK = 256  # tokens per block of the two-level inverse CDF in :func:`sample_logits`
 
@@ -317,3 +321,134 @@ def decode_text(output: GenerationOutput, tokenizer: Any, stop_strings: Optional
         cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
         texts.append(text[:cut])
     return texts
+
+
+# ----------------------------------------------------------------------------------- batched generation
+
+
+def batch_keys(seed: int, batch_index: int) -> Tuple[Array, Array]:
+    """``(generation_key, selection_key)`` of batch ``batch_index``: the two halves of
+    ``jax.random.split(jax.random.fold_in(jax.random.key(seed), batch_index))``."""
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), batch_index))
+    return keys[0], keys[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledBatch:
+    """One batch of :func:`sample_batches`; ``b <= B = batch_size`` real prompts, ``n`` samples each.
+
+    Attributes:
+      index: the batch index ``i`` (prompts ``[i * B, i * B + b)``).
+      prompt_index: int64 ``[b]``, the real prompts' indices into ``prompts``.
+      prompt_ids, prompt_mask: int32 ``[B, P]``, left-padded; rows ``b..B-1`` repeat the last prompt.
+      output: the :class:`~sgpo_jax.ssapo.sampling.GenerationOutput` of all ``B * n`` rows (NumPy
+        arrays, the same on every host: generation is split over the params' devices and hosts,
+        then gathered),
+        with ``lengths`` (and ``finished``) of the real rows cut at ``stop_strings``.
+      texts: the ``b * n`` real rows' texts (prompt-major), each the decoding of its first
+        ``lengths`` tokens (special tokens skipped).
+      num_samples: ``n``.
+    """
+
+    index: int
+    prompt_index: np.ndarray
+    prompt_ids: np.ndarray
+    prompt_mask: np.ndarray
+    output: GenerationOutput
+    texts: List[str]
+    num_samples: int
+
+
+def _decode(tokenizer: Any, tokens: np.ndarray) -> str:
+    return tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
+
+
+def _cut_at_stop_strings(output: GenerationOutput, tokenizer: Any, rows: int, stop_strings: Sequence[str]
+                         ) -> Tuple[GenerationOutput, List[str]]:
+    """Texts of the first ``rows`` rows; where a stop string occurs, the row's length becomes the
+    longest token prefix whose text is a prefix of the text before the stop string (binary search
+    over prefixes), and the row counts as finished."""
+    sliced = GenerationOutput(tokens=np.asarray(output.tokens[:rows]), lengths=np.asarray(output.lengths[:rows]),
+                              finished=np.asarray(output.finished[:rows]), prompt_index=output.prompt_index[:rows])
+    full = decode_text(sliced, tokenizer, ())
+    if not stop_strings:
+        return output, full
+    cut = decode_text(sliced, tokenizer, stop_strings)
+    lengths, finished = np.asarray(output.lengths).copy(), np.asarray(output.finished).copy()
+    texts = list(full)
+    for r in range(rows):
+        if cut[r] == full[r]:
+            continue
+        tokens = sliced.tokens[r]
+        lo, hi = 0, int(lengths[r])  # invariant: prefix lo fits, prefix hi does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if cut[r].startswith(_decode(tokenizer, tokens[:mid])):
+                lo = mid
+            else:
+                hi = mid
+        lengths[r], finished[r], texts[r] = lo, True, _decode(tokenizer, tokens[:lo])
+    return output.replace(lengths=lengths, finished=finished), texts
+
+
+def sample_batches(model: Decoder, params: Any, tokenizer: Any, prompts: Sequence[Prompt], *, num_samples: int,
+                   max_new_tokens: int, max_prompt_length: int, batch_size: int, temperature: float,
+                   top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_strings: Optional[Sequence[str]] = None,
+                   eos_token_ids: Optional[Sequence[int]] = None, start_batch: int = 0,
+                   desc: str = "generating", progress: bool = True) -> Iterator[SampledBatch]:
+    """Batched sampling with a progress bar: the generation loop of :func:`annotate` and
+    :func:`sgpo_jax.ssapo.eval.generate_responses` (see the module docstring for batches, buckets,
+    stop strings and keys: batch ``i`` samples with ``batch_keys(seed, i)[0]``).
+
+    Args:
+      model, params: the :class:`Decoder` and its variables.
+      tokenizer: a ``transformers`` tokenizer with an EOS token (and a chat template, or the
+        plain-text fallback of :func:`sgpo_jax.data.plain_prompt` is used).
+      prompts: strings or message lists (:func:`sgpo_jax.data.tokenize_prompts`).
+      num_samples, max_new_tokens, temperature, top_p, top_k: as in
+        :func:`sgpo_jax.ssapo.sampling.generate`.
+      max_prompt_length: prompts keep their last ``max_prompt_length`` tokens.
+      batch_size: prompts per batch ``B`` (the model sees ``B * num_samples`` rows).
+      seed: the run's seed.
+      stop_strings: cut texts before the first occurrence of any of them (see module docstring).
+      eos_token_ids: ids that end a sample; default ``(tokenizer.eos_token_id,)``.
+      start_batch: the first batch to produce (resuming); earlier prompts are not tokenized.
+      desc, progress: the progress bar's label; ``progress=False`` hides it.
+
+    Yields a :class:`SampledBatch` per batch, in order.
+    """
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a sequence of prompts, not one string")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(start_batch, (int, np.integer)) or start_batch < 0:
+        raise ValueError(f"start_batch must be a non-negative int, got {start_batch!r}")
+    if isinstance(stop_strings, str) or any(not s for s in stop_strings or ()):
+        raise ValueError(f"stop_strings must be a sequence of non-empty strings, got {stop_strings!r}")
+    if eos_token_ids is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token or pass eos_token_ids")
+        eos_token_ids = (tokenizer.eos_token_id,)
+    stop_strings = tuple(stop_strings or ())
+    first = start_batch * batch_size
+    mesh = sharding.mesh_of(params)
+    ids, pad_id = tokenize_prompts(tokenizer, prompts[first:], max_prompt_length=max_prompt_length)
+    buckets = default_buckets(max_prompt_length)
+    with tqdm(total=len(ids), desc=desc, unit="prompt", disable=not progress) as bar:
+        for start in range(0, len(ids), batch_size):
+            index = start_batch + start // batch_size
+            batch = ids[start:start + batch_size]
+            b = len(batch)
+            longest = max(len(s) for s in batch)
+            prompt_ids, prompt_mask = left_pad(batch + [batch[-1]] * (batch_size - b), pad_id,
+                                               length=min(x for x in buckets if x >= longest))
+            output = generate(model, params, *sharding.place_rows(mesh, prompt_ids, prompt_mask),
+                              rng=batch_keys(seed, index)[0], max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, top_k=top_k, num_samples=num_samples, eos_token_ids=eos_token_ids,
+                              stop_strings=stop_strings, pad_token_id=pad_id)
+            output = distributed.to_host(output)  # every host gets every row (a collective)
+            output, texts = _cut_at_stop_strings(output, tokenizer, b * num_samples, stop_strings)
+            yield SampledBatch(index=index, prompt_index=np.arange(first + start, first + start + b, dtype=np.int64),
+                               prompt_ids=prompt_ids, prompt_mask=prompt_mask, output=output, texts=texts,
+                               num_samples=num_samples)
+            bar.update(b)

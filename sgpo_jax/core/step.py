@@ -11,7 +11,7 @@ Per step, with :math:`h_i` the pair margins under the current policy:
   are used; otherwise the exact follower runs on-device on the batch's centers
   :math:`\xi = \text{stop\_gradient}(\sigma(\beta h))` (or :math:`\beta h` in margin space,
   on the window ``[min - tau, max + tau]`` of the real pairs), and the leader loss
-  :func:`sgpo_jax.losses.sgpo_loss` is minimized with the atoms held fixed.
+  :func:`sgpo_jax.core.losses.sgpo_loss` is minimized with the atoms held fixed.
 """
 
 from __future__ import annotations
@@ -23,17 +23,20 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sgpo_jax import follower as follower_lib
-from sgpo_jax import losses
-from sgpo_jax.sharding import activation_sharding
+from sgpo_jax.core import follower as follower_lib
+from sgpo_jax.core import losses
+from sgpo_jax.core.follow import follow
+from sgpo_jax.models.logps import chosen_rejected_logps
+from sgpo_jax.parallel.mesh import auto_mesh
+from sgpo_jax.parallel.sharding import activation_sharding
 
 Array = jax.Array
 MODES = ("dpo", "sgpo")
 
 __all__ = [
-    "MODES", "SGPOConfig", "PreferenceBatch", "TrainState", "sgpo_step", "make_sgpo_step", "shard_batch", "auto_mesh",
+    "MODES", "SGPOConfig", "PreferenceBatch", "TrainState", "sgpo_step", "make_sgpo_step",
 ]
 
 
@@ -46,7 +49,7 @@ class SGPOConfig:
       beta: DPO temperature; centers are ``sigmoid(beta h)`` or ``beta h``.
       label_smoothing: DPO label smoothing (``mode="dpo"`` only).
       space: ``"probability"`` (authors' code) or ``"margin"`` (paper's main text).
-      loss: follower loss, one of :data:`sgpo_jax.follower.LOSSES`; it must suit the space.
+      loss: follower loss, one of :data:`sgpo_jax.core.follower.LOSSES`; it must suit the space.
       leader_loss: loss the policy minimizes at the atoms; ``None`` = ``loss`` (consistent
         game). ``"neg_log"`` with ``loss="tangents"`` is the authors' pairing.
       num_tangents: K for the tangent losses.
@@ -169,56 +172,20 @@ class TrainState:
         )
 
 
-def _pad_to(x: Array, length: int) -> Array:
-    return jnp.pad(x, ((0, 0), (0, length - x.shape[1])))
-
-
 def _policy_logps(state: "TrainState", params, batch: PreferenceBatch) -> Tuple[Array, Array]:
     """One forward pass over ``[2B, T]`` (chosen rows then rejected rows)."""
-    length = max(batch.chosen_ids.shape[1], batch.rejected_ids.shape[1])
-    cat = lambda a, b: jnp.concatenate([_pad_to(a, length), _pad_to(b, length)])
-    ids = cat(batch.chosen_ids, batch.rejected_ids)
-    attention = cat(batch.chosen_attention, batch.rejected_attention)
-    loss_mask = cat(batch.chosen_loss_mask, batch.rejected_loss_mask)
-    if state.logps_fn is not None:
-        logps = state.logps_fn(params, ids, attention, loss_mask)
-    else:
-        logps = losses.sequence_logps(state.apply_fn(params, ids, attention), ids, loss_mask)
-    b = batch.chosen_ids.shape[0]
-    return logps[:b], logps[b:]
+    logps_fn = state.logps_fn
+    if logps_fn is None:
+        logps_fn = lambda p, ids, attention, mask: losses.sequence_logps(state.apply_fn(p, ids, attention), ids, mask)
+    return chosen_rejected_logps(logps_fn, params, batch)
 
 
 def _in_step_follower(config: SGPOConfig, batch: PreferenceBatch, pc: Array, pr: Array):
-    """Exact follower on the batch's centers from the policy log-probs ``pc, pr [B]`` (held
+    """Exact follower on the batch's margins from the policy log-probs ``pc, pr [B]`` (held
     constant); returns ``(batch with atom_shift/atom_mass, support, metrics)``."""
-    pc, pr = jax.lax.stop_gradient((pc, pr))
     margins = (pc - batch.ref_chosen_logps) - (pr - batch.ref_rejected_logps)
-    centers = losses.preference_centers(margins, beta=config.beta, space=config.space)
-    if config.space == "probability":
-        support = config.support
-    else:
-        real = batch.weight > 0
-        lo = jnp.min(jnp.where(real, centers, jnp.inf)) - config.window_tau
-        hi = jnp.max(jnp.where(real, centers, -jnp.inf)) + config.window_tau
-        support = (lo, hi)
-        centers = jnp.clip(centers, lo, hi)  # padding rows only
-    wc = follower_lib.worst_case(
-        centers,
-        config.epsilon,
-        loss=config.loss,
-        num_tangents=config.num_tangents,
-        support=support,
-        weights=batch.weight,
-        variant=config.variant,
-    )
-    shift, mass = wc.atoms()
-    metrics = {
-        "follower/value": wc.value,
-        "follower/dual": wc.dual,
-        "follower/moved": jnp.sum(wc.weights * wc.moved),
-        "follower/transport": wc.transport,
-    }
-    return batch.replace(atom_shift=shift, atom_mass=mass), support, metrics
+    f = follow(margins, config, weights=batch.weight)
+    return batch.replace(atom_shift=f.shift, atom_mass=f.mass), f.support, f.metrics
 
 
 def _numerator(config: SGPOConfig, support, pc: Array, pr: Array, mb: PreferenceBatch):
@@ -318,17 +285,6 @@ def sgpo_step(state: TrainState, batch: PreferenceBatch) -> Tuple[TrainState, Di
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
     metrics = {k: v / mass for k, v in sums.items()}
     return new_state, {"loss": total / mass, "grad_norm": grad_norm, **metrics, **extra}
-
-
-def auto_mesh(mesh: Mesh) -> Mesh:
-    """The same devices and axis names with every axis in ``Auto`` mode (compiler-propagated
-    shardings; ``jax.make_mesh`` defaults to ``Explicit`` axes in recent JAX)."""
-    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-
-
-def shard_batch(batch: PreferenceBatch, mesh: Mesh, batch_axes: Sequence[str] = ("data",)) -> PreferenceBatch:
-    """Places every batch leaf on ``mesh`` split along its leading (pair) axis."""
-    return jax.device_put(batch, NamedSharding(auto_mesh(mesh), P(tuple(batch_axes))))
 
 
 def make_sgpo_step(

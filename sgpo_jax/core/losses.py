@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from sgpo_jax.follower import make_loss
+from sgpo_jax.core.follower import make_loss
 
 Array = jax.Array
 SPACES = ("probability", "margin")
@@ -189,7 +189,7 @@ def authors_weighted_loss(
 
         \frac{1}{B}\sum_i \sum_k s_{ik} \cdot -\log\max\big(\sigma(\beta h_i) - \text{shift}_{ik},\ 10^{-6}\big)
 
-    with ``s``/``shift`` ``[B, K]`` from :meth:`sgpo_jax.follower.WorstCase.authors_columns`.
+    with ``s``/``shift`` ``[B, K]`` from :meth:`sgpo_jax.core.follower.WorstCase.authors_columns`.
     Note the floor: an atom pushed to :math:`p \le 10^{-6}` adds a constant and no gradient.
     """
     h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)

