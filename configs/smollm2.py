@@ -44,7 +44,10 @@ def get_config():
     c.ssapo.max_new_tokens = 64
     c.ssapo.generation_batch_size = 16
     c.sgpo.epsilon = 0.01
-    c.sgpo.follower = "annotation"
+    # The exact game (leader and follower share the K=6 tangent loss, one global ball) on the
+    # authors' fixed annotation atoms (sgpo.follower's default in ssapo mode);
+    # --config.sgpo.preset=authors switches to the authors' pairing.
+    c.sgpo.preset = "consistent"
     c.eval.limit = 32
     c.eval.max_new_tokens = 64
     c.eval.batch_size = 16

@@ -26,13 +26,25 @@ train.epochs, train.max_steps (-1 = epochs decide), train.batch_size (pairs per 
 train.micro_batches (gradient accumulation, exact), train.max_grad_norm, train.weight_decay
 train.seed          data order, initialization and RNG
 train.reference_batch_size  pairs per forward-only batch (reference log-probs, follower pass)
+sgpo.preset         "" (choose every field below yourself), "consistent" (the exact game: the
+                    leader minimizes the follower's own loss, one global Wasserstein ball) or
+                    "authors" (the authors' script: K=6 tangent follower with their per-entry
+                    bounds on groups of 100 annotated pairs, leader -log p with the 1e-6 floor,
+                    annotation atoms). A preset sets loss, num_tangents, leader_loss, variant,
+                    group_size (and follower for "authors"); setting one of those to another
+                    value than the preset's is an error. README: "The paper, the authors' code
+                    and this library" says what each does to the hardest pairs.
 sgpo.epsilon, sgpo.loss, sgpo.space, sgpo.num_tangents, sgpo.variant, sgpo.window_tau
-sgpo.follower       "step" (exact follower on each batch, on-device), "epoch" (once per epoch
-                    on all pairs with the current policy) or "annotation" (once per epoch on the
-                    self-annotation reward gaps: centers sigmoid(annotation_scale * gap), as the
-                    authors do per SSAPO round; needs chosen_reward/rejected_reward columns)
+sgpo.group_size     0 = one global ball over all pairs; G = consecutive groups of G pairs (the
+                    authors' G = 100), each its own ball
+sgpo.follower       "" = "annotation" in train.mode=ssapo, else "step"; "step" (exact follower on
+                    each batch's current margins, on-device), "epoch" (once per epoch on all pairs
+                    with the current policy; both are the paper's text: the worst case sits where
+                    the policy is) or "annotation" (once per epoch on the self-annotation reward
+                    gaps: centers sigmoid(annotation_scale * gap), fixed shifts, as the authors do
+                    per SSAPO round; needs chosen_reward/rejected_reward columns)
 sgpo.annotation_scale  the authors' 0.1 in sigmoid(0.1 * reward gap)
-sgpo.leader_loss    "" = sgpo.loss; "neg_log" pairs the authors' tangent follower with -log p
+sgpo.leader_loss    "" = sgpo.loss (consistent); "neg_log" pairs the tangent follower with -log p
 ssapo.*             the self-annotation loop (train.mode="ssapo", see sgpo_jax/ssapo/pipeline.py):
   prompts           JSONL/JSON file of {"prompt": str} rows for the round pools; "" = the prompts of
                     data.source rows left after the seed (the authors' UltraFeedback split)
@@ -63,14 +75,21 @@ import jax
 from ml_collections import ConfigDict
 
 from sgpo_jax.core.step import SGPOConfig
+from sgpo_jax.errors import ConfigError
 from sgpo_jax.data.pairs import data_shards
 from sgpo_jax.data.split import SELECTIONS
 from sgpo_jax.ssapo.annotate import STRATEGIES
 
-__all__ = ["FOLLOWERS", "MODES", "SSAPO_REFERENCES", "base_config", "seven_to_eight_b", "sgpo_config", "validate"]
+__all__ = ["FOLLOWERS", "MODES", "PRESETS", "follower_of", "SSAPO_REFERENCES", "base_config", "seven_to_eight_b", "sgpo_config", "validate"]
 
 MODES = ("dpo", "sgpo", "ssapo")
 FOLLOWERS = ("step", "epoch", "annotation")
+# What each preset fixes (sgpo.* fields); base_config's value of a field means "not chosen".
+PRESETS = {
+    "consistent": dict(leader_loss="", variant="ball", group_size=0),
+    "authors": dict(loss="tangents", num_tangents=6, leader_loss="neg_log", variant="per_entry", group_size=100,
+                    follower="annotation"),
+}
 SSAPO_REFERENCES = ("previous", "initial")  # the reference policy of SSAPO round t: pi_{t-1} or pi_0
 
 
@@ -95,7 +114,7 @@ def base_config() -> ConfigDict:
     ))
     c.sgpo = ConfigDict(dict(
         epsilon=0.01, loss="tangents", space="probability", num_tangents=6, variant="ball",
-        window_tau=1.0, follower="step", leader_loss="", annotation_scale=0.1,
+        window_tau=1.0, follower="", leader_loss="", annotation_scale=0.1, group_size=0, preset="",
     ))
     c.ssapo = ConfigDict(dict(
         prompts="", seed_size=2000, pool_sizes=(8000, 20000, 30000), seed_selection="random",
@@ -136,18 +155,36 @@ def seven_to_eight_b(c: ConfigDict) -> ConfigDict:
     c.ssapo.seed_size = 2000
     c.ssapo.pool_sizes = (8000, 20000, 30000)
     c.ssapo.generation_batch_size = 64
-    c.sgpo.follower = "annotation"
+    # The authors' pairing: K=6 tangent follower with their per-entry bounds on groups of 100
+    # annotated pairs, leader -log p with the 1e-6 floor (README: "The paper, the authors' code
+    # and this library"); --config.sgpo.preset=consistent plays the exact game instead.
+    c.sgpo.preset = "authors"
     return c
 
 
+def _sgpo_fields(config: ConfigDict) -> dict:
+    """The ``sgpo`` group with its preset applied (see :data:`PRESETS`)."""
+    fields = dict(config.sgpo.to_dict())
+    fields.update(PRESETS.get(fields["preset"], {}))
+    return fields
+
+
+def follower_of(config: ConfigDict) -> str:
+    """Where the follower runs: ``sgpo.follower`` (after the preset), or by default
+    ``"annotation"`` in ``train.mode=ssapo`` and ``"step"`` otherwise."""
+    follower = _sgpo_fields(config)["follower"]
+    return follower or ("annotation" if config.train.mode == "ssapo" else "step")
+
+
 def sgpo_config(config: ConfigDict, mode: Optional[str] = None) -> SGPOConfig:
-    """The step's static settings from the ``train`` and ``sgpo`` groups (``mode`` overrides
-    ``train.mode``, e.g. ``"dpo"`` for SSAPO's seed round)."""
-    t, s = config.train, config.sgpo
+    """The step's static settings from the ``train`` and ``sgpo`` groups, preset applied
+    (``mode`` overrides ``train.mode``, e.g. ``"dpo"`` for SSAPO's seed round)."""
+    t, s = config.train, _sgpo_fields(config)
     return SGPOConfig(
-        mode=mode or t.mode, beta=t.beta, label_smoothing=t.label_smoothing, space=s.space, loss=s.loss,
-        leader_loss=s.leader_loss or None, num_tangents=s.num_tangents, epsilon=s.epsilon,
-        window_tau=s.window_tau, variant=s.variant, micro_batches=t.micro_batches,
+        mode=mode or t.mode, beta=t.beta, label_smoothing=t.label_smoothing, space=s["space"], loss=s["loss"],
+        leader_loss=s["leader_loss"] or None, num_tangents=s["num_tangents"], epsilon=s["epsilon"],
+        window_tau=s["window_tau"], variant=s["variant"], micro_batches=t.micro_batches,
+        group_size=s["group_size"] or None,
     )
 
 
@@ -161,7 +198,7 @@ def validate(config: ConfigDict) -> None:
     except ValueError as err:
         problems.append(str(err))
     if problems:
-        raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
 
 def _train_problems(config: ConfigDict) -> List[str]:
@@ -192,8 +229,19 @@ def _train_problems(config: ConfigDict) -> List[str]:
                                 f"data.shards={d.shards}) and of the process count ({jax.process_count()})")
     if d.max_prompt_length >= d.max_length:
         problems.append(f"data.max_prompt_length ({d.max_prompt_length}) must be < data.max_length ({d.max_length})")
-    if config.sgpo.follower not in FOLLOWERS:
-        problems.append(f"sgpo.follower must be one of {FOLLOWERS}, got {config.sgpo.follower!r}")
+    if config.sgpo.follower not in ("",) + FOLLOWERS:
+        problems.append(f"sgpo.follower must be '' (by mode) or one of {FOLLOWERS}, got {config.sgpo.follower!r}")
+    preset = config.sgpo.preset
+    if preset not in ("",) + tuple(PRESETS):
+        problems.append(f"sgpo.preset must be '' or one of {tuple(PRESETS)}, got {preset!r}")
+    else:
+        defaults = base_config().sgpo
+        for name, value in PRESETS.get(preset, {}).items():
+            if config.sgpo[name] not in (value, defaults[name]):
+                problems.append(f"sgpo.{name}={config.sgpo[name]!r} contradicts sgpo.preset={preset!r} (which sets "
+                                f"{value!r}); drop one of them")
+    if not isinstance(config.sgpo.group_size, int) or config.sgpo.group_size < 0:
+        problems.append(f"sgpo.group_size must be 0 (one global ball) or a positive int, got {config.sgpo.group_size!r}")
     if not config.sgpo.annotation_scale > 0:
         problems.append(f"sgpo.annotation_scale must be > 0, got {config.sgpo.annotation_scale}")
     if config.checkpoint.every < 1:

@@ -15,23 +15,46 @@ and moved mass. Run with ``--helpfull`` to list every flag; the config fields ar
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import jax
 from ml_collections import ConfigDict
 
 from sgpo_jax.config import validate
 from sgpo_jax.console import say
+from sgpo_jax.data.batching import PairBatcher
 from sgpo_jax.data.pairs import load_pairs
+from sgpo_jax.errors import UserError
 from sgpo_jax.models.llama import Decoder
 from sgpo_jax.models.loading import export_policy, load_model
 from sgpo_jax.parallel import distributed
 from sgpo_jax.parallel.mesh import make_mesh
 from sgpo_jax.ssapo import pipeline
+from sgpo_jax.training import memory
+from sgpo_jax.training.checkpoint import latest_saved_step
 from sgpo_jax.training.trainer import Preempted, fit
 
-__all__ = ["cli", "main", "train"]
+__all__ = ["cli", "dry_run", "main", "resume_point", "train", "user_error_lines"]
+
+VERBOSE_ENV = "SGPO_VERBOSE"  # 1 = user errors keep their traceback (same as --verbose)
+
+
+def resume_point(config: ConfigDict, workdir: Path) -> Optional[str]:
+    """Where a run in ``workdir`` continues (stage, round, step, checkpoint), or None when it
+    starts fresh."""
+    if config.train.mode == "ssapo":
+        return pipeline.resume_point(config, workdir)
+    directory = config.checkpoint.directory or str(workdir / "checkpoints")
+    step = latest_saved_step(directory)
+    return None if step is None else f"training: continuing after step {step} (checkpoint {directory}/{step})"
+
+
+def _announce(config: ConfigDict, workdir: Path) -> None:
+    point = resume_point(config, workdir) if jax.process_index() == 0 else None
+    say(f"resuming {workdir}: {point}" if point else f"starting fresh in {workdir}")
 
 
 def train(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
@@ -39,6 +62,7 @@ def train(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
     dict (steps, last metrics, paths; also in ``workdir/summary.json``)."""
     validate(config)
     workdir = Path(workdir)
+    _announce(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -61,6 +85,60 @@ def train(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
     return summary
 
 
+def dry_run(config: ConfigDict, workdir: str | Path) -> List[str]:
+    """The checks a user runs before a long job, without compiling a step: the config, the model
+    source, the data (read and tokenized, with the bad-row report), the memory plan, the number
+    of steps, and what a rerun of this workdir would resume from. Returns the report's lines
+    (also printed)."""
+    validate(config)
+    workdir = Path(workdir)
+    lines = ["config: valid"]
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    cfg, _, tokenizer = load_model(config.model)
+    lines.append(f"model: {config.model.source} ({memory.param_count(cfg) / 1e6:.1f}M parameters, "
+                 f"{cfg.num_hidden_layers} layers)")
+    data = ConfigDict(config.data.to_dict())
+    t = config.train
+    if t.mode == "ssapo":
+        data.limit = 0
+    pairs, _ = load_pairs(data, tokenizer)
+    lines.append(f"data: {len(pairs)} usable pairs from {data.source}")
+    if t.mode == "ssapo":
+        s = config.ssapo
+        seed = min(s.seed_size, len(pairs))
+        lines.append(f"ssapo: seed {seed} pairs, {len(s.pool_sizes)} rounds of {tuple(s.pool_sizes)} prompts")
+        lines.append(f"steps: round 0: {s.seed_epochs * -(-seed // t.batch_size)}; round t: about "
+                     f"{t.epochs} x pairs / {t.batch_size} (prompts without two distinct samples are dropped)")
+    else:
+        per_epoch = PairBatcher(pairs, t.batch_size, buckets=tuple(config.data.buckets) or None, seed=t.seed,
+                                process_index=jax.process_index(), process_count=jax.process_count()).steps_per_epoch
+        total = t.max_steps if t.max_steps > 0 else t.epochs * per_epoch
+        lines.append(f"steps: {total} ({per_epoch} per epoch, batch {t.batch_size})")
+    plan = memory.plan_for_run(config, cfg, dict(mesh.shape))
+    device_bytes = memory.device_memory_bytes()
+    fits = ("device memory unknown (CPU)" if device_bytes is None else
+            f"{'fits' if plan.total <= 0.92 * device_bytes else 'does NOT fit'} {memory.format_bytes(device_bytes)} per device")
+    lines.append(f"memory plan per device ({fits}):")
+    lines.extend("  " + line for line in str(plan).splitlines())
+    point = resume_point(config, workdir)
+    lines.append(f"rerun: {point}" if point else f"rerun: starts fresh in {workdir}")
+    for line in lines:
+        say(line)
+    return lines
+
+
+def user_error_lines(err: BaseException) -> List[str]:
+    """The CLI's report of a user error: ``error: ...`` on one line, then at most one hint line."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    head, *items = [line.strip() for line in text.splitlines() if line.strip()] or [type(err).__name__]
+    items = [item[2:] if item.startswith("- ") else item for item in items]  # a listed config problem each
+    lines = [f"error: {head}" + (" " + "; ".join(items) if items else "")]
+    hint = getattr(err, "hint", "")
+    if hint:
+        lines.append(f"hint: {hint}")
+    return lines
+
+
 def define_flags() -> None:
     """Registers the CLI's flags (once; :func:`cli` calls it)."""
     from absl import flags
@@ -80,6 +158,10 @@ def define_flags() -> None:
                          "SGPO_PROCESS_ID, SLURM_PROCID, or TPU pod metadata).")
     flags.DEFINE_list("local_device_ids", None, "Multi-host: the local accelerator ids this process drives (default: "
                       "all; SLURM with one task per GPU: SLURM_LOCALID).")
+    flags.DEFINE_bool("dry_run", False, "Validate the config, read and tokenize the data, print the memory plan, the "
+                      "number of steps and what a rerun would resume from; then exit without compiling.")
+    flags.DEFINE_bool("verbose", False, f"Show the full traceback of user errors (bad config, data, checkpoint, "
+                      f"model source, memory) instead of one line; also {VERBOSE_ENV}=1.")
     flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -102,7 +184,14 @@ def main(argv) -> None:
     if spec.multi_process:
         say(f"jax.distributed: {jax.process_count()} processes ({spec.source}), {jax.device_count()} devices "
             f"({jax.local_device_count()} per process)")
-    train(flag.config, flag.workdir)
+    try:
+        (dry_run if flag.dry_run else train)(flag.config, flag.workdir)
+    except (UserError, FileNotFoundError) as err:
+        if flag.verbose or os.environ.get(VERBOSE_ENV, "") not in ("", "0"):
+            raise
+        if jax.process_index() == 0:
+            print("\n".join(user_error_lines(err)), file=sys.stderr)
+        sys.exit(2)
 
 
 def cli() -> None:

@@ -262,3 +262,29 @@ def test_micro_batches_give_the_one_batch_update(config, x64):
     with pytest.raises(ValueError, match="not divisible into 5 micro-batches"):
         _, five = _state(dataclasses.replace(config, micro_batches=5))
         sgpo_step(five, random_batch(seed=8, pairs=12))
+
+
+def test_grouped_follower_in_the_step_solves_each_group_alone():
+    """sgpo.group_size=G: the in-step follower solves each block of G consecutive pairs as its
+    own ball. Oracle: each block solved separately with the global follower (no grouping code),
+    then the leader loss written out by hand from those atoms at the step's starting margins."""
+    beta, eps, group = 0.5, 0.05, 4
+    config = SGPOConfig(mode="sgpo", beta=beta, epsilon=eps, group_size=group)
+    model, state = _state(config)
+    batch = random_batch(seed=7, pairs=8, pad_rows=0)
+    p = 1 / (1 + np.exp(-beta * _margins(model, state.params, batch)))
+    values, loss_terms = [], []
+    for start in range(0, 8, group):
+        centers = p[start:start + group]
+        wc = worst_case(centers, eps, loss="tangents", num_tangents=6)
+        values.append(float(wc.value))
+        shift, mass = (np.asarray(a, np.float64) for a in wc.atoms())
+        tangents = lambda v: np.max([-(6 / k) * (v - k / 6) - np.log(k / 6) for k in range(1, 7)], axis=0)
+        loss_terms.append(np.sum(mass * tangents(centers[:, None] - shift)))
+    _, metrics = jax.jit(sgpo_step)(state, batch)
+    # float32 step vs float64 oracle on 8 pairs of O(1) losses: 1e-5 covers float32 rounding
+    np.testing.assert_allclose(float(metrics["follower/value"]), np.mean(values), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(metrics["loss"]), np.sum(loss_terms) / 8, rtol=1e-5, atol=1e-5)
+    ungrouped = SGPOConfig(mode="sgpo", beta=beta, epsilon=eps)
+    _, global_metrics = jax.jit(sgpo_step)(_state(ungrouped)[1], batch)
+    assert abs(float(global_metrics["follower/value"]) - np.mean(values)) > 1e-4  # grouping changes the answer

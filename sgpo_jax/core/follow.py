@@ -36,7 +36,7 @@ class Follow:
       worst_case: the :class:`~sgpo_jax.core.follower.WorstCase`.
       shift, mass: ``[N, J]`` its atoms (``worst_case.atoms()``).
       metrics: ``follower/value``, ``follower/dual``, ``follower/moved`` (mass moved, weighted),
-        ``follower/transport``.
+        ``follower/transport``; with groups, means over the groups (and pairs).
     """
 
     centers: jax.Array
@@ -54,7 +54,7 @@ def follow(margins: jax.Array, config: Any, *, scale: Optional[float] = None,
     Args:
       margins: ``[N]`` margins (held constant: no gradient flows through the follower).
       config: the step settings, a :class:`~sgpo_jax.core.step.SGPOConfig` (space, loss, epsilon,
-        num_tangents, support, window_tau, variant, beta).
+        num_tangents, support, window_tau, variant, group_size, beta).
       scale: the centers' scale; default ``config.beta``.
       weights: ``[N]`` pair masses (0 = padding row, ignored by the follower and the window);
         None = uniform.
@@ -70,12 +70,13 @@ def follow(margins: jax.Array, config: Any, *, scale: Optional[float] = None,
         support = (lo, hi)
         centers = jnp.clip(centers, lo, hi)  # padding rows only
     wc = worst_case(centers, config.epsilon, loss=config.loss, num_tangents=config.num_tangents, support=support,
-                    weights=weights, variant=config.variant)
+                    weights=weights, variant=config.variant, group_size=config.group_size)
     shift, mass = wc.atoms()
+    mean = lambda x: jnp.mean(jnp.atleast_1d(x))  # groups: the mean over groups; one ball: itself
     metrics = {
-        "follower/value": wc.value,
-        "follower/dual": wc.dual,
-        "follower/moved": jnp.sum(wc.weights * wc.moved),
-        "follower/transport": wc.transport,
+        "follower/value": mean(wc.value),
+        "follower/dual": mean(wc.dual),
+        "follower/moved": jnp.sum(wc.weights * wc.moved) if config.group_size is None else mean(wc.moved),
+        "follower/transport": mean(wc.transport),
     }
     return Follow(centers=centers, support=support, worst_case=wc, shift=shift, mass=mass, metrics=metrics)

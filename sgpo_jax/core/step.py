@@ -60,6 +60,8 @@ class SGPOConfig:
       p_min: floor of ``-log p`` in the leader loss.
       micro_batches: gradient accumulation: the step splits its batch into this many
         micro-batches (the pair count must divide) and gives the same update as one batch.
+      group_size: ``None`` = one global ball over all pairs; ``G`` = the authors' consecutive
+        groups of ``G`` pairs, each its own ball (see :func:`sgpo_jax.core.follower.worst_case`).
     """
 
     mode: str = "sgpo"
@@ -75,6 +77,7 @@ class SGPOConfig:
     variant: str = "ball"
     p_min: float = 1e-6
     micro_batches: int = 1
+    group_size: Optional[int] = None
 
     def __post_init__(self):
         problems = []
@@ -112,6 +115,8 @@ class SGPOConfig:
             problems.append(f"p_min must be in (0, 1), got {self.p_min}")
         if not isinstance(self.micro_batches, int) or self.micro_batches < 1:
             problems.append(f"micro_batches must be a positive int, got {self.micro_batches!r}")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
+            problems.append(f"group_size must be a positive int or None, got {self.group_size!r}")
         if problems:
             raise ValueError("invalid SGPOConfig: " + "; ".join(problems))
 

@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Mapping, Tuple, Union
 import jax.numpy as jnp
 import numpy as np
 
+from sgpo_jax.errors import ModelError
 from sgpo_jax.models.llama import DecoderConfig, hf_state_dict_to_params
 
 __all__ = ["load_gguf", "smollm2_gguf_path", "unpermute_rope_rows"]
@@ -127,7 +128,7 @@ def load_gguf(path: Union[str, os.PathLike], *, dtype: Any = jnp.float32, param_
     try:
         reader = gguf.GGUFReader(path)
     except Exception as err:  # the reader fails with whatever NumPy raises on a malformed buffer
-        raise ValueError(f"{path}: not a readable GGUF file (truncated or corrupted?): "
+        raise ModelError(f"{path}: not a readable GGUF file (truncated or corrupted?): "
                          f"{type(err).__name__}: {err}") from err
     metadata = {name: field.contents() for name, field in reader.fields.items()}
     tensors = {tensor.name: tensor for tensor in reader.tensors}
@@ -138,7 +139,7 @@ def load_gguf(path: Union[str, os.PathLike], *, dtype: Any = jnp.float32, param_
         params = hf_state_dict_to_params(state_dict, cfg)
         tokenizer = _tokenizer(metadata)
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
+        raise ModelError(f"{path}: {err}") from err
     return cfg, params, tokenizer
 
 
@@ -147,7 +148,7 @@ def _get(metadata: Mapping[str, Any], key: str, default: Any = _DEFAULT) -> Any:
     if key in metadata:
         return metadata[key]
     if default is _DEFAULT:
-        raise ValueError(f"GGUF metadata lacks the field {key!r}")
+        raise ModelError(f"GGUF metadata lacks the field {key!r}")
     return default
 
 
@@ -155,26 +156,26 @@ def _config(metadata: Mapping[str, Any], tensors: Mapping[str, Any], **fields: A
     """The :class:`DecoderConfig` of a ``llama`` GGUF file; ``fields`` are our own settings."""
     arch = _get(metadata, "general.architecture")
     if arch != "llama":
-        raise ValueError(f"general.architecture {arch!r} is not supported; only 'llama'")
+        raise ModelError(f"general.architecture {arch!r} is not supported; only 'llama'")
     for key in ("llama.attention.head_count", "llama.attention.head_count_kv", "llama.feed_forward_length"):
         if isinstance(metadata.get(key), list):
-            raise ValueError(f"{key}: per-layer values {metadata[key]} are not supported")
+            raise ModelError(f"{key}: per-layer values {metadata[key]} are not supported")
     if _get(metadata, "llama.expert_count", 0):
-        raise ValueError(f"llama.expert_count={metadata['llama.expert_count']}: mixture of experts is not supported")
+        raise ModelError(f"llama.expert_count={metadata['llama.expert_count']}: mixture of experts is not supported")
     scaling = _get(metadata, "llama.rope.scaling.type", "none")
     if scaling != "none":
-        raise ValueError(f"llama.rope.scaling.type {scaling!r} is not supported")
+        raise ModelError(f"llama.rope.scaling.type {scaling!r} is not supported")
     if "rope_freqs.weight" in tensors:
-        raise ValueError("tensor 'rope_freqs.weight' (Llama 3.1 RoPE scaling factors) is not supported")
+        raise ModelError("tensor 'rope_freqs.weight' (Llama 3.1 RoPE scaling factors) is not supported")
 
     hidden = _get(metadata, "llama.embedding_length")
     heads = _get(metadata, "llama.attention.head_count")
     head_dim = _get(metadata, "llama.attention.key_length", hidden // heads)
     for key in ("llama.attention.value_length", "llama.rope.dimension_count"):
         if _get(metadata, key, head_dim) != head_dim:
-            raise ValueError(f"{key}={metadata[key]} differs from the head dim {head_dim}; not supported")
+            raise ModelError(f"{key}={metadata[key]} differs from the head dim {head_dim}; not supported")
     if "token_embd.weight" not in tensors:
-        raise ValueError("no tensor 'token_embd.weight'")
+        raise ModelError("no tensor 'token_embd.weight'")
     vocab = int(tensors["token_embd.weight"].shape[-1])  # GGUF shape (hidden, vocab)
     return DecoderConfig(
         vocab_size=_get(metadata, "llama.vocab_size", vocab),
@@ -203,7 +204,7 @@ def _hf_name(name: str) -> str:
         return _GLOBAL_TENSORS[name]
     match = _LAYER_TENSOR.fullmatch(name)
     if match is None or match.group(2) not in _LAYER_TENSORS:
-        raise ValueError(f"unexpected GGUF tensor {name!r}")
+        raise ModelError(f"unexpected GGUF tensor {name!r}")
     return f"model.layers.{match.group(1)}.{_LAYER_TENSORS[match.group(2)]}.weight"
 
 
@@ -218,12 +219,12 @@ def _state_dict(tensors: Mapping[str, Any], cfg: DecoderConfig) -> Dict[str, np.
         try:
             weight = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
         except NotImplementedError as err:
-            raise ValueError(f"tensor {name!r}: quantization {tensor.tensor_type.name} cannot be dequantized "
+            raise ModelError(f"tensor {name!r}: quantization {tensor.tensor_type.name} cannot be dequantized "
                              f"by this gguf package ({err})") from err
         if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             n_head = cfg.num_attention_heads if hf_name.endswith("q_proj.weight") else cfg.num_key_value_heads
             if shape[0] != n_head * cfg.head_dim:
-                raise ValueError(f"tensor {name!r}: shape {shape} does not hold {n_head} heads of {cfg.head_dim}")
+                raise ModelError(f"tensor {name!r}: shape {shape} does not hold {n_head} heads of {cfg.head_dim}")
             weight = unpermute_rope_rows(weight, n_head)
         state_dict[hf_name] = weight
     return state_dict
@@ -241,7 +242,7 @@ def _pre_tokenizer(pre: str) -> Tuple[Any, bool]:
     if pre in _LLAMA3_PRE:
         split = pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated")
         return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), True
-    raise ValueError(f"tokenizer.ggml.pre {pre!r} is not supported; expected one of "
+    raise ModelError(f"tokenizer.ggml.pre {pre!r} is not supported; expected one of "
                      f"{_GPT2_PRE + _STARCODER_PRE + _LLAMA3_PRE}")
 
 
@@ -252,16 +253,16 @@ def _tokenizer(metadata: Mapping[str, Any]) -> Any:
 
     kind = _get(metadata, "tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(f"tokenizer.ggml.model {kind!r} is not supported; only 'gpt2' (byte-level BPE)")
+        raise ModelError(f"tokenizer.ggml.model {kind!r} is not supported; only 'gpt2' (byte-level BPE)")
     tokens: List[str] = _get(metadata, "tokenizer.ggml.tokens")
     token_types = _get(metadata, "tokenizer.ggml.token_type", [1] * len(tokens))
     vocab = {token: index for index, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
-        raise ValueError(f"tokenizer.ggml.tokens: {len(tokens) - len(vocab)} duplicate tokens")
+        raise ModelError(f"tokenizer.ggml.tokens: {len(tokens) - len(vocab)} duplicate tokens")
     merges = [tuple(merge.split(" ")) for merge in _get(metadata, "tokenizer.ggml.merges")]
     bad = [" ".join(merge) for merge in merges if len(merge) != 2][:5]
     if bad:
-        raise ValueError(f"tokenizer.ggml.merges: entries {bad} are not two space-separated tokens")
+        raise ModelError(f"tokenizer.ggml.merges: entries {bad} are not two space-separated tokens")
     pre_tokenizer, ignore_merges = _pre_tokenizer(_get(metadata, "tokenizer.ggml.pre", "default"))
 
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
@@ -278,7 +279,7 @@ def _tokenizer(metadata: Mapping[str, Any]) -> Any:
         index = metadata.get(f"tokenizer.ggml.{key}")
         if index is not None:
             if not 0 <= index < len(tokens):
-                raise ValueError(f"tokenizer.ggml.{key}={index} is outside the vocabulary of {len(tokens)}")
+                raise ModelError(f"tokenizer.ggml.{key}={index} is outside the vocabulary of {len(tokens)}")
             special[name] = tokens[index]
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend,

@@ -26,6 +26,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import jax.numpy as jnp
 import numpy as np
 
+from sgpo_jax.errors import ModelError
 from sgpo_jax.models.llama import (
     SUPPORTED_MODEL_TYPES,
     DecoderConfig,
@@ -92,7 +93,7 @@ def resolve_checkpoint(path_or_name: Union[str, os.PathLike], *, revision: Optio
             reason = "the Hugging Face hub is offline (HF_HUB_OFFLINE=1) with no cached copy of it"
         else:
             reason = f"downloading it from the Hugging Face hub failed ({type(err).__name__}: {err})"
-        raise ValueError(
+        raise ModelError(
             f"{name!r} is not a local directory, and {reason}; pass a local directory holding "
             f"{CONFIG_NAME} and {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME} with its shards)"
         ) from err
@@ -124,13 +125,13 @@ def from_pretrained(path_or_name: Union[str, os.PathLike], *, dtype: Any = jnp.f
     try:
         cfg = DecoderConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **config_overrides)
     except ValueError as err:
-        raise ValueError(f"{directory / CONFIG_NAME}: {err}") from err
+        raise ModelError(f"{directory / CONFIG_NAME}: {err}") from err
     state_dict = {name: array for name, array in _read_weights(directory).items()
                   if not name.endswith(_LEGACY_BUFFER_SUFFIX)}
     try:
         params = hf_state_dict_to_params(state_dict, cfg)
     except ValueError as err:
-        raise ValueError(f"{directory}: the safetensors weights do not fit {CONFIG_NAME}: {err}") from err
+        raise ModelError(f"{directory}: the safetensors weights do not fit {CONFIG_NAME}: {err}") from err
     return cfg, params, hf_config
 
 
@@ -238,14 +239,14 @@ def _load_hf_config(directory: Path) -> Any:
 
     path = directory / CONFIG_NAME
     if not path.is_file():
-        raise ValueError(f"{directory}: no {CONFIG_NAME}; not a transformers checkpoint directory")
+        raise ModelError(f"{directory}: no {CONFIG_NAME}; not a transformers checkpoint directory")
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+        raise ModelError(f"{path}: not valid JSON ({err})") from err
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{path}: model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
+        raise ModelError(f"{path}: model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
     return transformers.AutoConfig.from_pretrained(directory)
 
 
@@ -256,12 +257,12 @@ def _read_weights(directory: Path) -> Dict[str, np.ndarray]:
         return _read_safetensors(single)
     if not index.is_file():
         found = sorted(p.name for p in directory.iterdir())
-        raise ValueError(f"{directory}: neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME} (found {found}); only "
+        raise ModelError(f"{directory}: neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME} (found {found}); only "
                          "safetensors checkpoints are supported")
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{index}: not a safetensors index (a JSON object with a 'weight_map'): {err!r}") from err
+        raise ModelError(f"{index}: not a safetensors index (a JSON object with a 'weight_map'): {err!r}") from err
     tensors: Dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):
         listed = {name for name, file in weight_map.items() if file == shard}

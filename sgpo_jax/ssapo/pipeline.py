@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -40,6 +40,7 @@ from sgpo_jax.console import say
 from sgpo_jax.data.loading import load_preferences
 from sgpo_jax.data.pairs import load_pairs
 from sgpo_jax.data.split import make_split, seed_rows_jsonl
+from sgpo_jax.errors import UserError
 from sgpo_jax.models.llama import Decoder
 from sgpo_jax.models.loading import export_policy, load_model
 from sgpo_jax.parallel import mesh as mesh_lib
@@ -49,10 +50,11 @@ from sgpo_jax.ssapo import eval as eval_lib
 from sgpo_jax.ssapo.eval import INSTRUCTION_ACC, PROMPT_ACC
 from sgpo_jax.ssapo.instructions import ASSETS_DIR, load_tasks
 from sgpo_jax.ssapo.report import plots, round_table
+from sgpo_jax.training.checkpoint import latest_saved_step
 from sgpo_jax.training.trainer import Preempted, fit
 from sgpo_jax.training.workdir import as_seen_by_process_0, read_json, read_jsonl, write_json, write_jsonl, write_text
 
-__all__ = ["run"]
+__all__ = ["resume_point", "run"]
 
 
 
@@ -123,8 +125,8 @@ def _annotate_round(config: ConfigDict, directory: Path, round_index: int, promp
             else:
                 rows.append(row)
     if not rows:
-        raise RuntimeError(f"round {round_index}: no prompt gave two distinct non-empty samples ({dropped}); "
-                           "raise ssapo.temperature or ssapo.max_new_tokens")
+        raise UserError(f"round {round_index}: no prompt gave two distinct non-empty samples ({dropped})",
+                        "raise --config.ssapo.temperature or --config.ssapo.max_new_tokens")
     gaps = np.array([r["chosen_reward"] - r["rejected_reward"] for r in rows])
     stats = {"prompts": len(prompts), "pairs": len(rows), "dropped": sum(dropped.values()), "drop_reasons": dropped,
              "mean_gap": float(gaps.mean())}
@@ -139,8 +141,42 @@ def _round_config(config: ConfigDict, round_index: int, *, epochs: int, learning
     c = ConfigDict(config.to_dict())
     c.train.epochs, c.train.learning_rate, c.train.max_steps = epochs, learning_rate, -1
     if c.checkpoint.directory:
-        c.checkpoint.directory = f"{c.checkpoint.directory.rstrip('/')}/round_{round_index}"
+        c.checkpoint.directory = round_checkpoints(config, Path(), round_index)
     return c
+
+
+def resume_point(config: ConfigDict, workdir: Path) -> Optional[str]:
+    """Where a run in ``workdir`` continues, in words (stage, round, step, checkpoint), or None
+    when it starts fresh. Reads the workdir only (process 0's view)."""
+    if not (workdir / "split.json").exists():
+        return None
+    rounds = len(config.ssapo.pool_sizes) + 1
+    if (workdir / "summary.md").exists():
+        return f"finished: all {rounds} rounds are done (summary.md); nothing left to run"
+    for t in range(rounds):
+        directory = workdir / f"round_{t}"
+        done = (directory / "eval.json") if config.eval.tasks else (workdir / f"round_{t + 1}")
+        if done.exists():
+            continue
+        checkpoints = round_checkpoints(config, workdir, t)
+        step = latest_saved_step(checkpoints)
+        if step is not None:
+            return f"round {t}: continuing after step {step} (checkpoint {checkpoints}/{step})"
+        if t > 0 and not (directory / "pairs.jsonl").exists():
+            batches = len(list((directory / "generations").glob("batch_*.jsonl")))
+            size = config.ssapo.generation_batch_size
+            total = -(-len(json.loads((workdir / "split.json").read_text())["pools"][t - 1]) // size)
+            return f"round {t}: generation, {batches} of {total} batches already done"
+        return f"round {t}: training from step 0"
+    return f"round {rounds - 1}: evaluation and summary"
+
+
+def round_checkpoints(config: ConfigDict, workdir: Path, round_index: int) -> str:
+    """Round ``round_index``'s checkpoint directory."""
+    directory = config.checkpoint.directory
+    if directory:
+        return f"{directory.rstrip('/')}/round_{round_index}"
+    return str(workdir / f"round_{round_index}" / "train" / "checkpoints")
 
 
 def run(config: ConfigDict, workdir: Path) -> Dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "PreemptionGuard", "checkpoint_path", "state_arrays"]
+__all__ = ["Checkpointer", "PreemptionGuard", "checkpoint_path", "latest_saved_step", "state_arrays"]
 
 
 def state_arrays(state: Any) -> Dict[str, Any]:
@@ -52,6 +52,19 @@ def _abstract(tree: Any) -> Any:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     return jax.tree.map(leaf, tree)
+
+
+def latest_saved_step(directory: str | Path) -> Optional[int]:
+    """The newest committed step under ``directory`` without creating anything there (a local
+    directory's numbered step folders; a URL asks orbax), or None."""
+    path = checkpoint_path(directory)
+    if "://" in path:
+        manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+        return manager.latest_step()
+    if not os.path.isdir(path):
+        return None
+    steps = [int(name) for name in os.listdir(path) if name.isdigit() and os.path.isdir(os.path.join(path, name))]
+    return max(steps) if steps else None
 
 
 class Checkpointer:

@@ -66,6 +66,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from sgpo_jax.errors import UserError
+
 __all__ = ["MemoryPlan", "MemoryPlanError", "estimate", "check", "plan_for_run", "device_memory_bytes",
            "param_count", "format_bytes", "main", "MODEL_PRESETS", "OPTIMIZER_MOMENTS", "REFERENCE_SOURCES"]
 
@@ -77,7 +79,7 @@ _CENTRAL = dict(h=4.15, q=3.8, kv=1.1, i=4.25, score_f32=1.9, score_compute=1.0)
 _MINIMAL = dict(h=4.0, q=2.0, kv=2.0, i=3.0, score_f32=0.0, score_compute=1.0)
 
 
-class MemoryPlanError(ValueError):
+class MemoryPlanError(UserError, ValueError):
     """The plan cannot fit: the message names the component, the settings and what would fit."""
 
 

@@ -25,12 +25,13 @@ import optax
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from sgpo_jax.config import sgpo_config
+from sgpo_jax.config import follower_of, sgpo_config
 from sgpo_jax.console import say
 from sgpo_jax.core.follow import follow
 from sgpo_jax.core.step import TrainState, make_sgpo_step
 from sgpo_jax.data.batching import PairBatcher, ordered_batches, preference_batch
 from sgpo_jax.data.tokenize import TokenizedPairs
+from sgpo_jax.errors import CheckpointError, DataError, DeviceMemoryError
 from sgpo_jax.models.llama import Decoder
 from sgpo_jax.models.logps import decoder_logps_fn
 from sgpo_jax.parallel import distributed, sharding
@@ -66,7 +67,7 @@ def run_step(step_fn, state, batch, config: ConfigDict):
     except Exception as err:  # XlaRuntimeError has no stable import path across jax versions
         if "RESOURCE_EXHAUSTED" not in str(err) and "Out of memory" not in str(err):
             raise
-        raise MemoryError(
+        raise DeviceMemoryError(
             f"out of device memory at batch shape {batch.chosen_ids.shape}: reduce train.batch_size "
             f"({config.train.batch_size}) or raise train.micro_batches ({config.train.micro_batches}), lower "
             f"data.max_length ({config.data.max_length}), set model.remat=True ({config.model.remat}), "
@@ -107,11 +108,11 @@ class Trainer:
         self.config, self.workdir, self.pairs, self.mesh, self.desc = config, Path(workdir), pairs, mesh, desc
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.sgpo = sgpo_config(config, mode)
-        self.follower, self.gaps = config.sgpo.follower, gaps
+        self.follower, self.gaps = follower_of(config), gaps
         t = config.train
         if self.sgpo.mode == "sgpo" and self.follower == "annotation" and (gaps is None or np.isnan(gaps).any()):
-            raise ValueError("sgpo.follower='annotation' needs chosen_reward and rejected_reward for every pair "
-                             "(self-annotated data, e.g. from train.mode=ssapo)")
+            raise DataError("sgpo.follower='annotation' needs chosen_reward and rejected_reward for every pair "
+                            "(self-annotated data, e.g. from train.mode=ssapo)", "or set --config.sgpo.follower=step")
         self.logps_fn = decoder_logps_fn(model, chunk_size=config.model.logps_chunk)
         self.buckets = tuple(config.data.buckets) or None
         self.batcher = PairBatcher(pairs, t.batch_size, buckets=self.buckets, seed=t.seed, **self._hosts())
@@ -153,12 +154,12 @@ class Trainer:
         self.state, saved = self.checkpointer.restore(self.state)
         pairs, workdir = self.pairs, self.workdir
         if saved.get("data_shards", 1) != pairs.num_shards:
-            raise ValueError(
+            raise CheckpointError(
                 f"{workdir}: the checkpoint was trained with {saved.get('data_shards', 1)} data shards and this run has "
                 f"{pairs.num_shards} (data.shards={self.config.data.shards}, {jax.process_count()} processes); the "
                 f"pair order depends on it: rerun with --config.data.shards={saved.get('data_shards', 1)}")
         if saved.get("data_fingerprint") != self.meta["data_fingerprint"]:
-            raise ValueError(f"{workdir}: the checkpoint was trained on other data or length settings; "
+            raise CheckpointError(f"{workdir}: the checkpoint was trained on other data or length settings; "
                              "use a new --workdir")
         self.step = int(saved["step"])
         if self.step < self.total_steps:
