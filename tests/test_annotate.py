@@ -320,18 +320,18 @@ def test_bad_arguments_are_named(policy, ref):
 def test_sharded_params_split_generation_and_scoring_over_the_mesh(policy, ref, full_run, monkeypatch):
     """With the params on a (data 2, fsdp 1, tensor 4) mesh, each batch's prompts are split over
     the data axis for generation and scoring, and the rows equal the single-device run's."""
-    from sgpo_jax.ssapo import annotate as annotate_lib
     from sgpo_jax.parallel import sharding
+    from sgpo_jax.ssapo import sampling as sampling_lib
 
     mesh = mesh_lib.make_mesh(2, 1, 4)
     specs = []
-    real_generate = annotate_lib.generate
+    real_generate = sampling_lib.generate
 
     def spy(model, params, prompt_ids, prompt_mask, **kwargs):
         specs.append(prompt_ids.sharding.spec)
         return real_generate(model, params, prompt_ids, prompt_mask, **kwargs)
 
-    monkeypatch.setattr(annotate_lib, "generate", spy)
+    monkeypatch.setattr(sampling_lib, "generate", spy)
     rows = annotate(MODEL, sharding.shard_params(policy, mesh), sharding.shard_params(ref, mesh), TOKENIZER, PROMPTS,
                     seed=3, progress=False, **SETTINGS)
     assert specs == [jax.sharding.PartitionSpec(("data", "fsdp"))] * 3

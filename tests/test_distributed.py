@@ -61,6 +61,7 @@ def worker(spec: dict) -> None:
     cluster = distributed.initialize(spec["coordinator"], spec["num_processes"], spec["process_id"])
     import jax
 
+    from sgpo_jax.parallel import mesh as mesh_lib
     from sgpo_jax.parallel import sharding
     from sgpo_jax import train as train_lib
     from sgpo_jax.data.pairs import load_pairs
