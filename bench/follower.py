@@ -236,7 +236,8 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--sizes", default="1e3,1e4,6e4,1e5,1e6", help="N for the global problem, comma-separated")
-    p.add_argument("--grouped-n", type=float, default=6e4, help="N for the grouped run; SLSQP draws its groups from these centers")
+    p.add_argument("--grouped-n", type=float, default=6e4,
+                   help="N for the grouped run; SLSQP draws its groups from these centers")
     p.add_argument("--group-size", type=int, default=100, help="G, pairs per group (authors: 100)")
     p.add_argument("--num-tangents", "-K", type=int, default=6, help="K, tangents of -log p")
     p.add_argument("--eps", type=float, default=0.01, help="Wasserstein radius")
@@ -273,7 +274,8 @@ def main(argv=None) -> int:
     grouped_n = args.grouped_n
     timing = dict(warmup=args.warmup, repeats=args.repeats)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs), scipy {scipy.__version__}, "
-          f"numpy {np.__version__}, OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}; K={k}, eps={eps}, centers={args.centers} (float32), seed={args.seed}", flush=True)
+          f"numpy {np.__version__}, OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}; K={k}, eps={eps}, "
+          f"centers={args.centers} (float32), seed={args.seed}", flush=True)
 
     rows, targets, ours = [], [], {}
     for n in args.sizes:
@@ -281,12 +283,14 @@ def main(argv=None) -> int:
         ours[n] = (seconds, float(res.value))
         dual_gap = float(res.value) - float(res.dual_value)
         rows.append(row("ours, global", n, seconds, reference=True,
-                        notes=f"value {float(res.value):.8f}, primal − dual {dual_gap:.1e}, transport/eps {float(res.transport) / eps:.4f}"))
+                        notes=f"value {float(res.value):.8f}, primal − dual {dual_gap:.1e}, "
+                              f"transport/eps {float(res.transport) / eps:.4f}"))
         print(f"ours global N={n:,}: {fmt_time(seconds)}", flush=True)
 
     grouped_x = make_centers(grouped_n, args.centers, args.seed)
     grouped_s, res = time_ours(grouped_x, eps, k, g, **timing)
-    rows.append(row(f"ours, grouped G={g}", grouped_n, grouped_s, reference=True, notes=f"value {float(res.value):.8f}"))
+    rows.append(row(f"ours, grouped G={g}", grouped_n, grouped_s, reference=True,
+                    notes=f"value {float(res.value):.8f}"))
     print(f"ours grouped G={g} N={grouped_n:,}: {fmt_time(grouped_s)}", flush=True)
 
     for n in args.highs_sizes:
@@ -321,7 +325,8 @@ def main(argv=None) -> int:
         overspend = max(r["transport_over_eps"] for r in runs)
         rows.append(row(
             f"SLSQP (authors), per group of {g}", g, per_group, gap_ball, per_group * len(runs) / ours_s,
-            notes=f"mean of {len(runs)} group(s); gap vs per-entry optimum {gap_pe:+.3f}, vs eps=0 value {gap_eps0:+.3f}; "
+            notes=f"mean of {len(runs)} group(s); gap vs per-entry optimum {gap_pe:+.3f}, "
+            f"vs eps=0 value {gap_eps0:+.3f}; "
             f"transport/eps up to {overspend:.2f}; ratio vs ours grouped on the same {n:,} pairs ({fmt_time(ours_s)})",
         ))
         num_groups = -(-grouped_n // g)
@@ -329,7 +334,8 @@ def main(argv=None) -> int:
         vs_global = f"{total / ours[grouped_n][0]:.3g}" if grouped_n in ours else "—"
         rows.append(row(
             f"SLSQP (authors), extrapolated: {num_groups} groups × time per group", grouped_n, total, gap_ball,
-            total / grouped_s, notes=f"serial (one process per core: ÷ {os.cpu_count()} = {fmt_time(total / os.cpu_count())}); "
+            total / grouped_s,
+            notes=f"serial (one process per core: ÷ {os.cpu_count()} = {fmt_time(total / os.cpu_count())}); "
             f"ratio vs ours grouped G={g}; vs ours global: {vs_global}",
         ))
         slsqp = dict(groups=runs, ours_same_pairs_seconds=ours_s)
@@ -352,7 +358,8 @@ def main(argv=None) -> int:
         env = dict(jax=jax.__version__, scipy=scipy.__version__, numpy=np.__version__, cpus=os.cpu_count(),
                    openblas_num_threads=os.environ["OPENBLAS_NUM_THREADS"],
                    machine=platform.machine(), python=platform.python_version())
-        args.json.write_text(json.dumps(dict(config=config, env=env, rows=rows, targets=targets, slsqp=slsqp), indent=2))
+        result = dict(config=config, env=env, rows=rows, targets=targets, slsqp=slsqp)
+        args.json.write_text(json.dumps(result, indent=2))
         print(f"\nwrote {args.json}")
     return int(any(t["status"] == "FAIL" for t in targets))
 

@@ -172,7 +172,8 @@ def print_table(results, args):
     print(f"\nLlama V={args.vocab} H={args.hidden} I={args.intermediate} L={args.layers} heads={args.heads}/"
           f"{args.kv_heads} fp32 (scan_layers={args.scan_layers}); batch {args.batch}, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, temperature {args.temperature}, top_p {args.top_p}, top_k {args.top_k}, "
-          f"{args.threads} threads, torch attn={args.attn}; 1-min load average {results['env']['loadavg_before'][0]:.1f} "
+          f"{args.threads} threads, torch attn={args.attn}; "
+          f"1-min load average {results['env']['loadavg_before'][0]:.1f} "
           f"before, {results['env']['loadavg_after'][0]:.1f} after ({os.cpu_count()} CPUs)\n")
     print("| implementation | call (s), median | new tokens/s | vs torch | first call (s) | new tokens |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -171,6 +171,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from sgpo_jax.core import losses as losses_lib  # noqa: E402
+from sgpo_jax.core.step import PreferenceBatch, SGPOConfig, TrainState, sgpo_step  # noqa: E402
 from sgpo_jax.models import (  # noqa: E402
     DEFAULT_CHUNK_SIZE,
     Decoder,
@@ -178,7 +179,6 @@ from sgpo_jax.models import (  # noqa: E402
     decoder_logps_fn,
     params_to_hf_state_dict,
 )
-from sgpo_jax.core.step import PreferenceBatch, SGPOConfig, TrainState, sgpo_step  # noqa: E402
 
 EOS_ID, PAD_ID, UNK_ID = 2, 2, 0  # token ids of the word-level tokenizer built for TRL
 FIRST_WORD_ID = 3
@@ -528,7 +528,8 @@ def main(args):
         agreement[f"ours {variant}"] = float(jnp.max(jnp.abs(rc - b0.ref_chosen_logps) / jnp.abs(b0.ref_chosen_logps)))
 
     env = {"python": platform.python_version(), "jax": jax.__version__, "cpu_count": os.cpu_count(),
-           "machine": platform.machine(), "xla_flags": os.environ["XLA_FLAGS"], "loadavg_start": _loadavg(), "git": _git()}
+           "machine": platform.machine(), "xla_flags": os.environ["XLA_FLAGS"], "loadavg_start": _loadavg(),
+           "git": _git()}
     if args.torch or args.trl_configs:
         import torch
         import transformers
@@ -539,7 +540,8 @@ def main(args):
         except RuntimeError:
             pass
         torch.manual_seed(args.seed)
-        env.update(torch=torch.__version__, transformers=transformers.__version__, torch_threads=torch.get_num_threads())
+        env.update(torch=torch.__version__, transformers=transformers.__version__,
+                   torch_threads=torch.get_num_threads())
         _, build = torch_models(args, cfg, params, args.attn)
         print("setting up torch", flush=True)
         for variant in args.torch:
@@ -824,8 +826,9 @@ def print_table(results, args):
     print()
     for label, e in results["targets"].items():
         parts = [f"{label}: {e['row']}, {e['tokens_per_s']:,.0f} tokens/s"]
-        for key, what, target in (("vs_trl_ref", "TRL (ref model)", 3.0), ("vs_trl_precompute", "TRL (precompute)", 3.0),
-                                  ("vs_best_torch", e.get("best_torch_row"), 1.2)):
+        comparisons = (("vs_trl_ref", "TRL (ref model)", 3.0), ("vs_trl_precompute", "TRL (precompute)", 3.0),
+                       ("vs_best_torch", e.get("best_torch_row"), 1.2))
+        for key, what, target in comparisons:
             if key in e:
                 parts.append(f"{e[key]:.2f}x {what} (target {target:g}x: {'PASS' if e[key] >= target else 'FAIL'})")
         print("; ".join(parts))

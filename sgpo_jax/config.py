@@ -75,12 +75,13 @@ import jax
 from ml_collections import ConfigDict
 
 from sgpo_jax.core.step import SGPOConfig
-from sgpo_jax.errors import ConfigError
 from sgpo_jax.data.pairs import data_shards
 from sgpo_jax.data.split import SELECTIONS
+from sgpo_jax.errors import ConfigError
 from sgpo_jax.ssapo.annotate import STRATEGIES
 
-__all__ = ["FOLLOWERS", "MODES", "PRESETS", "follower_of", "SSAPO_REFERENCES", "base_config", "seven_to_eight_b", "sgpo_config", "validate"]
+__all__ = ["FOLLOWERS", "MODES", "PRESETS", "SSAPO_REFERENCES", "base_config", "follower_of", "seven_to_eight_b",
+           "sgpo_config", "validate"]
 
 MODES = ("dpo", "sgpo", "ssapo")
 FOLLOWERS = ("step", "epoch", "annotation")
@@ -209,7 +210,8 @@ def _train_problems(config: ConfigDict) -> List[str]:
     if not config.data.source and t.mode != "ssapo":
         problems.append("data.source is empty: give a hub dataset name or local .json/.jsonl/.parquet file")
     if t.batch_size < 1 or t.batch_size % t.micro_batches:
-        problems.append(f"train.batch_size ({t.batch_size}) must be a positive multiple of train.micro_batches ({t.micro_batches})")
+        problems.append(f"train.batch_size ({t.batch_size}) must be a positive multiple of train.micro_batches "
+                        f"({t.micro_batches})")
     if t.epochs < 1 and t.max_steps < 1:
         problems.append("train.epochs or train.max_steps must be >= 1")
     if not t.learning_rate > 0:
@@ -241,7 +243,8 @@ def _train_problems(config: ConfigDict) -> List[str]:
                 problems.append(f"sgpo.{name}={config.sgpo[name]!r} contradicts sgpo.preset={preset!r} (which sets "
                                 f"{value!r}); drop one of them")
     if not isinstance(config.sgpo.group_size, int) or config.sgpo.group_size < 0:
-        problems.append(f"sgpo.group_size must be 0 (one global ball) or a positive int, got {config.sgpo.group_size!r}")
+        problems.append(f"sgpo.group_size must be 0 (one global ball) or a positive int, "
+                        f"got {config.sgpo.group_size!r}")
     if not config.sgpo.annotation_scale > 0:
         problems.append(f"sgpo.annotation_scale must be > 0, got {config.sgpo.annotation_scale}")
     if config.checkpoint.every < 1:

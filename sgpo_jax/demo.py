@@ -9,7 +9,8 @@ margin > 0) and the follower's statistics.
 
     python -m sgpo_jax.demo --noise=0.25 --epsilon=0.05
 
-Until the full SSAPO pipeline lands this is the package's quick end-to-end check.
+It checks the step alone in a minute; the SSAPO loop on a real model is
+``python -m sgpo_jax.train --config=configs/smollm2.py`` (README).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sgpo_jax.console import say
 from sgpo_jax.core.losses import sequence_logps
 from sgpo_jax.core.step import PreferenceBatch, SGPOConfig, TrainState, sgpo_step
 
@@ -78,14 +80,15 @@ def run(mode: str, epsilon: float, noise: float, steps: int, seed: int) -> Dict[
     @jax.jit
     def logps(params, ids):
         mask = jnp.ones_like(ids)
-        return sequence_logps(model.apply(params, ids, mask), ids, jnp.asarray(np.arange(length) >= prompt)[None] * mask)
+        response = jnp.asarray(np.arange(length) >= prompt)[None] * mask
+        return sequence_logps(model.apply(params, ids, mask), ids, response)
 
     chosen = np.where(label[:, None], ids_a, ids_b)
     rejected = np.where(label[:, None], ids_b, ids_a)
     ref_c, ref_r = np.asarray(logps(init, jnp.asarray(chosen))), np.asarray(logps(init, jnp.asarray(rejected)))
     config = SGPOConfig(mode=mode, beta=0.5, epsilon=epsilon)
-    state = TrainState.create(apply_fn=model.apply, params=jax.tree.map(jnp.copy, init), tx=optax.adam(3e-2), config=config,
-                              rng=jax.random.PRNGKey(seed))
+    state = TrainState.create(apply_fn=model.apply, params=jax.tree.map(jnp.copy, init), tx=optax.adam(3e-2),
+                              config=config, rng=jax.random.PRNGKey(seed))
     step = jax.jit(sgpo_step, donate_argnums=0)
     history: List[Dict[str, float]] = []
     for i in range(steps):
@@ -117,14 +120,14 @@ def main(argv=None) -> None:
     for value in args.noise:
         if not 0 <= value < 0.5:
             parser.error(f"--noise values must be in [0, 0.5), got {value}")
-    print(f"{'mode':6} {'eps':>6} {'noise':>6} {'held-out acc':>13} {'loss':>7} {'moved':>7} {'dual':>7} {'time':>6}")
+    say(f"{'mode':6} {'eps':>6} {'noise':>6} {'held-out acc':>13} {'loss':>7} {'moved':>7} {'dual':>7} {'time':>6}")
     for noise in args.noise:
         for mode, eps in (("dpo", 0.0), ("sgpo", args.epsilon)):
             start = time.perf_counter()
             out = run(mode, eps, noise, args.steps, args.seed)
-            print(f"{mode:6} {eps:6.3f} {noise:6.2f} {out['heldout_accuracy']:13.3f} {out['loss']:7.4f} "
-                  f"{out.get('follower/moved', 0.0):7.4f} {out.get('follower/dual', 0.0):7.3f} "
-                  f"{time.perf_counter() - start:5.1f}s", flush=True)
+            say(f"{mode:6} {eps:6.3f} {noise:6.2f} {out['heldout_accuracy']:13.3f} {out['loss']:7.4f} "
+                f"{out.get('follower/moved', 0.0):7.4f} {out.get('follower/dual', 0.0):7.3f} "
+                f"{time.perf_counter() - start:5.1f}s")
 
 
 if __name__ == "__main__":

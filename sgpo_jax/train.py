@@ -116,8 +116,11 @@ def dry_run(config: ConfigDict, workdir: str | Path) -> List[str]:
         lines.append(f"steps: {total} ({per_epoch} per epoch, batch {t.batch_size})")
     plan = memory.plan_for_run(config, cfg, dict(mesh.shape))
     device_bytes = memory.device_memory_bytes()
-    fits = ("device memory unknown (CPU)" if device_bytes is None else
-            f"{'fits' if plan.total <= 0.92 * device_bytes else 'does NOT fit'} {memory.format_bytes(device_bytes)} per device")
+    if device_bytes is None:
+        fits = "device memory unknown (CPU)"
+    else:
+        verdict = "fits" if plan.total <= 0.92 * device_bytes else "does NOT fit"
+        fits = f"{verdict} {memory.format_bytes(device_bytes)} per device"
     lines.append(f"memory plan per device ({fits}):")
     lines.extend("  " + line for line in str(plan).splitlines())
     point = resume_point(config, workdir)
@@ -147,7 +150,8 @@ def define_flags() -> None:
     if "workdir" in flags.FLAGS:
         return
     config_flags.DEFINE_config_file(
-        "config", None, "Training config file (e.g. configs/llama.py); override fields with --config.group.field=value.")
+        "config", None,
+        "Training config file (e.g. configs/llama.py); override fields with --config.group.field=value.")
     flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, cache, export. "
                         "Rerun with the same workdir to resume.")
     flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0's coordinator (default: "

@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 from test_data import ASSISTANT, BOS, END, EOS, PAD, USER, make_tokenizer, w
 
+from sgpo_jax.data import encode_prompts, left_pad, tokenize_prompts
+from sgpo_jax.models import Decoder, DecoderConfig, decoder_logps_fn
+from sgpo_jax.parallel import mesh as mesh_lib
 from sgpo_jax.ssapo.annotate import (
     DROP_EMPTY,
     DROP_IDENTICAL,
@@ -26,9 +29,6 @@ from sgpo_jax.ssapo.annotate import (
     sample_batches,
     select_pairs,
 )
-from sgpo_jax.parallel import mesh as mesh_lib
-from sgpo_jax.data import encode_prompts, left_pad, tokenize_prompts
-from sgpo_jax.models import Decoder, DecoderConfig, decoder_logps_fn
 from sgpo_jax.ssapo.sampling import GenerationOutput, generate
 
 TOKENIZER = make_tokenizer()

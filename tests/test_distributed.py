@@ -61,10 +61,10 @@ def worker(spec: dict) -> None:
     cluster = distributed.initialize(spec["coordinator"], spec["num_processes"], spec["process_id"])
     import jax
 
-    from sgpo_jax.parallel import mesh as mesh_lib
-    from sgpo_jax.parallel import sharding
     from sgpo_jax import train as train_lib
     from sgpo_jax.data.pairs import load_pairs
+    from sgpo_jax.parallel import mesh as mesh_lib
+    from sgpo_jax.parallel import sharding
 
     report = {"cluster": [cluster.num_processes, cluster.process_id, cluster.source],
               "devices": [jax.device_count(), jax.local_device_count()]}
@@ -112,7 +112,8 @@ if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from sgpo_jax.parallel import distributed, sharding  # noqa: E402
 from sgpo_jax.parallel import mesh as mesh_lib  # noqa: E402
@@ -252,11 +253,11 @@ def _worker_env() -> dict:
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory):
     """Single-process runs in this process, two-process runs in subprocesses (concurrently)."""
-    from tiny_run import write_pairs, write_ssapo_files, write_tokenizer
-
     from sgpo_jax import train as train_lib
     from sgpo_jax.data.pairs import load_pairs
     from sgpo_jax.models import load_model
+
+    from tiny_run import write_pairs, write_ssapo_files, write_tokenizer
 
     base = tmp_path_factory.mktemp("rehearsal")
     tok, data = write_tokenizer(base / "tokenizer"), write_pairs(base / "prefs.jsonl")
@@ -350,12 +351,11 @@ def test_two_process_checkpoint_restores_on_one_process_and_another_mesh(rehears
     """Orbax reads the checkpoint two processes wrote on (2, 2, 2) into (1, 4, 2) here."""
     dirs = rehearsal["dirs"]
 
-    from tiny_run import tiny
-
-    from sgpo_jax.models import load_model
-    from sgpo_jax.training import trainer as trainer_lib
-    from sgpo_jax.models import Decoder
     from sgpo_jax.core.step import SGPOConfig, TrainState
+    from sgpo_jax.models import Decoder, load_model
+    from sgpo_jax.training import trainer as trainer_lib
+
+    from tiny_run import tiny
 
     config = tiny(rehearsal["tokenizer"], rehearsal["data"])
     cfg, params, _ = load_model(config.model)

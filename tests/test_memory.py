@@ -15,11 +15,11 @@ import numpy as np
 import optax
 import pytest
 
-from sgpo_jax.training import memory
+from sgpo_jax.core.step import PreferenceBatch, SGPOConfig, TrainState, make_sgpo_step
+from sgpo_jax.models import Decoder, DecoderConfig, decoder_logps_fn
 from sgpo_jax.parallel import mesh as mesh_lib
 from sgpo_jax.parallel import sharding
-from sgpo_jax.models import Decoder, DecoderConfig, decoder_logps_fn
-from sgpo_jax.core.step import PreferenceBatch, SGPOConfig, TrainState, make_sgpo_step
+from sgpo_jax.training import memory
 
 TOLERANCE = 1.5  # estimate / measured in [1 / 1.5, 1.5]
 CHUNK = 32

@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 import transformers
 
-from sgpo_jax.parallel import sharding
-from sgpo_jax.parallel import mesh as mesh_lib
 from sgpo_jax.models import (
     Decoder,
     DecoderConfig,
@@ -23,6 +21,8 @@ from sgpo_jax.models import (
     params_to_hf_state_dict,
     rope_inv_freq,
 )
+from sgpo_jax.parallel import mesh as mesh_lib
+from sgpo_jax.parallel import sharding
 
 TORCH_REASON = "PyTorch is the parity oracle: pip install torch==2.13.0 (the CPU wheel)"
 VOCAB, LAYERS, BATCH, LENGTH = 97, 2, 3, 12

@@ -9,14 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from sgpo_jax.ssapo import annotate as annotate_lib
 from sgpo_jax import train as train_lib
-from sgpo_jax.data.split import make_split, seed_rows_jsonl
-from sgpo_jax.models import Decoder, load_model
-from sgpo_jax.training.metrics import MetricsLog
 from sgpo_jax.data import load_preferences
+from sgpo_jax.data.split import make_split, seed_rows_jsonl
+from sgpo_jax.models import Decoder, from_pretrained, load_model
+from sgpo_jax.ssapo import annotate as annotate_lib
 from sgpo_jax.ssapo.instructions import load_tasks
-from sgpo_jax.models import from_pretrained
+from sgpo_jax.training.metrics import MetricsLog
 
 from tiny_run import ssapo_config, write_ssapo_files
 

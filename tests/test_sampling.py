@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sgpo_jax.parallel import sharding
-from sgpo_jax.parallel import mesh as mesh_lib
 from sgpo_jax.models import Decoder, DecoderConfig
+from sgpo_jax.parallel import mesh as mesh_lib
+from sgpo_jax.parallel import sharding
 from sgpo_jax.ssapo.sampling import GenerationOutput, decode_text, generate, sample_logits
 
 VOCAB, PROMPT, NEW = 32, 6, 8

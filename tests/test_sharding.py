@@ -8,11 +8,12 @@ import numpy as np
 import optax
 import pytest
 
-from sgpo_jax.parallel import sharding
-from sgpo_jax.parallel import mesh as mesh_lib
 from sgpo_jax.core.losses import sequence_logps
-from sgpo_jax.models import Decoder, DecoderConfig
 from sgpo_jax.core.step import SGPOConfig, TrainState, make_sgpo_step, sgpo_step
+from sgpo_jax.models import Decoder, DecoderConfig
+from sgpo_jax.parallel import mesh as mesh_lib
+from sgpo_jax.parallel import sharding
+
 from toy import random_batch
 
 CFG = DecoderConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

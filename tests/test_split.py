@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from sgpo_jax.parallel import sharding
-from sgpo_jax.parallel import mesh as mesh_lib
 from sgpo_jax.data import farthest_point_sampling, flip_labels, last_token_hidden, split_prompts
 from sgpo_jax.models import Decoder, DecoderConfig
+from sgpo_jax.parallel import mesh as mesh_lib
+from sgpo_jax.parallel import sharding
 
 CFG = DecoderConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=4, initializer_range=0.1)

@@ -10,8 +10,9 @@ import pytest
 
 from sgpo_jax import sgpo_step
 from sgpo_jax.core.follower import worst_case
-from sgpo_jax.parallel import sharding
 from sgpo_jax.core.step import SGPOConfig, TrainState, make_sgpo_step
+from sgpo_jax.parallel import sharding
+
 from toy import init_toy, random_batch
 
 

@@ -13,9 +13,9 @@ import pytest
 from ml_collections import config_flags  # noqa: F401  (the CLI's dependency must import)
 
 from sgpo_jax import train as train_lib
+from sgpo_jax.models import from_pretrained
 from sgpo_jax.training import trainer as trainer_lib
 from sgpo_jax.training.metrics import MetricsLog
-from sgpo_jax.models import from_pretrained
 
 from tiny_run import ROOT, tiny, write_pairs, write_tokenizer
 

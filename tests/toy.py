@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgpo_jax.demo import PrefixMeanLM
 from sgpo_jax.core.step import PreferenceBatch
+from sgpo_jax.demo import PrefixMeanLM
 
 
 def init_toy(seed=0, vocab=11, dim=8, dtype=jnp.float32):

@@ -54,8 +54,8 @@ def sequence_logps(logits: Array, input_ids: Array, loss_mask: Array) -> Array:
       loss_mask: ``[B, T]``, 1 on the tokens to score (the response), 0 elsewhere; position 0
         is never scored (nothing predicts it).
 
-    Returns ``[B]`` in float32 (float64 for float64 logits). Uses ``logit[target] - logsumexp(logits)`` per position, so the
-    float32 ``[B, T, V]`` log-softmax is never materialized.
+    Returns ``[B]`` in float32 (float64 for float64 logits). Uses ``logit[target] - logsumexp(logits)``
+    per position, so the float32 ``[B, T, V]`` log-softmax is never materialized.
     """
     logits = logits[:, :-1].astype(jnp.promote_types(logits.dtype, jnp.float32))
     targets = input_ids[:, 1:]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+
 from sgpo_jax.models.gguf import load_gguf, smollm2_gguf_path
 from sgpo_jax.models.hf import from_pretrained, save_pretrained
 from sgpo_jax.models.llama import Decoder, DecoderConfig

@@ -42,7 +42,7 @@ import numpy as np
 
 __all__ = [
     "ClusterSpec", "detect", "initialize", "is_initialized", "first_slurm_host", "is_coordinator",
-    
+
     "to_host", "local_rows", "allgather_host", "allgather_objects", "fail_together", "broadcast_from_coordinator",
     "broadcast_object",
     "any_process", "sync",

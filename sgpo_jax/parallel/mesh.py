@@ -50,7 +50,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Option
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"make_mesh: sizes must be positive, at most one -1; got data={data}, fsdp={fsdp}, tensor={tensor}")
+        raise ValueError(f"make_mesh: sizes must be positive, at most one -1; got data={data}, fsdp={fsdp}, "
+                         f"tensor={tensor}")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if len(devices) % known:

@@ -25,10 +25,10 @@ from typing import Any, Iterator, Optional, Tuple
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sgpo_jax.parallel.mesh import BATCH_AXES, auto_mesh, check_batch_layout
-
 
 DEFAULT_RULES: Tuple[Tuple[str, P], ...] = (
     (r"embed_tokens/embedding$", P("tensor", "fsdp")),  # [V, H]

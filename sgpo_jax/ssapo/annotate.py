@@ -58,11 +58,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgpo_jax.parallel import distributed
-from sgpo_jax.parallel import sharding
 from sgpo_jax.data.tokenize import Prompt
 from sgpo_jax.models.llama import Decoder
 from sgpo_jax.models.logps import DEFAULT_CHUNK_SIZE, decoder_logps_fn
+from sgpo_jax.parallel import distributed, sharding
 from sgpo_jax.ssapo.sampling import GenerationOutput, batch_keys, sample_batches
 
 Array = jax.Array

@@ -83,7 +83,8 @@ from sgpo_jax.parallel import distributed, sharding
 
 Array = jax.Array
 
-__all__ = ["GenerationOutput", "SampledBatch", "batch_keys", "decode_text", "generate", "sample_batches", "sample_logits"]
+__all__ = ["GenerationOutput", "SampledBatch", "batch_keys", "decode_text", "generate", "sample_batches",
+           "sample_logits"]
 
 _BLOCK = 256  # tokens per block of the two-level inverse CDF in :func:`sample_logits`
 

@@ -39,18 +39,19 @@ reference      with ``reference="model"``: a frozen copy ``sum_x P_x * p``; ``"c
 
 The activation coefficients are a least-squares fit to per-layer footprints on XLA:CPU, which
 fuses little (``tests/test_memory.py`` compares whole-step estimates with
-``compiled.memory_analysis()`` of the real jitted step): ``cH = 4.15, cQ = 3.8, cKV = 1.1,
-cI = 4.25`` elements and ``cS = 1.9 * 4 + s`` bytes per attention score (the float32 masked
-scores and softmax, the probabilities in the compute dtype). The ``lower_bound`` uses the
-minimal set any autodiff must keep for the backward pass without recomputation: the norms' inputs and outputs (``4H``), the rotated queries and the attention
-output (``2ND``), rotated keys and values (``2KD``), gate, up and their product (``3I``) and the
-probabilities (``cS = s``), one chunk's logits, no update tree and only the weight copies a
-single layer needs. GPUs and TPUs fuse more than the CPU, so expect the compiled peak between
-``lower_bound`` and ``total``: on one H100 (jax 0.11.2, ``bench/mfu.py``, TinyLlama-1.1B shape,
-bf16 compute, fp32 parameters) the compiled peak was 0.74x (remat, 8 x 1024 tokens), 0.73x
-(remat, 16 x 1024) and 0.90x (no remat, 4 x 1024) of ``total``, and above ``lower_bound``
-each time. :func:`check` refuses a plan only when even the lower bound exceeds the device
-("clearly impossible"), and warns when the estimate does.
+``compiled.memory_analysis()`` of the real jitted step): ``cH = 4.15, cQ = 3.8, cKV = 1.1, cI =
+4.25`` elements and ``cS = 1.9 * 4 + s`` bytes per attention score (the float32 masked scores
+and softmax, the probabilities in the compute dtype). The ``lower_bound`` uses the minimal set
+any autodiff must keep for the backward pass without recomputation: the norms' inputs and
+outputs (``4H``), the rotated queries and the attention output (``2ND``), rotated keys and
+values (``2KD``), gate, up and their product (``3I``) and the probabilities (``cS = s``), one
+chunk's logits, no update tree and only the weight copies a single layer needs. GPUs and TPUs
+fuse more than the CPU, so expect the compiled peak between ``lower_bound`` and ``total``: on
+one H100 (jax 0.11.2, ``bench/mfu.py``, TinyLlama-1.1B shape, bf16 compute, fp32 parameters) the
+compiled peak was 0.74x (remat, 8 x 1024 tokens), 0.73x (remat, 16 x 1024) and 0.90x (no remat,
+4 x 1024) of ``total``, and above ``lower_bound`` each time. :func:`check` refuses a plan only
+when even the lower bound exceeds the device ("clearly impossible"), and warns when the estimate
+does.
 
 Note (measured on XLA:CPU, jax 0.10): ``remat=True`` without ``scan_layers=True`` saves only
 ~7% there (the compiler keeps the recomputed forward's buffers); with scanned layers it

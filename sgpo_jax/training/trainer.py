@@ -155,7 +155,8 @@ class Trainer:
         pairs, workdir = self.pairs, self.workdir
         if saved.get("data_shards", 1) != pairs.num_shards:
             raise CheckpointError(
-                f"{workdir}: the checkpoint was trained with {saved.get('data_shards', 1)} data shards and this run has "
+                f"{workdir}: the checkpoint was trained with {saved.get('data_shards', 1)} data shards and this run "
+                f"has "
                 f"{pairs.num_shards} (data.shards={self.config.data.shards}, {jax.process_count()} processes); the "
                 f"pair order depends on it: rerun with --config.data.shards={saved.get('data_shards', 1)}")
         if saved.get("data_fingerprint") != self.meta["data_fingerprint"]:
@@ -217,7 +218,8 @@ class Trainer:
                         atoms, support, epoch_metrics = follower_cache[epoch]
                     for batch in self.batcher.epoch(epoch, start_step=in_epoch):
                         begin = time.perf_counter()
-                        device_batch = sharding.place_local_rows(preference_batch(batch, ref, atoms, support), self.mesh)
+                        host_batch = preference_batch(batch, ref, atoms, support)
+                        device_batch = sharding.place_local_rows(host_batch, self.mesh)
                         state, metrics = run_step(self.step_fn, state, device_batch, self.config)
                         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                         step += 1
