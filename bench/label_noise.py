@@ -18,8 +18,11 @@ epoch) from the same initial weights, which are also the reference:
 * ``authors``: SGPO with the authors' leader, -log p with the 1e-6 floor, on the same follower
   (``sgpo.leader_loss=neg_log``; there are no self-annotations here, so no annotation atoms).
 
-Score: implicit-reward accuracy on the held-out clean pairs, the fraction with
-``(log pi(y_w) - log pi_0(y_w)) - (log pi(y_l) - log pi_0(y_l)) > 0``. Each run writes
+Scores: implicit-reward accuracy on the held-out clean pairs, the fraction with
+``(log pi(y_w) - log pi_0(y_w)) - (log pi(y_l) - log pi_0(y_l)) > 0``; with ``--eval_tasks N``
+also the verifiable-instruction pass rate (IFEval-style, prompt level, greedy) on the first N of
+the 100 bundled held-out tasks (``--eval_tasks 100``: all of them; about a minute per run on
+CPU, seconds on an accelerator), with the initial model's rate as the reference line. Each run writes
 ``OUT/noise{n}_{method}_eps{e}_seed{s}/result.json`` (rerunning skips finished runs; a killed
 run resumes from its checkpoint) and the script prints the table, also written to
 ``OUT/summary.md``. Intervals: mean over seeds +- t(0.975, S-1) * sd / sqrt(S); paired
@@ -44,7 +47,8 @@ from sgpo_jax.data.pairs import load_pairs  # noqa: E402
 from sgpo_jax.models import Decoder, decoder_logps_fn, load_model  # noqa: E402
 from sgpo_jax.parallel import sharding  # noqa: E402
 from sgpo_jax.parallel.mesh import make_mesh  # noqa: E402
-from sgpo_jax.ssapo.instructions import ASSETS_DIR  # noqa: E402
+from sgpo_jax.ssapo.eval import PROMPT_ACC, evaluate_heldout  # noqa: E402
+from sgpo_jax.ssapo.instructions import ASSETS_DIR, load_tasks  # noqa: E402
 from sgpo_jax.training.scoring import pair_logps  # noqa: E402
 from sgpo_jax.training.trainer import fit  # noqa: E402
 
@@ -79,6 +83,8 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train_pairs", type=int, default=160)
     parser.add_argument("--heldout_pairs", type=int, default=40)
+    parser.add_argument("--eval_tasks", type=int, default=0,
+                        help="also score the pass rate on the first N bundled held-out tasks (0 = no, 100 = all)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +107,19 @@ def main():
     batches = lambda: ordered_batches(heldout_pairs, 16, buckets=tuple(heldout_config.buckets))
     ref = pair_logps(logps_fn, initial, batches(), len(heldout_pairs), mesh=mesh, desc="held-out reference")
 
+    tasks = load_tasks(ASSETS_DIR / "heldout.jsonl")[:args.eval_tasks]
+
+    def pass_rate(params, seed):
+        e = config.eval
+        scored = evaluate_heldout(model, params, tokenizer, tasks, max_new_tokens=e.max_new_tokens,
+                                  batch_size=e.batch_size, max_prompt_length=config.data.max_prompt_length, seed=seed)
+        return {"pass_rate_prompt": scored[PROMPT_ACC], "passed": scored["passed"]}
+
     results = {}
+    initial_file = out / f"initial_eval_{len(tasks)}.json"
+    if tasks and not initial_file.exists():
+        initial_file.write_text(json.dumps(pass_rate(initial, 0)))
+    initial_rate = json.loads(initial_file.read_text())["pass_rate_prompt"] if tasks else None
     for noise in args.noise:
         for seed in args.seeds:
             rng = np.random.default_rng([seed, round(noise * 1000)])
@@ -128,11 +146,17 @@ def main():
                                      "heldout_accuracy": float(np.mean(margins > 0)),
                                      "heldout_pairs": len(heldout_pairs), "train_pairs": len(pairs),
                                      "mean_loss": result.summary.get("mean_loss")}
+                    if tasks:
+                        results[name].update(pass_rate(result.params, seed), eval_tasks=len(tasks))
                     done.write_text(json.dumps(results[name], indent=2))
-                    print(f"{name}: held-out accuracy {results[name]['heldout_accuracy']:.3f}", flush=True)
+                    rate = f", pass rate {results[name]['pass_rate_prompt']:.3f}" if tasks else ""
+                    print(f"{name}: held-out accuracy {results[name]['heldout_accuracy']:.3f}{rate}", flush=True)
 
-    lines = ["| noise | method | eps | held-out reward accuracy, mean [95% CI] | vs DPO, paired [95% CI] | seeds |",
-             "|---:|---|---:|---:|---:|---:|"]
+    scores = [("heldout_accuracy", "held-out reward accuracy")]
+    if tasks:
+        scores.append(("pass_rate_prompt", f"pass rate on {len(tasks)} tasks (initial {initial_rate:.3f})"))
+    head = " | ".join(f"{label}, mean [95% CI] | vs DPO, paired [95% CI]" for _, label in scores)
+    lines = [f"| noise | method | eps | {head} | seeds |", "|---:|---|---:|" + "---:|---:|" * len(scores) + "---:|"]
     for noise in args.noise:
         for method in args.methods:
             for epsilon in ([0.0] if method == "dpo" else args.epsilon):
@@ -140,15 +164,21 @@ def main():
                 runs = [r for r in runs if r]
                 if not runs:
                     continue
-                mean, half = interval([r["heldout_accuracy"] for r in runs])
-                diffs = [r["heldout_accuracy"] - results[f"noise{noise:g}_dpo_eps0_seed{r['seed']}"]["heldout_accuracy"]
-                         for r in runs if f"noise{noise:g}_dpo_eps0_seed{r['seed']}" in results]
-                paired = "-"
-                if method != "dpo" and diffs:
-                    d, dh = interval(diffs)
-                    paired = f"{d:+.3f} [{d - dh:+.3f}, {d + dh:+.3f}]"
-                ci = f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
-                lines.append(f"| {noise:g} | {method} | {epsilon:g} | {ci} | {paired} | {len(runs)} |")
+                cells = []
+                for key, _ in scores:
+                    scored = [r for r in runs if key in r]  # runs finished before --eval_tasks was given lack it
+                    if not scored:
+                        cells.append("- | -")
+                        continue
+                    mean, half = interval([r[key] for r in scored])
+                    baseline = [results.get(f"noise{noise:g}_dpo_eps0_seed{r['seed']}") for r in scored]
+                    diffs = [r[key] - b[key] for r, b in zip(scored, baseline) if b and key in b]
+                    paired = "-"
+                    if method != "dpo" and diffs:
+                        d, dh = interval(diffs)
+                        paired = f"{d:+.3f} [{d - dh:+.3f}, {d + dh:+.3f}]"
+                    cells.append(f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}] | {paired}")
+                lines.append(f"| {noise:g} | {method} | {epsilon:g} | {' | '.join(cells)} | {len(runs)} |")
     table = "\n".join(lines)
     (out / "summary.md").write_text(table + "\n")
     print(table)

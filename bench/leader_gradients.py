@@ -4,7 +4,8 @@ follower and leader loss, on real self-annotated pairs.
     python bench/leader_gradients.py runs/smollm2/round_1/pairs.jsonl --epsilon 0.05
 
 The follower runs on the authors' annotation centers sigmoid(0.1 * reward gap) (K = 6 tangents,
-one global ball, or the authors' per-entry bounds on groups of 100 with ``--authors_variant``);
+one global ball, then the authors' per-entry bounds on groups of 100), through the training
+step's own ``follow`` (so each pairing gets the atoms its leader trains on);
 the leader is evaluated where an SSAPO round starts, h = 0 (policy = reference, p = 0.5), with
 beta = 0.1. Printed: the mean gradient of the per-pair leader loss with respect to the margin,
 over moved pairs (some mass moved to the support's lower end) and unmoved pairs, for
@@ -20,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgpo_jax.core.follower import worst_case
+from sgpo_jax.core.follow import follow
 from sgpo_jax.core.losses import dpo_loss, sgpo_loss
+from sgpo_jax.core.step import SGPOConfig
 
 
 def gradients(shift, mass, h0, *, beta, loss):
@@ -41,20 +43,22 @@ def main():
     args = parser.parse_args()
     rows = [json.loads(line) for line in open(args.pairs) if line.strip()]
     gaps = np.array([r["chosen_reward"] - r["rejected_reward"] for r in rows], np.float32)
-    centers = jax.nn.sigmoid(0.1 * jnp.asarray(gaps))
     h0 = jnp.zeros(len(gaps))
     zeros = jnp.zeros_like(h0)
     dpo = np.asarray(jax.grad(lambda h: jnp.sum(dpo_loss(h, zeros, zeros, zeros, beta=args.beta)[0]))(h0))
     print(f"{len(gaps)} pairs from {args.pairs}, eps = {args.epsilon}, beta = {args.beta}, leader at h = 0")
     for variant, group in (("ball", None), ("per_entry", 100)):
-        wc = worst_case(centers, args.epsilon, loss="tangents", num_tangents=6, variant=variant, group_size=group)
-        shift, mass = wc.atoms()
-        moved = np.asarray(wc.moved) > 0
-        consistent = gradients(shift, mass, h0, beta=args.beta, loss="tangents")
-        authors = gradients(shift, mass, h0, beta=args.beta, loss="neg_log")
+        pairings = {}
+        for name, leader in (("consistent (tangent leader)", None), ("authors (-log, floor)", "neg_log")):
+            config = SGPOConfig(mode="sgpo", beta=args.beta, epsilon=args.epsilon, loss="tangents", num_tangents=6,
+                                variant=variant, group_size=group, leader_loss=leader)
+            f = follow(jnp.asarray(gaps), config, scale=0.1)  # the atoms the step's leader trains on
+            pairings[name] = gradients(f.shift, f.mass, h0, beta=args.beta, loss=leader or "tangents")
+        moved = np.asarray(f.worst_case.moved) > 0
         print(f"follower {variant}{'' if group is None else f', groups of {group}'}: "
-              f"{moved.sum()} of {len(gaps)} pairs moved ({float(np.mean(np.asarray(wc.moved))):.3f} of the mass)")
-        for name, g in (("DPO", dpo), ("consistent (tangent leader)", consistent), ("authors (-log, floor)", authors)):
+              f"{moved.sum()} of {len(gaps)} pairs moved ({float(np.mean(np.asarray(f.worst_case.moved))):.3f} "
+              "of the mass)")
+        for name, g in (("DPO", dpo), *pairings.items()):
             mv = f"{g[moved].mean():+.4f}" if moved.any() else "-"
             un = f"{g[~moved].mean():+.4f}" if (~moved).any() else "-"
             print(f"  {name:30s} dL/dh moved {mv}   unmoved {un}")

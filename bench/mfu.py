@@ -130,10 +130,10 @@ def main(argv=None):
     import numpy as np
     import optax
 
+    from sgpo_jax.core.step import PreferenceBatch, SGPOConfig, TrainState, make_sgpo_step
+    from sgpo_jax.models import Decoder, DecoderConfig, decoder_logps_fn
     from sgpo_jax.parallel import mesh as mesh_lib
     from sgpo_jax.parallel import sharding
-    from sgpo_jax.models import Decoder, DecoderConfig, decoder_logps_fn
-    from sgpo_jax.core.step import PreferenceBatch, SGPOConfig, TrainState, make_sgpo_step
 
     fields = dict(PRESETS[args.preset])
     if args.layers:

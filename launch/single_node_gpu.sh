@@ -7,11 +7,17 @@
 #
 # The default mesh shards parameters, gradients and Adam state over every visible GPU (FSDP,
 # data=1); the batch is split over the same devices. Rerunning the same command resumes.
+#
+# SETUP=1 first runs pip install -e ".[$JAX_EXTRA]" in this checkout: the package with the
+# CUDA build of its supported jax range (JAX_EXTRA: cuda13 by default, cuda12 for older drivers).
 set -euo pipefail
 CONFIG=${CONFIG:-configs/llama.py}
 WORKDIR=${WORKDIR:?set WORKDIR to the run directory}
 MESH=${MESH:---config.mesh.data=1 --config.mesh.fsdp=-1 --config.mesh.tensor=1}
 cd "$(dirname "$0")/.."
+if [[ "${SETUP:-0}" == 1 ]]; then
+  pip install -e ".[${JAX_EXTRA:-cuda13}]"
+fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
 export SGPO_DISTRIBUTED=off  # one process, even inside a SLURM allocation

@@ -18,7 +18,8 @@
 #   CONFIG           training config (default configs/llama.py)
 #   REPO_DIR         checkout of this repository on the workers (default ~/sgpo_jax)
 #   SYNC=1           copy this checkout to every worker first (gcloud scp --recurse)
-#   SETUP=1          pip install the package on every worker first (pip install -e REPO_DIR)
+#   SETUP=1          pip install the package on every worker first (pip install -e "REPO_DIR[tpu]":
+#                    the package with the jax[tpu] build of its supported jax range)
 #   BUCKET=name      mount gs://name at /mnt/name with gcsfuse on every worker first
 #   MESH             mesh flags (default: --config.mesh.data=1 --config.mesh.fsdp=-1 --config.mesh.tensor=1)
 # Extra arguments are passed to python -m sgpo_jax.train (e.g. --config.train.micro_batches=1).
@@ -39,7 +40,7 @@ if [[ "${SYNC:-0}" == 1 ]]; then
 fi
 if [[ "${SETUP:-0}" == 1 ]]; then
   "${GCLOUD[@]}" ssh "$TPU" "${TARGET[@]}" --command \
-    "pip install -U 'jax[tpu]' && pip install -e ~/$REPO_DIR"
+    "pip install -e \"\$HOME/$REPO_DIR[tpu]\""
 fi
 if [[ -n "${BUCKET:-}" ]]; then
   "${GCLOUD[@]}" ssh "$TPU" "${TARGET[@]}" --command \

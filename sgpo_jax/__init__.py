@@ -5,6 +5,7 @@ Importing this package has no side effects (no device initialization, no flags).
 
 from sgpo_jax.core.follower import (
     SmoothWorstCase,
+    W1Certificate,
     WorstCase,
     entropic_worst_case,
     margin_window,
@@ -19,6 +20,7 @@ __all__ = [
     "SGPOConfig",
     "SmoothWorstCase",
     "TrainState",
+    "W1Certificate",
     "WorstCase",
     "authors_weighted_loss",
     "dpo_loss",

@@ -9,11 +9,16 @@ model.random        DecoderConfig fields for source "random" (vocab_size = the t
 model.dtype         compute dtype ("float32" or "bfloat16"); model.param_dtype likewise
 model.remat         rematerialize each layer in the backward pass; model.scan_layers: nn.scan
 model.logps_chunk   sequence positions per chunk of the output-layer log-probs
+model.attention     attention kernel for training and scoring: "auto" (cuDNN flash attention on a
+                    CUDA GPU, Pallas splash attention on TPU, else "xla"; one log line says which
+                    and why), "xla" (blocked einsum), "cudnn" or "splash" (an error where unusable)
 data.source         hub dataset name or local .json/.jsonl/.parquet file(s), comma separated
 data.split, data.prompt_column, data.chosen_column, data.rejected_column
 data.max_length     prompt + response tokens; data.max_prompt_length: prompts are left-truncated
 data.buckets        padded sequence lengths (bounded recompilation); () = powers of two
 data.on_bad_row     "error" (stop, naming file/row/field) or "skip" (drop and report)
+data.score_columns  (chosen, rejected) per-pair score columns read as chosen_reward /
+                    rejected_reward when present (TRL/UltraFeedback "score_chosen", "score_rejected")
 data.limit          use only the first N usable pairs (0 = all), for smoke runs
 data.shards         data shards (0 = one per process): each host reads and tokenizes only the
                     shards it feeds, and each global batch takes batch_size / shards pairs from
@@ -98,7 +103,7 @@ def base_config() -> ConfigDict:
     c = ConfigDict()
     c.model = ConfigDict(dict(
         source="gguf:smollm2", tokenizer="", dtype="float32", param_dtype="float32",
-        remat=False, scan_layers=False, logps_chunk=64,
+        remat=False, scan_layers=False, logps_chunk=64, attention="auto",
         random=ConfigDict(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                tie_word_embeddings=True, rope_theta=10000.0, initializer_range=0.02)),
@@ -106,7 +111,7 @@ def base_config() -> ConfigDict:
     c.data = ConfigDict(dict(
         source="", split="train", prompt_column="prompt", chosen_column="chosen",
         rejected_column="rejected", max_length=512, max_prompt_length=256, buckets=(),
-        on_bad_row="error", limit=0, shards=0,
+        on_bad_row="error", limit=0, shards=0, score_columns=("score_chosen", "score_rejected"),
     ))
     c.train = ConfigDict(dict(
         mode="sgpo", beta=0.1, label_smoothing=0.0, learning_rate=5e-7, warmup_ratio=0.1,

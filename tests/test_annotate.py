@@ -257,8 +257,15 @@ def test_annotate_is_deterministic_by_seed_and_resumes_by_batch(policy, ref, ful
 
 def test_dropped_prompts_are_reported_with_reasons(policy, ref, caplog):
     settings = dict(SETTINGS, temperature=0.0, num_samples=2)
-    with caplog.at_level(logging.WARNING, logger="sgpo_jax.ssapo.annotate"):
-        rows = annotate(MODEL, policy, ref, TOKENIZER, PROMPTS, progress=False, **settings)
+    # the handler goes on the module's logger itself: once the console has printed a line, the
+    # "sgpo_jax" logger no longer propagates to the root logger, where caplog listens by default
+    annotate_logger = logging.getLogger("sgpo_jax.ssapo.annotate")
+    annotate_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="sgpo_jax.ssapo.annotate"):
+            rows = annotate(MODEL, policy, ref, TOKENIZER, PROMPTS, progress=False, **settings)
+    finally:
+        annotate_logger.removeHandler(caplog.handler)
     report = rows.report
     assert rows == [] and report.dropped == {DROP_IDENTICAL: 5} and report.num_dropped == 5
     assert [i for i, _ in report.examples] == [0, 1, 2, 3, 4]

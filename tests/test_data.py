@@ -16,17 +16,18 @@ import tokenizers
 import transformers
 from tokenizers import models, pre_tokenizers, processors
 
+from sgpo_jax.core.step import PreferenceBatch
 from sgpo_jax.data import (
     PairBatcher,
     TokenizedPairs,
     default_buckets,
     load_preferences,
+    loading,
     ordered_batches,
     plain_prompt,
     tokenize_preferences,
 )
-from sgpo_jax.data import loading
-from sgpo_jax.core.step import PreferenceBatch
+from sgpo_jax.errors import DataError
 
 PAD, BOS, EOS, UNK, SYSTEM, USER, ASSISTANT, END = range(8)
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -234,7 +235,7 @@ def test_bad_row_raises_naming_file_row_field_and_problem(load, tokenizer, tmp_p
     dataset = load([GOOD, bad, GOOD])
     message = (f"{tmp_path / 'prefs.jsonl'}: bad row 1, field {field!r}: {problem}. "
                "Fix the data, or pass on_bad_row='skip'")
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(DataError) as err:
         tokenize_preferences(dataset, tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_LENGTH,
                              source_name=str(tmp_path / "prefs.jsonl"))
     assert message in str(err.value)
@@ -276,6 +277,145 @@ def test_skipped_bad_rows_are_counted_and_reported(load, tokenizer):
     with pytest.raises(ValueError, match="no usable rows in prefs.jsonl: skipped 1 of 1 rows"):
         tokenize_preferences(load([BAD_ROWS[loading.EMPTY][0]], "only_bad.jsonl"), tokenizer, max_length=8,
                              max_prompt_length=8, on_bad_row="skip", source_name="prefs.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------
+# Malformed files
+# ----------------------------------------------------------------------------------------------
+
+EXPECTED = ("expected one preference pair per row: 'prompt', 'chosen' and 'rejected' as strings or lists of "
+            "{role, content} messages, or 'chosen' and 'rejected' conversations that start with the same prompt "
+            "messages")
+SKIP = "Fix the data, or pass on_bad_row='skip' to drop such rows (they are counted and reported)"
+
+
+def pair_line(k):
+    return json.dumps({"prompt": f"w{k}", "chosen": f"w{k + 1}", "rejected": f"w{k + 2}"})
+
+
+@pytest.fixture
+def malformed(tmp_path):
+    """A JSONL file: 10 good lines, an unterminated string on line 11, a blank line, a good line,
+    a list, trailing garbage after an object, and bytes that are not UTF-8 (lines 14-16)."""
+    lines = [pair_line(k) for k in range(10)] + [
+        '{"prompt": "w1", "chosen": "w2, "rejected": "w3"}', "", pair_line(20), "[1, 2]", pair_line(30) + " x"]
+    path = tmp_path / "prefs.jsonl"
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"prompt": "w1\xff"}\n')
+    return path
+
+
+def test_a_line_that_does_not_parse_names_file_line_and_parser_message(malformed, tokenizer, tmp_path):
+    dataset = load_preferences(malformed, cache_dir=tmp_path / "cache")  # the file itself is read
+    assert len(dataset) == 15  # one row per non-blank line: rows keep their place
+    with pytest.raises(DataError) as err:
+        tokenize_preferences(dataset, tokenizer, max_length=16, max_prompt_length=8, source_name=str(malformed))
+    assert str(err.value) == (f"{malformed}: bad line 11: not valid JSON (Expecting ',' delimiter: column 34). "
+                              f"{SKIP}")
+    assert err.value.hint == "or set --config.data.on_bad_row=skip to drop such rows"
+
+
+def test_lines_that_do_not_parse_are_skipped_and_reported(malformed, tokenizer, tmp_path):
+    dataset = load_preferences(malformed, cache_dir=tmp_path / "cache")
+    pairs, report = tokenize_preferences(dataset, tokenizer, max_length=16, max_prompt_length=8, on_bad_row="skip",
+                                         source_name="prefs.jsonl")
+    assert pairs.rows.tolist() == list(range(10)) + [11]
+    assert pairs.prompt_ids[-1].tolist() == [BOS, USER, *w(20), END, ASSISTANT]
+    assert report.counts == {loading.NOT_JSON: 2, loading.NOT_OBJECT: 1, loading.NOT_UTF8: 1}
+    assert str(report).splitlines() == [
+        "prefs.jsonl: skipped 4 of 15 rows (not valid JSON: 2, not a JSON object: 1, not UTF-8 text: 1); first:",
+        "  line 11: not valid JSON (Expecting ',' delimiter: column 34)",
+        "  line 14: not a JSON object (a list)",
+        "  line 15: not valid JSON (Extra data: column 55)",
+        "  line 16: not UTF-8 text (byte 15 of the line)",
+    ]
+    assert [(b.row, b.field, b.reason) for b in report.examples][:2] == [
+        (10, "line 11", loading.NOT_JSON), (12, "line 14", loading.NOT_OBJECT)]
+
+
+def test_a_bad_line_in_one_of_several_files_names_that_file(tmp_path, tokenizer):
+    a = tmp_path / "a.jsonl"
+    a.write_text(pair_line(1) + "\n")
+    b = tmp_path / "b.json"  # JSON lines in a .json file, as datasets reads them
+    b.write_text(pair_line(2) + "\n{oops\n" + pair_line(3) + "\n")
+    dataset = load_preferences([a, b], cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError) as err:
+        tokenize_preferences(dataset, tokenizer, max_length=16, max_prompt_length=8, source_name="a.jsonl,b.json")
+    assert str(err.value) == (f"a.jsonl,b.json: bad line 2 of {b}: not valid JSON (Expecting property name enclosed "
+                              f"in double quotes: column 2). {SKIP}")
+    pairs, _ = tokenize_preferences(dataset, tokenizer, max_length=16, max_prompt_length=8, on_bad_row="skip")
+    assert pairs.rows.tolist() == [0, 1, 3]
+    # The read-by-line path honours slices of the split, like datasets.
+    sliced = load_preferences([a, b], split="train[1:]", cache_dir=tmp_path / "cache")
+    assert [(r["row"], r["bad_field"]) for r in sliced] == [(0, None), (1, f"line 2 of {b}"), (2, None)]
+
+
+def test_annotated_rewards_stay_aligned_with_rows_past_a_bad_line(tmp_path, tokenizer):
+    from sgpo_jax.data.pairs import reward_gaps
+
+    rows = [json.dumps({"prompt": f"w{k}", "chosen": "w1", "rejected": "w2", "chosen_reward": float(k),
+                        "rejected_reward": 0.0}) for k in range(4)]
+    path = tmp_path / "round_1.jsonl"
+    path.write_text("\n".join(rows[:2] + ['{"prompt": '] + rows[2:]) + "\n")
+    pairs, _ = tokenize_preferences(load_preferences(path, cache_dir=tmp_path / "cache"), tokenizer, max_length=16,
+                                    max_prompt_length=8, on_bad_row="skip")
+    assert pairs.rows.tolist() == [0, 1, 3, 4]
+    assert reward_gaps([str(path)], "train", pairs.rows).tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.jsonl", "", "{path} is empty; {expected}"),
+    ("blank.json", " \n\n", "{path} is empty; {expected}"),
+    ("array.json", "[]", "{path} holds an empty JSON array; {expected}"),
+    ("array.json", '[{"prompt": "w1",\n "chosen": "w2"\n "rejected": "w3"}]',
+     "{path}, line 3: not valid JSON (Expecting ',' delimiter: column 2); the file is one JSON array, so no line "
+     "can be skipped: fix it, or write one object per line (JSON lines)"),
+    ("garbage.jsonl", "prompt,chosen,rejected\nw1,w2,w3\n",
+     "{path}: no line is a JSON object (first: line 1, not valid JSON: Expecting value: column 1); {expected}, "
+     "one JSON object per line"),
+    ("objects.jsonl", "{}\n{}\n",
+     "{path}: column 'prompt' not found (columns found: none); {expected}; set prompt_column "
+     "(--config.data.prompt_column=...) to the column that holds it"),
+    ("columns.jsonl", '{"question": "w1", "good": "w2", "bad": "w3"}\n',
+     "{path}: column 'prompt' not found (columns found: ['question', 'good', 'bad']); {expected}; set prompt_column "
+     "(--config.data.prompt_column=...) to the column that holds it"),
+    ("empty.parquet", "", "{path} is empty; {expected}"),
+    ("garbage.parquet", "not parquet",
+     "{path}: not a readable parquet file (ArrowInvalid: Parquet magic bytes not found in footer. Either the file is "
+     "corrupted or this is not a parquet file.)"),
+])
+def test_unusable_files_get_one_sentence(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError) as err:
+        load_preferences(path, cache_dir=tmp_path / "cache")
+    assert str(err.value) == message.format(path=path, expected=EXPECTED)
+
+
+def test_parquet_without_rows_or_with_other_columns(tmp_path):
+    empty = tmp_path / "empty_rows.parquet"
+    pq.write_table(pa.table({c: pa.array([], pa.string()) for c in ("prompt", "chosen", "rejected")}), empty)
+    with pytest.raises(DataError) as err:
+        load_preferences(empty, cache_dir=tmp_path / "cache")
+    assert str(err.value) == f"{empty}: no rows; {EXPECTED}"
+    other = write(tmp_path / "other.parquet", [{"prompt": "w1", "good": "w2", "bad": "w3"}])
+    with pytest.raises(DataError) as err:
+        load_preferences(other, cache_dir=tmp_path / "cache")
+    assert str(err.value) == (f"{other}: column 'chosen' not found (columns found: ['prompt', 'good', 'bad']); "
+                              f"{EXPECTED}; set chosen_column (--config.data.chosen_column=...) to the column that "
+                              "holds it")
+
+
+def test_no_usable_row_says_so_and_what_was_expected(load, tokenizer):
+    dataset = load([BAD_ROWS[loading.EMPTY][0], BAD_ROWS[loading.IDENTICAL][0]])
+    with pytest.raises(DataError) as err:
+        tokenize_preferences(dataset, tokenizer, max_length=8, max_prompt_length=8, on_bad_row="skip",
+                             source_name="prefs.jsonl")
+    assert str(err.value).splitlines() == [
+        "no usable rows in prefs.jsonl: skipped 2 of 2 rows (empty: 1, identical to chosen: 1); first:",
+        "  row 0, field 'chosen': empty",
+        "  row 1, field 'rejected': identical to chosen",
+        EXPECTED[0].upper() + EXPECTED[1:],
+    ]
 
 
 # ----------------------------------------------------------------------------------------------

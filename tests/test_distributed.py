@@ -405,8 +405,8 @@ def test_each_process_tokenizes_only_its_data_shard(rehearsal):
 
 def test_a_bad_row_on_one_host_stops_every_host_with_its_message(rehearsal):
     first, second = (report["bad_row"] for report in rehearsal["reports"])
-    assert second[0] == "ValueError" and "row 1, field 'rejected': identical to chosen" in second[1]
-    assert first[0] == "RuntimeError" and first[1].startswith("process 1 failed: ValueError: ")
+    assert second[0] == "DataError" and "row 1, field 'rejected': identical to chosen" in second[1]
+    assert first[0] == "RuntimeError" and first[1].startswith("process 1 failed: DataError: ")
     assert "row 1, field 'rejected'" in first[1]
 
 

@@ -13,16 +13,22 @@ import pytest
 from test_data import EOS, make_tokenizer
 
 from sgpo_jax.data import tokenize_prompts
+from sgpo_jax.models import Decoder, DecoderConfig
 from sgpo_jax.ssapo.eval import (
+    INSTRUCTION_ACC,
+    METRIC,
+    PROMPT_ACC,
     evaluate_heldout,
     export_alpaca_eval,
     export_mt_bench_answers,
     generate_responses,
     instruction_pass_rate,
+    paired_change,
     pairwise_win_rate,
+    wilson_interval,
 )
 from sgpo_jax.ssapo.instructions import EndWith, IncludeKeywords, Lowercase, MaxWords, NoCommas, VerifiableTask
-from sgpo_jax.models import Decoder, DecoderConfig
+from sgpo_jax.ssapo.report import eval_fields, pass_rate_text, round_table
 
 TOKENIZER = make_tokenizer()
 CFG = DecoderConfig(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -52,8 +58,41 @@ def test_instruction_pass_rate_hand_count():
     assert result["per_constraint"] == {"end_with": {"acc": 0.0, "n": 1}, "include_keywords": {"acc": 1.0, "n": 1},
                                         "lowercase": {"acc": 0.0, "n": 1}, "max_words": {"acc": 1.0, "n": 1},
                                         "no_commas": {"acc": 1.0, "n": 2}}
+    assert result["metric"] == METRIC == "verifiable-instruction pass rate (IFEval-style) on sgpo_jax's held-out tasks"
+    assert result["num_tasks"] == result["num_prompts"] == 4
+    assert (PROMPT_ACC, INSTRUCTION_ACC) == ("prompt_level_strict_acc", "instruction_level_strict_acc")
+    np.testing.assert_allclose(result["prompt_level_ci95"], wilson_interval(2, 4), rtol=0, atol=0)
+    np.testing.assert_allclose(result["instruction_level_ci95"], wilson_interval(4, 6), rtol=0, atol=0)
+    lo, hi = result["prompt_level_ci95"]
+    assert lo < 2 / 4 < hi
+    json.dumps(result)  # the pipeline writes it as JSON
+    blank = instruction_pass_rate(tasks, ["", " ", "\n", "\t"])  # blank responses fail everything
+    assert blank["prompt_level_strict_acc"] == blank["instruction_level_strict_acc"] == 0.0
+    assert blank["prompt_level_ci95"][0] == 0.0 and blank["prompt_level_ci95"][1] > 0.4
     with pytest.raises(ValueError, match="4 tasks but 3 responses"):
         instruction_pass_rate(tasks, responses[:3])
+
+
+def test_wilson_interval_by_hand():
+    # 10 of 32 by hand: p = 0.3125, z^2 = 3.8415, 1 + z^2/n = 1.12005,
+    # center = (0.3125 + 0.060023) / 1.12005 = 0.332596,
+    # half = 1.96 * sqrt(0.3125 * 0.6875 / 32 + 3.8415 / 4096) / 1.12005 = 1.96 * 0.087474 / 1.12005 = 0.153071
+    lo, hi = wilson_interval(10, 32)
+    assert abs(lo - 0.179525) < 1e-6 and abs(hi - 0.485667) < 1e-6
+    # the same bounds as the roots of (1 + z^2/n) p^2 - (2 phat + z^2/n) p + phat^2 = 0
+    z2, n, ph = 1.959963984540054 ** 2, 32, 10 / 32
+    a, b, c = 1 + z2 / n, -(2 * ph + z2 / n), ph * ph
+    roots = sorted(((-b - math.sqrt(b * b - 4 * a * c)) / (2 * a), (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)))
+    np.testing.assert_allclose((lo, hi), roots, rtol=1e-12)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for k, m in ((10, 32), (0, 7), (7, 7), (1, 1), (50, 100), (87, 100)):
+        ci = scipy_stats.binomtest(k, m).proportion_ci(confidence_level=0.95, method="wilson")
+        np.testing.assert_allclose(wilson_interval(k, m), (ci.low, ci.high), rtol=1e-9, atol=1e-12)
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
+    assert wilson_interval(100, 100)[0] == pytest.approx(0.963, abs=5e-4)
+    for bad in ((1, 0), (-1, 4), (5, 4)):
+        with pytest.raises(ValueError, match="wilson_interval"):
+            wilson_interval(*bad)
 
 
 _forward = jax.jit(MODEL.apply)
@@ -71,6 +110,55 @@ def greedy_oracle(params, prompt_ids, max_new_tokens, length=32):
         if seq[-1] == EOS:
             break
     return seq[len(prompt_ids):]
+
+
+@pytest.mark.parametrize("gained,lost,same", [(0, 0, 5), (3, 1, 28), (9, 1, 22), (0, 7, 3), (12, 12, 8), (1, 0, 0)])
+def test_paired_change_is_the_exact_mcnemar_test(gained, lost, same):
+    """Oracle: SciPy's exact two-sided binomial test of the discordant prompts at p = 1/2."""
+    from scipy.stats import binomtest
+
+    before = [False] * gained + [True] * lost + [True, False] * (same // 2) + [True] * (same % 2)
+    after = [True] * gained + [False] * lost + [True, False] * (same // 2) + [True] * (same % 2)
+    result = paired_change(before, after)
+    m = gained + lost
+    expected = 1.0 if m == 0 else binomtest(gained, m, 0.5).pvalue
+    # both are sums of a few binomial probabilities in float64: equal up to rounding
+    assert result["p_value"] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert (result["gained"], result["lost"]) == (gained, lost)
+    assert result["change"] == pytest.approx((gained - lost) / len(before), abs=1e-15)
+    assert result["significant"] == (expected < 0.05)
+
+
+def test_paired_change_hand_values_and_bad_input():
+    # 9 gained, 1 lost: p = 2 * (1 + 10) / 2**10 = 0.021484375
+    assert paired_change([False] * 9 + [True], [True] * 9 + [False])["p_value"] == 22 / 1024
+    with pytest.raises(ValueError, match="equally long"):
+        paired_change([True], [True, False])
+    with pytest.raises(ValueError, match="non-empty"):
+        paired_change([], [])
+
+
+def _evaluation(passed, met, total):
+    return {"prompt_level_strict_acc": sum(passed) / len(passed), "num_tasks": len(passed), "passed": passed,
+            "prompt_level_ci95": list(wilson_interval(sum(passed), len(passed))),
+            "instruction_level_strict_acc": met / total,
+            "instruction_level_ci95": list(wilson_interval(met, total))}
+
+
+def test_the_summary_never_calls_a_change_within_noise_a_gain():
+    initial = _evaluation([True] * 10 + [False] * 22, 20, 44)
+    small = _evaluation([True] * 12 + [False] * 20, 22, 44)  # +2 prompts: p = 0.5
+    large = _evaluation([True] * 32, 44, 44)  # +22 prompts: p = 2 / 2**22
+    rounds = [{"round": 1, **eval_fields(small, initial)}, {"round": 2, **eval_fields(large, initial)}]
+    text = pass_rate_text(rounds[0])
+    assert "within noise" in text and "gain" not in text and "McNemar p=0.50" in text
+    assert "+0.062 (+2/-0 prompts" in text
+    assert "0.375 [95% CI 0.229, 0.547] (prompt)" in text  # Wilson at 12 of 32, by hand: 0.2293, 0.5475
+    assert "a significant gain" in pass_rate_text(rounds[1])
+    table = round_table(rounds, eval_fields(initial)).splitlines()
+    assert table[2].startswith("| initial |") and "| 0.312 [0.18, 0.49] |" in table[2]
+    assert table[-1].endswith("Round(s) 2 differ from the initial model at p < 0.05.")
+    assert round_table(rounds[:1], eval_fields(initial)).endswith("every change is within noise.")
 
 
 def test_generate_responses_is_greedy_and_independent_of_batching(params):

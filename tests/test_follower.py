@@ -16,16 +16,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from lp_oracle import ball_dual_lp, paper_lp, transport_lp
+from sgpo_jax.core import losses as leader_losses
 from sgpo_jax.core.follower import (
+    LOSSES,
+    VARIANTS,
+    W1Certificate,
     entropic_worst_case,
     make_loss,
     margin_window,
     w1_certificate,
     worst_case,
 )
+
+from lp_oracle import ball_dual_lp, paper_lp, transport_lp
 
 LN2 = math.log(2.0)
 
@@ -608,7 +614,10 @@ def test_atoms_w1_and_authors_columns(x64, loss_name):
         close(np.sum(wn[:, None] * mass * loss(pos)), ref, 1e-7)  # E_Q[l] by hand
 
         per_sample = np.sum(mass * shift, axis=1)
-        w1 = float(w1_certificate(r))
+        cert = w1_certificate(r)
+        w1 = float(cert.w1)
+        close(cert.expected_loss, ref, 1e-7)
+        assert bool(cert.within_budget) and bool(cert.matches_value)
         w1_np = _w1_numpy(x, wn, pos.ravel(), (wn[:, None] * mass).ravel())
         close(w1, w1_np, 1e-9)
         close(w1, np.sum(wn * per_sample), 1e-9)  # all mass moves the same way: W1 = transport
@@ -639,8 +648,182 @@ def test_w1_certificate_float32():
         wn = np.full(N, 1 / N)
         x64 = x.astype(np.float64)
         w1_np = _w1_numpy(x64, wn, (x64[:, None] - shift).ravel(), (wn[:, None] * mass).ravel())
-        assert float(w1_certificate(r)) <= eps + 1e-6
-        close(w1_certificate(r), w1_np, 1e-5)
+        cert = w1_certificate(r)
+        assert float(cert.w1) <= eps + 1e-6 and bool(cert.within_budget) and bool(cert.matches_value)
+        close(cert.w1, w1_np, 1e-5)
+        close(cert.expected_loss, r.value, 1e-5)
+
+
+# --------------------------------------------------------------------------- 6b. atoms realize value
+
+
+def _atom_instances(rng, loss_name):
+    """(x, eps, lo, hi, w) for one loss: plain, ties, samples at the support ends, skewed; eps = 0,
+    small, binding, exactly everything and more than everything (every edge of the greedies);
+    uniform and non-uniform weights alternate."""
+    out = []
+    if loss_name in ("tangents", "neg_log"):
+        lo, hi = (0.0, 1.0) if loss_name == "tangents" else (0.05, 1.0)
+        insts = [(x, eps, lo, hi) for x, eps in prob_instances(rng, N, lo=lo, hi=hi)]
+        x = rng.uniform(lo, hi, N)
+        insts.append((x, float(np.mean(x - lo)), lo, hi))  # the budget moves everything exactly
+    else:
+        insts = []
+        for trial in range(4):
+            x = rng.normal(0.5, 2.0, N)
+            if trial == 1:
+                x = np.round(x)  # ties
+            if trial == 3:
+                x[:4] = x[4]  # a tie class of 5
+            tau = 0.0 if trial == 2 else 1.0  # tau = 0: samples at both window ends
+            lo, hi = float(x.min() - tau), float(x.max() + tau)
+            movable = float(np.mean(x - lo))
+            for eps in (0.0, 0.05 * movable, 0.4 * movable, movable, movable + 0.5):
+                insts.append((x, eps, lo, hi))
+    for i, (x, eps, lo, hi) in enumerate(insts):
+        out.append((x, eps, lo, hi, rng.uniform(0.2, 2.0, N) if i % 2 else np.ones(N)))
+    return out
+
+
+def _oracle_loss(loss_name, k, lo, hi):
+    """The loss in float64 numpy, and (a, b) for the tangent losses."""
+    if loss_name == "tangents":
+        a, b = tangents_ab(k)
+    elif loss_name == "neg_log_sigmoid_tangents":
+        a, b = nls_tangents_ab(k, lo, hi)
+    else:
+        return (neg_log if loss_name == "neg_log" else neg_log_sigmoid), None
+    return piecewise(a, b), (a, b)
+
+
+def _leader_mean(x, shift, mass, wn, loss_name, k, lo, hi):
+    """The leader's own objective (sgpo_loss) at policy margins whose centers are ``x``."""
+    space = "probability" if loss_name in ("tangents", "neg_log") else "margin"
+    h = np.log(x) - np.log1p(-x) if space == "probability" else x  # sigmoid(logit x) = x to 1 ulp
+    zeros = np.zeros_like(x)
+    terms, _ = leader_losses.sgpo_loss(h, zeros, zeros, zeros, shift, mass * wn[:, None], beta=1.0,
+                                       space=space, loss=loss_name, num_tangents=k, support=(lo, hi))
+    return float(terms.mean)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_atoms_expected_loss_is_value_and_lp_optimum(x64, variant, loss_name):
+    """sum_ij w_i mass_ij l(xi_i - shift_ij), with l the loss itself (the max over tangents for the
+    tangent losses, as the leader evaluates it), equals `value` and the LP oracle's optimum.
+
+    Tolerances: 1e-12 relative between the atoms' expected loss and `value` (the atoms are a
+    closed-form rearrangement of the solution: the only rounding is the level-set inversion
+    (y - b_k) / a_k and the tangents' evaluation, a few ulps of |a| <= 10 and |b| <= 1 + log 10,
+    summed over N = 12); 1e-7 relative against HiGHS (run at 1e-10 feasibility tolerances; the
+    rest of this file uses 1e-7 for the same LPs)."""
+    if variant == "per_entry" and loss_name not in ("tangents", "neg_log_sigmoid_tangents"):
+        with pytest.raises(ValueError, match="per_entry"):
+            worst_case([0.5], 0.1, loss=loss_name, support=(0.05, 1.0), variant=variant)
+        return
+    rng = np.random.default_rng(LOSSES.index(loss_name) * 10 + VARIANTS.index(variant))
+    insts = _atom_instances(rng, loss_name)
+    ks = {"tangents": (1, 6), "neg_log_sigmoid_tangents": (2, 5)}.get(loss_name, (6,))
+    results = solve_batch(np.stack([i[0] for i in insts]), [i[1] for i in insts], ks,
+                          weights=[i[4] for i in insts], support=([i[2] for i in insts], [i[3] for i in insts]),
+                          loss=loss_name, variant=variant)
+    worst_gap = 0.0
+    for k in ks:
+        for (x, eps, lo, hi, w), r in zip(insts, results[k]):
+            loss, ab = _oracle_loss(loss_name, k, lo, hi)
+            ref = (paper_lp(x, eps, *ab, lo, hi, w=w, per_entry=variant == "per_entry") if ab
+                   else _smooth_oracle(x, eps, loss, lo, hi, w))
+            shift, mass = (np.asarray(v, np.float64) for v in r.atoms())
+            j = k + 1 if variant == "per_entry" else 2
+            assert shift.shape == mass.shape == (N, j)
+            wn = w / w.sum()
+            pos = x[:, None] - shift
+            assert np.all(mass >= 0) and np.allclose(mass.sum(1), 1, atol=1e-14)
+            assert np.all(shift >= 0) and np.all(pos >= lo - 1e-12)  # in [lo, x_i]
+            expected = float(np.sum(wn[:, None] * mass * loss(pos)))
+            worst_gap = max(worst_gap, abs(expected - float(r.value)))
+            close(expected, r.value, 1e-12)
+            close(expected, ref, 1e-7)
+            moved = np.sum(wn[:, None] * mass * shift)  # the atoms' transport (= their W1)
+            assert moved <= float(r.transport) * (1 + 1e-12) + 1e-15 and moved <= eps + 1e-12
+            if variant == "per_entry":
+                assert np.max(mass * shift) <= eps + 1e-12  # each piece carries at most eps
+            else:
+                close(moved, r.transport, 1e-12)
+            if 0 < x.min() and x.max() < 1 or loss_name.startswith("neg_log_sigmoid"):
+                close(_leader_mean(x, shift, mass, wn, loss_name, k, lo, hi), r.value, 1e-12)
+    assert worst_gap <= 1e-12
+
+
+def test_per_entry_atoms_float32_and_groups(x64):
+    """float32 solves (atoms within 1e-5 of value, as the other float32 tests) and grouped
+    per_entry solves (each block its own program) realize `value` too."""
+    rng = np.random.default_rng(33)
+    k = 6
+    a, b = tangents_ab(k)
+    loss = piecewise(a, b)
+    for eps in (0.01, 0.1, 0.5):
+        x = rng.uniform(0, 1, N)
+        x[:3] = np.round(x[:3], 1)
+        r = worst_case(x.astype(np.float32), eps, num_tangents=k, variant="per_entry")
+        shift, mass = (np.asarray(v, np.float64) for v in r.atoms())
+        x32 = np.asarray(r.centers, np.float64)
+        close(np.mean(np.sum(mass * loss(x32[:, None] - shift), 1)), r.value, 1e-5)
+        close(r.value, paper_lp(x32, float(np.float32(eps)), a, b, 0.0, 1.0, per_entry=True), 1e-5)
+        cert = w1_certificate(r)
+        assert bool(cert.within_budget) and bool(cert.matches_value)
+        rg = worst_case(x, eps, num_tangents=k, group_size=5, variant="per_entry")
+        shift, mass = (np.asarray(v, np.float64) for v in rg.atoms())
+        close(np.mean(np.sum(mass * loss(x[:, None] - shift), 1)), rg.value, 1e-12)
+        ref = sum(len(x[s:s + 5]) / N * paper_lp(x[s:s + 5], eps, a, b, 0.0, 1.0, per_entry=True)
+                  for s in range(0, N, 5))
+        close(rg.value, ref, 1e-7)
+
+
+def test_per_entry_old_atoms_overstate_value(x64):
+    """Regression for issue #14: all moved mass at `lower`, scored with the max over tangents,
+    overstates the per_entry value (the program credits piece k only ell_k(lo)); the atoms do not."""
+    x = np.linspace(0.3, 0.9, N)
+    r = worst_case(x, 0.1, num_tangents=6, variant="per_entry")
+    a, b = tangents_ab(6)
+    loss = piecewise(a, b)
+    naive = np.mean((1 - np.asarray(r.moved)) * loss(x) + np.asarray(r.moved) * loss(0.0))
+    assert naive - float(r.value) > 0.01
+    shift, mass = (np.asarray(v) for v in r.atoms())
+    close(np.mean(np.sum(mass * loss(x[:, None] - shift), 1)), r.value, 1e-12)
+    assert np.any((mass[:, 1:] > 0) & (shift[:, 1:] < x[:, None]))  # some atoms sit above lower
+
+
+def test_w1_certificate_fields_and_tolerance(x64):
+    import sgpo_jax
+
+    assert sgpo_jax.w1_certificate is w1_certificate
+    rng = np.random.default_rng(19)
+    x = rng.uniform(0, 1, N)
+    wn = np.full(N, 1 / N)
+    for variant in VARIANTS:
+        r = worst_case(x, 0.05, num_tangents=6, variant=variant)
+        cert = w1_certificate(r)
+        assert isinstance(cert, W1Certificate)
+        shift, mass = (np.asarray(v, np.float64) for v in r.atoms())
+        w1_np = _w1_numpy(x, wn, (x[:, None] - shift).ravel(), (wn[:, None] * mass).ravel())
+        close(cert.w1, w1_np, 1e-12)
+        close(cert.expected_loss, r.value, 1e-12)
+        assert bool(cert.within_budget) and bool(cert.matches_value)
+        if variant == "ball":  # all moved mass goes to one point: W1 is `transport` by construction
+            close(cert.w1, r.transport, 1e-12)
+        else:  # per-piece atoms sit above lower: they move less than the program's transport
+            assert float(cert.w1) < float(r.transport) - 1e-6
+    # the tolerance is the slack of the <= eps check (absolute) and of expected_loss == value
+    r = worst_case(x, 0.05, num_tangents=6)
+    tight = r.replace(epsilon=r.epsilon - 1e-9)  # the atoms now overshoot the radius by 1e-9
+    assert not bool(w1_certificate(tight, tol=0.0).within_budget)
+    assert bool(w1_certificate(tight, tol=1e-8).within_budget)
+    off = r.replace(value=r.value + 1e-6)
+    assert not bool(w1_certificate(off).matches_value)
+    assert bool(w1_certificate(off, tol=1e-5).matches_value)
+    jitted = jax.jit(lambda c: w1_certificate(worst_case(c, 0.05)))(x)
+    close(jitted.expected_loss, r.value, 1e-12)
 
 
 # --------------------------------------------------------------------------- 7. entropic follower

@@ -7,11 +7,25 @@ import random
 
 import pytest
 
-from sgpo_jax.ssapo import instructions as vi
 from sgpo_jax.data import NORMALIZED_FEATURES, load_preferences
+from sgpo_jax.ssapo import instructions as vi
 from sgpo_jax.ssapo.instructions import (
-    AvoidWord, BulletPoints, EndWith, IncludeKeywords, JsonFormat, Lowercase, MaxSentences, MaxWords, MinWords,
-    NoCommas, Postscript, StartWith, Title, Uppercase, VerifiableTask, WrapInQuotes,
+    AvoidWord,
+    BulletPoints,
+    EndWith,
+    IncludeKeywords,
+    JsonFormat,
+    Lowercase,
+    MaxSentences,
+    MaxWords,
+    MinWords,
+    NoCommas,
+    Postscript,
+    StartWith,
+    Title,
+    Uppercase,
+    VerifiableTask,
+    WrapInQuotes,
 )
 
 GENERATED = (vi.SEED_PREFERENCES, vi.PROMPT_POOL, vi.HELDOUT)
@@ -22,7 +36,8 @@ CASES = [
     (MaxWords(5), "one two three four five six", False),
     (MaxWords(5), "Don't: well-known, a b c.", True),               # contractions and hyphenations are one word
     (MaxWords(5), "* one\n* two -- three!!!\n\n  four, five", True),  # markup and punctuation are not words
-    (MaxWords(5), "", True),
+    (MaxWords(5), "", False),                                        # blank fails every constraint
+    (MaxWords(5), " \n\t ", False),
     (MinWords(3), "a b c", True),
     (MinWords(3), "  a\n\n b  ", False),
     (MinWords(3), "<< >> * ** a", False),
@@ -35,6 +50,8 @@ CASES = [
     (AvoidWord("very"), "veryfine", True),
     (AvoidWord("very"), "It is Very nice.", False),
     (AvoidWord("very"), "Nice.\n(very)", False),
+    (AvoidWord("very"), "", False),
+    (AvoidWord("very"), "\n\n", False),
     (Lowercase(), "hello, world! 123", True),
     (Lowercase(), "multi\nline text.", True),
     (Lowercase(), "Hello", False),
@@ -75,6 +92,8 @@ CASES = [
     (NoCommas(), "No commas here.\nNone at all!", True),
     (NoCommas(), "one, two", False),
     (NoCommas(), "1,000", False),
+    (NoCommas(), "", False),
+    (NoCommas(), "   ", False),
     (Title(), "<<My Title>>\n\nSome text.", True),
     (Title(), "text <<a>> text", True),
     (Title(), "<< >>", False),
@@ -87,7 +106,13 @@ CASES = [
     (MaxSentences(2), "Line one\nLine two", True),
     (MaxSentences(2), "One. Two. Three.", False),
     (MaxSentences(2), "Wait... what? Really!", False),
-    (MaxSentences(2), "Line one\nline two\nline three", False),      # each line ends a sentence
+    (MaxSentences(2), "Line one\nline two\nline three", True),       # a line break ends no sentence
+    (MaxSentences(2), "<<Title>>\n\nOne. Two.", True),              # the title runs into sentence one
+    (MaxSentences(2), "* Tea.\n* Bread.\n* Milk.", False),
+    (MaxSentences(2), "Option a. Option b. Option C. Done", False),  # only capitals are initials
+    (MaxSentences(2), "Dr. Smith met J. Doe, e.g. at noon. Bye.", True),  # abbreviations, initials
+    (MaxSentences(2), "", False),
+    (MaxSentences(2), " \n ", False),
     (JsonFormat(), '{"a": 1}', True),
     (JsonFormat(), "  [1, 2]\n", True),
     (JsonFormat(), '```json\n{"a": 1}\n```', True),
@@ -124,14 +149,41 @@ def test_every_kind_has_positive_and_negative_cases():
     ("Hi. Bye.", 2, 2),
     ("3.5 is a number.", 5, 1),
     ("Wait... what?", 2, 2),
-    ("* a\n* b\n\n*", 2, 2),
+    ("* a\n* b\n\n*", 2, 1),                   # line breaks are whitespace
     ('"Quoted." Next one!', 3, 2),
-    ("e.g. this", 3, 2),
+    ("e.g. this", 3, 1),                       # an abbreviation ends nothing
+    ("Dr. Smith came. He sat.", 5, 2),
+    ("J. R. R. Tolkien wrote it.", 6, 1),      # initials
+    ("Visit example.com today. Now!", 5, 2),
+    ("Title line\n\nFirst one. Second one", 6, 2),
+    ("Hello!!! World?! (Yes.) Done", 4, 4),
+    ("  \n\t", 0, 0),
     ("don't re-use it", 3, 1),
 ])
 def test_counts(text, words, sentences):
     assert vi.count_words(text) == words
     assert vi.count_sentences(text) == sentences
+
+
+def test_split_sentences_by_hand():
+    assert vi.split_sentences("") == []
+    assert vi.split_sentences("<<Notes>>\n\nRain fell. Was it cold? \"Yes!\" he said.\n* tea\n* bread") == [
+        "<<Notes>>\n\nRain fell.", "Was it cold?", '"Yes!"', "he said.", "* tea\n* bread"]
+    assert vi.split_sentences("Pi is 3.14. Mr. Lee, e.g. (Dr. Ray) agreed...  \n*\n") == [
+        "Pi is 3.14.", "Mr. Lee, e.g. (Dr. Ray) agreed..."]  # the lone "*" is no sentence
+
+
+def test_blank_response_fails_every_constraint():
+    """IFEval scores a blank response as failing every instruction; so do the checkers."""
+    examples = {}
+    for constraint, _, _ in CASES:
+        examples.setdefault(constraint.kind, constraint)
+    assert set(examples) == set(vi.CONSTRAINTS)
+    for constraint in examples.values():
+        for blank in ("", " ", "\n\n", " \t\r\n"):
+            assert constraint.check(blank) is False, (constraint, blank)
+    task = VerifiableTask("Say something.", (MaxWords(5), NoCommas()))
+    assert task.score("") == 0.0 and not task.passed("  ")
 
 
 def test_renderings():
@@ -253,7 +305,7 @@ def test_seed_pairs_checked_from_their_json(rows):
         assert 1 <= len(constraints) <= 2
         assert row["prompt"] == " ".join([row["instruction"]] + [c.render() for c in constraints])
         assert all(c.check(row["chosen"]) for c in constraints), row
-        assert not all(c.check(row["rejected"]) for c in constraints), row
+        assert sum(not c.check(row["rejected"]) for c in constraints) == 1, row  # fails exactly one
         assert row["chosen"].strip() != row["rejected"].strip()
 
 

@@ -113,12 +113,20 @@ def test_summary_rows_match_the_files_they_summarize(files, tmp_path):
         assert result["instruction_level_strict_acc"] == pytest.approx(np.mean(met))
         assert len(result["responses"]) == 4
     assert rounds[1]["pass_rate_prompt"] == pytest.approx(np.mean(passed))
+    initial = json.loads((tmp_path / "eval_initial.json").read_text())
+    before = [t.passed(r) for t, r in zip(tasks, initial["responses"])]
+    gained = sum(a and not b for a, b in zip(passed, before))
+    lost = sum(b and not a for a, b in zip(passed, before))
+    change = rounds[1]["vs_initial"]
+    assert (change["gained"], change["lost"]) == (gained, lost)
+    assert change["change"] == pytest.approx((gained - lost) / 4)
     alpaca = json.loads((tmp_path / "round_1" / "eval_alpaca_eval.json").read_text())
     assert len(alpaca) == 4 and set(alpaca[0]) >= {"instruction", "output", "generator"}
     for png in ("plots/reward_gaps_round_1.png", "plots/eval.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "summary.md").read_text().splitlines()
-    assert len(table) == 2 + len(rounds)
+    assert table[2].startswith("| initial |") and len(table) == 3 + len(rounds) + 2  # header, rows, note
+    assert "4 held-out tasks" in table[-1]
 
 
 def test_seed_split_flips_exactly_the_requested_labels(files, tmp_path):

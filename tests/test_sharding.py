@@ -99,8 +99,8 @@ def test_sharded_forward_and_gradients_equal_unsharded(shape):
     def loss(p, ids, mask):
         return -jnp.mean(sequence_logps(model.apply(p, ids, mask), ids, loss_mask))
 
-    ref_logits = model.apply(params, ids, mask)
-    ref_loss, ref_grads = jax.value_and_grad(loss)(params, ids, mask)
+    ref_logits = jax.jit(model.apply)(params, ids, mask)  # one device (jit: op-by-op costs seconds per op kind)
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss))(params, ids, mask)
 
     mesh = mesh_lib.make_mesh(**shape)
     placed = sharding.shard_params(params, mesh)

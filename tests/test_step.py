@@ -289,3 +289,26 @@ def test_grouped_follower_in_the_step_solves_each_group_alone():
     ungrouped = SGPOConfig(mode="sgpo", beta=beta, epsilon=eps)
     _, global_metrics = jax.jit(sgpo_step)(_state(ungrouped)[1], batch)
     assert abs(float(global_metrics["follower/value"]) - np.mean(values)) > 1e-4  # grouping changes the answer
+
+
+def test_authors_pairing_trains_on_their_columns():
+    """preset "authors" (per_entry tangent follower, leader -log p): the step's loss is the
+    authors' training loss (SGPO_NOTES section 4) written out by hand, the mean over pairs of
+    sum_k s_ik * -log(max(p_i - q_ik / s_ik, 1e-6)), with (s, q/s) the follower's per-entry columns
+    at the step's starting margins."""
+    beta, eps = 0.5, 0.05
+    config = SGPOConfig(mode="sgpo", beta=beta, epsilon=eps, loss="tangents", num_tangents=6,
+                        leader_loss="neg_log", variant="per_entry")
+    model, state = _state(config)
+    batch = random_batch(seed=9, pairs=8, pad_rows=0)
+    p = 1 / (1 + np.exp(-beta * _margins(model, state.params, batch)))
+    s, shift = (np.asarray(a, np.float64)
+                for a in worst_case(p, eps, loss="tangents", num_tangents=6, variant="per_entry").authors_columns())
+    expected = np.mean(np.sum(s * -np.log(np.maximum(p[:, None] - shift, 1e-6)), axis=1))
+    _, metrics = jax.jit(sgpo_step)(state, batch)
+    # float32 step vs float64 oracle on 8 pairs of O(1) losses: 1e-5 covers float32 rounding
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5, atol=1e-5)
+    shift_e, mass_e = (np.asarray(a, np.float64)
+                       for a in worst_case(p, eps, loss="tangents", num_tangents=6, variant="per_entry").atoms())
+    on_atoms = np.mean(np.sum(mass_e * -np.log(np.maximum(p[:, None] - shift_e, 1e-6)), axis=1))
+    assert abs(on_atoms - expected) > 1e-3  # the exact atoms would give another loss

@@ -10,6 +10,13 @@ pairs, padding rows clipped into it); the exact follower
 :func:`~sgpo_jax.core.follower.worst_case` with the config's loss, radius, tangents and variant
 gives the atoms ``shift, mass [N, J]`` (atom :math:`j` of pair :math:`i` sits at
 :math:`\xi_i - \text{shift}_{ij}` with mass :math:`\text{mass}_{ij}`).
+
+Which atoms: :meth:`~sgpo_jax.core.follower.WorstCase.atoms` (the worst-case distribution itself:
+the follower's loss at them averages to its value), except for the authors' pairing, the
+``per_entry`` tangent follower with a different leader loss (``leader_loss="neg_log"``, preset
+``authors``): there the leader reads :meth:`~sgpo_jax.core.follower.WorstCase.authors_columns`
+(``mass`` = their :math:`s_{ik}`, ``shift`` = :math:`q_{ik}/s_{ik}`, ``J = K``), as their training
+loss :math:`\sum_k s_{ik} (-\log \max(p_i - q_{ik}/s_{ik}, 10^{-6}))` does.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ class Follow:
       centers: ``[N]`` the follower's centers.
       support: ``(lo, hi)`` the support it was solved on (scalars; traced in margin space).
       worst_case: the :class:`~sgpo_jax.core.follower.WorstCase`.
-      shift, mass: ``[N, J]`` its atoms (``worst_case.atoms()``).
+      shift, mass: ``[N, J]`` the atoms the leader trains on (see the module docstring).
       metrics: ``follower/value``, ``follower/dual``, ``follower/moved`` (mass moved, weighted),
         ``follower/transport``; with groups, means over the groups (and pairs).
     """
@@ -71,7 +78,10 @@ def follow(margins: jax.Array, config: Any, *, scale: Optional[float] = None,
         centers = jnp.clip(centers, lo, hi)  # padding rows only
     wc = worst_case(centers, config.epsilon, loss=config.loss, num_tangents=config.num_tangents, support=support,
                     weights=weights, variant=config.variant, group_size=config.group_size)
-    shift, mass = wc.atoms()
+    if config.variant == "per_entry" and wc.loss.piecewise and (config.leader_loss or config.loss) != config.loss:
+        mass, shift = wc.authors_columns()  # the authors' pairing: their s_ik and q_ik / s_ik
+    else:
+        shift, mass = wc.atoms()
     mean = lambda x: jnp.mean(jnp.atleast_1d(x))  # groups: the mean over groups; one ball: itself
     metrics = {
         "follower/value": mean(wc.value),

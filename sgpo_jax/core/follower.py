@@ -50,6 +50,10 @@ Variants (``variant=``):
   inverse-probability reweighting instead of the ball's "lowest few percent entirely". The
   solution is the same greedy over (sample, piece) items sorted by their gain per unit of
   transport, each item capped at :math:`\epsilon` and each sample at :math:`\xi_i - lo`.
+  The program credits mass moved through piece :math:`k` with that piece's own value
+  :math:`\ell_k(lo) \le \ell(lo)`; :meth:`WorstCase.atoms` therefore places it where the loss
+  equals :math:`\ell_k(lo)` (``[N, K + 1]`` atoms), so that the expected loss of the atoms, with
+  :math:`\ell` the max over tangents as the leader evaluates it, is ``value`` exactly.
 
 ``group_size=G`` reproduces the authors' grouping (consecutive blocks of ``G`` samples, each
 block its own ball of radius :math:`\epsilon`; the last block may be shorter) as one batched
@@ -60,7 +64,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +87,7 @@ __all__ = [
     "WorstCase",
     "worst_case",
     "w1_certificate",
+    "W1Certificate",
     "SmoothWorstCase",
     "entropic_worst_case",
 ]
@@ -118,6 +123,19 @@ class ConvexLoss:
     def piece(self, v: Array) -> Array:
         """Index of the active tangent piece at ``v`` (piecewise losses only), int32."""
         return jnp.argmax(v[..., None] * self.slopes + self.intercepts, axis=-1)
+
+    def level(self, y: Array) -> Array:
+        r"""Smallest :math:`v` with :math:`\ell(v) \le y`, elementwise (piecewise losses only).
+
+        :math:`\ell(v) \le y` iff :math:`a_k v + b_k \le y` for every piece, i.e.
+        :math:`v \ge (y - b_k) / a_k` for every decreasing piece (:math:`a_k < 0`); pieces with
+        :math:`a_k \ge 0` (none for the tangent losses here) are ignored. For :math:`y` between
+        :math:`\ell(hi)` and :math:`\ell(lo)` the result lies in the support and
+        :math:`\ell(\text{level}(y)) = y` up to rounding (:math:`\ell` is continuous and
+        decreasing there)."""
+        down = self.slopes < 0
+        a = jnp.where(down, self.slopes, -1)
+        return jnp.max(jnp.where(down, (y[..., None] - self.intercepts) / a, -jnp.inf), axis=-1)
 
     def chord_slope(self, x: Array, lower: Array) -> Array:
         r"""Gain per unit of transport :math:`(\ell(lo) - \ell(x)) / (x - lo)`, elementwise.
@@ -217,24 +235,31 @@ def margin_window(
 class WorstCase:
     r"""The follower's exact worst case.
 
-    The worst-case distribution puts mass :math:`w_i (1 - \text{moved}_i)` at :math:`\xi_i`
-    and :math:`w_i\, \text{moved}_i` at ``lower``, for every sample :math:`i`.
+    ``variant="ball"``: the worst-case distribution puts mass :math:`w_i (1 - \text{moved}_i)` at
+    :math:`\xi_i` and :math:`w_i\, \text{moved}_i` at ``lower``, for every sample :math:`i`.
+    ``variant="per_entry"``: mass :math:`w_i (1 - \text{moved}_i)` stays at :math:`\xi_i` and,
+    for every tangent piece :math:`k`, mass :math:`w_i\, \text{piece\_mass}_{ik}` sits at the
+    point where the loss equals that piece's value at ``lower`` (see :meth:`atoms`).
+    Either way :meth:`atoms` is the distribution and its expected loss is ``value``.
 
     Attributes:
-      value: ``[]`` worst-case expected loss :math:`\mathbb{E}_Q[\ell]`.
+      value: ``[]`` worst-case expected loss :math:`\mathbb{E}_Q[\ell]` (for ``per_entry``: the
+        optimum of the authors' program, whose objective scores each piece's mass with that
+        piece's own linear function; :meth:`atoms` realizes it as an expected loss).
       dual: optimal price :math:`\lambda^*` of the transport budget; ``[]`` for the global
         problem, ``[num_groups]`` with ``group_size``.
       dual_value: ``[]`` the dual objective at ``dual`` (equals ``value`` at the optimum).
-      transport: ``[]`` transport used, :math:`\sum_i w_i\, \text{moved}_i (\xi_i - lo)`
-        (``<= epsilon``).
+      transport: ``[]`` transport the solver used, :math:`\sum_i w_i \sum_k |q_{ik}|`
+        (``<= epsilon``); for ``ball`` this is :math:`\sum_i w_i\, \text{moved}_i (\xi_i - lo)`.
       epsilon: ``[]`` the radius.
       centers: ``[N]`` the centers :math:`\xi`.
       weights: ``[N]`` probability mass of each center (sums to 1).
-      moved: ``[N]`` fraction of each sample's mass moved to ``lower``.
+      moved: ``[N]`` fraction of each sample's mass that leaves its center.
       lower: ``[]`` the support's lower end.
-      piece_mass: ``[N, K]`` mass moved to ``lower`` through tangent piece ``k``
-        (``K = 0`` for exact losses).
+      piece_mass: ``[N, K]`` mass moved through tangent piece ``k`` (to ``lower`` in the solver's
+        program; ``K = 0`` for exact losses).
       loss: the :class:`ConvexLoss` used.
+      variant: ``"ball"`` or ``"per_entry"`` (static).
     """
 
     value: Array
@@ -248,14 +273,39 @@ class WorstCase:
     lower: Array
     piece_mass: Array
     loss: ConvexLoss
+    variant: str = struct.field(pytree_node=False, default="ball")
 
     def atoms(self) -> Tuple[Array, Array]:
-        """Per-sample atoms ``(shift, mass)``, each ``[N, 2]``: column 0 stays at the center
-        (shift 0), column 1 sits at ``lower`` (shift ``center - lower``). Masses per row sum to 1;
-        the atom positions are ``centers[:, None] - shift``."""
+        r"""Per-sample atoms ``(shift, mass)``, each ``[N, J]``: atom :math:`j` of sample :math:`i`
+        sits at ``centers[i] - shift[i, j]`` with mass ``mass[i, j]``; masses per row sum to 1,
+        shifts are :math:`\ge 0` and positions lie in ``[lower, centers]``. Exact: with ``l`` the
+        loss itself (max over tangents for the tangent losses, as :func:`sgpo_loss` evaluates it),
+        :math:`\sum_i w_i \sum_j \text{mass}_{ij}\, \ell(\xi_i - \text{shift}_{ij}) = ` ``value``.
+
+        ``ball``: ``J = 2``; column 0 stays at the center (shift 0), column 1 sits at ``lower``
+        (shift ``center - lower``).
+
+        ``per_entry``: ``J = K + 1``; column 0 stays at the center, column ``1 + k`` carries the
+        mass moved through tangent piece ``k``. The authors' program scores that mass with the
+        piece's *own* linear function at ``lower``, :math:`\ell_k(lo) \le \ell(lo)`, so an atom
+        at ``lower`` scored with the max over tangents would overstate the value (by up to 0.15 on
+        random instances). The atom sits instead at :math:`z_k = \ell^{-1}(\ell_k(lo))`
+        (:meth:`ConvexLoss.level`), where the loss equals exactly what the program credits; since
+        :math:`\ell_k(lo) > \ell(\xi_i)` for every piece that carries mass,
+        :math:`lo \le z_k < \xi_i`, so the atoms move less than ``transport`` (still inside the
+        ball and the per-entry bounds) and their expected loss is ``value``."""
         d = jnp.maximum(self.centers - self.lower, 0)
-        shift = jnp.stack([jnp.zeros_like(d), d], axis=1)
-        mass = jnp.stack([1 - self.moved, self.moved], axis=1)
+        if self.variant != "per_entry":
+            shift = jnp.stack([jnp.zeros_like(d), d], axis=1)
+            mass = jnp.stack([1 - self.moved, self.moved], axis=1)
+            return shift, mass
+        loss = self.loss
+        y = loss.slopes * self.lower + loss.intercepts  # [K] each piece's value at lower
+        z = jnp.where(y >= loss(self.lower), self.lower, jnp.maximum(loss.level(y), self.lower))
+        carried = self.piece_mass > 0
+        piece_shift = jnp.where(carried, jnp.maximum(self.centers[:, None] - z[None, :], 0), 0)
+        shift = jnp.concatenate([jnp.zeros_like(d)[:, None], piece_shift], axis=1)
+        mass = jnp.concatenate([(1 - self.moved)[:, None], self.piece_mass], axis=1)
         return shift, mass
 
     def authors_columns(self) -> Tuple[Array, Array]:
@@ -350,7 +400,8 @@ def _solve_ball(x, w, eps, lower, loss: ConvexLoss):
     dual_value = dual * eps + _total(w * jnp.maximum(l_x, l_lo - dual * dist))
 
     k = loss.slopes.shape[0]
-    piece_mass = moved[:, None] * jax.nn.one_hot(loss.piece(lower), k, dtype=x.dtype) if k else jnp.zeros((n, 0), x.dtype)
+    piece_mass = (moved[:, None] * jax.nn.one_hot(loss.piece(lower), k, dtype=x.dtype) if k
+                  else jnp.zeros((n, 0), x.dtype))
     return value, dual, dual_value, transport, moved, piece_mass
 
 
@@ -429,6 +480,7 @@ def _worst_case(centers, weights, epsilon, lower, upper, *, loss_name, num_tange
         moved = moved_g.reshape(-1)[:n]
         piece_mass = piece_g.reshape(groups * group_size, -1)[:n]
     return WorstCase(
+        variant=variant,
         value=value,
         dual=dual,
         dual_value=dual_value,
@@ -509,20 +561,73 @@ def worst_case(
     )
 
 
-def w1_certificate(result: WorstCase) -> Array:
-    """Wasserstein-1 distance between the empirical distribution and the worst case, computed
-    independently with ott-jax's univariate (quantile) solver and the cost ``|x - y|``.
-    Optimality of the follower implies it is ``<= epsilon`` and ``E_Q[loss] == value``."""
+class W1Certificate(NamedTuple):
+    r"""What :func:`w1_certificate` checks (all ``[]`` arrays).
+
+    Attributes:
+      w1: Wasserstein-1 distance between the empirical distribution and the atoms.
+      expected_loss: :math:`\mathbb{E}_Q[\ell]` over the atoms, computed from them.
+      within_budget: ``w1 <= epsilon + tol``.
+      matches_value: ``|expected_loss - value| <= tol * max(1, |value|)``.
+    """
+
+    w1: Array
+    expected_loss: Array
+    within_budget: Array
+    matches_value: Array
+
+
+def w1_certificate(result: WorstCase, *, tol: Optional[float] = None) -> W1Certificate:
+    r"""Checks that :meth:`WorstCase.atoms` is a distribution :math:`Q` inside the ball whose
+    expected loss is ``value``: the two facts the leader relies on when it trains on the atoms.
+
+    ``w1`` is computed with ott-jax's univariate (quantile) solver and the cost ``|x - y|``: a
+    sort-and-cumsum of the two CDFs, not the follower's own arithmetic. It is *not* an independent
+    certificate of optimality: in one dimension, when every atom lies at or below its center (all
+    mass moves the same way), :math:`W_1` equals the atoms' mean shift
+    :math:`\sum_i w_i \sum_j \text{mass}_{ij}\, \text{shift}_{ij}` exactly. For ``variant="ball"``,
+    where all moved mass goes to one point (``lower``), that is ``transport`` by construction, so
+    ``w1`` re-derives ``transport`` and ``within_budget`` re-checks ``transport <= epsilon``. For
+    ``per_entry`` the atoms sit above ``lower`` and ``w1 <= transport``. Optimality is certified by
+    ``dual_value == value`` (weak duality), not here.
+
+    ``expected_loss`` is :math:`\sum_i w_i \sum_j \text{mass}_{ij}\, \ell(\xi_i - \text{shift}_{ij})`
+    with the follower's loss (the max over tangents for the tangent losses, as the leader's
+    :func:`~sgpo_jax.core.losses.sgpo_loss` evaluates it), accumulated in double-word arithmetic.
+
+    Args:
+      result: a :class:`WorstCase` (global or grouped: each group's ball has radius
+        :math:`\epsilon` and carries its share of the mass, so the whole is within
+        :math:`\epsilon` too).
+      tol: float tolerance, absolute for ``w1 <= epsilon + tol`` and relative (to
+        ``max(1, |value|)``) for ``expected_loss == value``. Default
+        ``sqrt(finfo(dtype).eps) * max(1, epsilon)`` (3.5e-4 in float32, 1.5e-8 in float64):
+        the quantile solver sorts and sums in the inputs' dtype, so its rounding grows with N.
+
+    Returns:
+      A :class:`W1Certificate` ``(w1, expected_loss, within_budget, matches_value)``; traceable.
+    """
     from ott.geometry import costs, pointcloud
     from ott.problems.linear import linear_problem
     from ott.solvers.linear import univariate
 
     x = result.centers
-    positions = jnp.concatenate([x, jnp.broadcast_to(result.lower, x.shape)])
-    masses = jnp.concatenate([result.weights * (1 - result.moved), result.weights * result.moved])
-    geom = pointcloud.PointCloud(x[:, None], positions[:, None], cost_fn=costs.PNormP(1))
-    prob = linear_problem.LinearProblem(geom, a=result.weights, b=masses)
-    return univariate.quantile_solver(prob).ot_costs[0]
+    if tol is None:
+        tol = math.sqrt(float(jnp.finfo(x.dtype).eps)) * jnp.maximum(1, result.epsilon)
+    shift, mass = result.atoms()
+    positions = x[:, None] - shift
+    masses = result.weights[:, None] * mass
+    geom = pointcloud.PointCloud(x[:, None], positions.reshape(-1, 1), cost_fn=costs.PNormP(1))
+    prob = linear_problem.LinearProblem(geom, a=result.weights, b=masses.reshape(-1))
+    w1 = univariate.quantile_solver(prob).ot_costs[0]
+    loss_at = jnp.where(masses > 0, result.loss(positions), 0)  # zero-mass atoms never count
+    expected = _total(masses * loss_at)
+    return W1Certificate(
+        w1=w1,
+        expected_loss=expected,
+        within_budget=w1 <= result.epsilon + tol,
+        matches_value=jnp.abs(expected - result.value) <= tol * jnp.maximum(1, jnp.abs(result.value)),
+    )
 
 
 # --------------------------------------------------------------------------- entropic follower
@@ -607,7 +712,8 @@ def _entropic(centers, weights, epsilon, lower, upper, regularization, *, loss_n
     resid = (t - jax.lax.stop_gradient(t)) - (eps - jax.lax.stop_gradient(eps))
     lam = lam - jnp.where(implicit, resid / jnp.where(implicit, slope, -1), 0)
     plan = _soft_plan(lam, dist, loss_grid, w, regularization)
-    stay = w[:, None] * (grid[None, :] == centers[:, None]) / jnp.sum(grid[None, :] == centers[:, None], 1, keepdims=True)
+    at_center = grid[None, :] == centers[:, None]
+    stay = w[:, None] * at_center / jnp.sum(at_center, 1, keepdims=True)
     plan = jnp.where(eps > 0, plan, stay)
     return SmoothWorstCase(
         value=jnp.sum(plan * loss_grid[None, :]),

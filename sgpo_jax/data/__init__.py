@@ -13,6 +13,12 @@
 
 ``pairs.fingerprint()`` keys caches of per-pair results (e.g. reference log-probs).
 
+Layouts: TRL's standard and conversational preference rows, with an explicit prompt (also one
+repeated as the first turns of ``chosen``/``rejected``, as in UltraFeedback) or an implicit one
+(``chosen``/``rejected`` conversations sharing their leading messages), detected per source and
+reported on the console. Data that cannot be used raises :class:`sgpo_jax.errors.DataError`
+naming the file, line or row, and what was expected.
+
 Multi-host: with ``S`` data shards each host loads and tokenizes only the shards it feeds
 (``held_shards(process_index, process_count, S)``, each ``load_preferences(..., shard=(s, S))``)
 and ``TokenizedPairs.from_shards`` joins them, exchanging only per-pair lengths and source rows;

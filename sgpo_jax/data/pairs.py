@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -11,7 +10,7 @@ from ml_collections import ConfigDict
 
 from sgpo_jax.console import say
 from sgpo_jax.data.batching import held_shards
-from sgpo_jax.data.loading import load_preferences
+from sgpo_jax.data.loading import SCORE_COLUMNS, load_preferences, load_split, reward_columns
 from sgpo_jax.data.tokenize import BadRowReport, TokenizedPairs, tokenize_preferences
 from sgpo_jax.parallel import distributed
 
@@ -33,20 +32,24 @@ def load_pairs(data_config: ConfigDict, tokenizer, source: Optional[str] = None)
     on one process (a bad row, a missing file) stops all of them with its message.
 
     Returns ``(pairs, gaps)``: ``gaps [N]`` float64 is ``chosen_reward - rejected_reward`` of each
-    pair's source row where the source has those columns (self-annotated data), else NaN.
+    pair's source row where the source has those columns (self-annotated data) or the score
+    columns ``data.score_columns`` (default ``("score_chosen", "score_rejected")``), else NaN
+    (see :func:`reward_gaps`).
     Skipped bad rows (``data.on_bad_row="skip"``) are reported on the console (by process 0).
     """
     d = data_config
     source = source or d.source
     parts = [part for part in source.split(",") if part]
     shards = data_shards(d)
+    score_columns = tuple(d.get("score_columns", SCORE_COLUMNS))
 
     def tokenize_held() -> Dict[int, Tuple[TokenizedPairs, BadRowReport]]:
         out = {}
         for s in held_shards(jax.process_index(), jax.process_count(), shards):
             dataset = load_preferences(parts if len(parts) > 1 else source, split=d.split,
                                        prompt_column=d.prompt_column, chosen_column=d.chosen_column,
-                                       rejected_column=d.rejected_column, shard=(s, shards) if shards > 1 else None)
+                                       rejected_column=d.rejected_column, shard=(s, shards) if shards > 1 else None,
+                                       score_columns=score_columns)
             out[s] = tokenize_preferences(dataset, tokenizer, max_length=d.max_length,
                                           max_prompt_length=d.max_prompt_length, on_bad_row=d.on_bad_row,
                                           source_name=source, allow_empty=shards > 1)
@@ -61,21 +64,25 @@ def load_pairs(data_config: ConfigDict, tokenizer, source: Optional[str] = None)
         say(report)
     pairs = TokenizedPairs.from_shards({s: p for s, (p, _) in tokenized.items()}, shards,
                                        distributed.allgather_objects, limit=d.limit)
-    return pairs, reward_gaps(parts, d.split, pairs.rows)
+    return pairs, reward_gaps(parts, d.split, pairs.rows, score_columns)
 
 
-def reward_gaps(parts: Sequence[str], split: str, rows: np.ndarray) -> np.ndarray:
-    """``chosen_reward - rejected_reward [len(rows)]`` of the given source rows of local files
-    that have both columns (self-annotated pairs), else NaN."""
+def reward_gaps(parts: Sequence[str], split: str, rows: np.ndarray,
+                score_columns: Sequence[str] = SCORE_COLUMNS) -> np.ndarray:
+    """``chosen - rejected`` reward ``[len(rows)]`` of the given rows of the split of ``parts``
+    (one source, or files concatenated as :func:`load_pairs` reads them): from the columns
+    ``chosen_reward``/``rejected_reward`` (self-annotated pairs), else ``score_columns`` (e.g.
+    ``score_chosen``/``score_rejected`` of ``HuggingFaceH4/ultrafeedback_binarized``); NaN where
+    the source has neither pair of columns or a row's value is not a number."""
     gaps = np.full(len(rows), np.nan)
-    paths = [Path(p) for p in parts]
-    if not all(p.is_file() and p.suffix.lower() in (".json", ".jsonl", ".parquet") for p in paths):
-        return gaps
-    import datasets
-
-    builder = "parquet" if paths[0].suffix.lower() == ".parquet" else "json"
-    raw = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split=split)
-    if {"chosen_reward", "rejected_reward"} <= set(raw.column_names):
-        chosen, rejected = (np.asarray(raw[c], np.float64) for c in ("chosen_reward", "rejected_reward"))
+    raw = load_split(list(parts) if len(parts) > 1 else parts[0], split=split)
+    columns = reward_columns(raw.column_names, score_columns)
+    if columns is not None and len(rows):
+        chosen, rejected = (np.array([_number(v) for v in raw.select_columns([c])[c]], np.float64) for c in columns)
+        rows = np.asarray(rows, np.int64)
         gaps = chosen[rows] - rejected[rows]
     return gaps
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) else np.nan

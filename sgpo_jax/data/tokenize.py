@@ -10,9 +10,10 @@ Per row (``P``, ``C``, ``R`` the prompt, chosen and rejected token counts):
   keeps its first ``max_length - P`` tokens, so ``P + C <= max_length`` and ``P + R <= max_length``.
   A row whose prompt leaves no room for a response is bad (:data:`~sgpo_jax.data.loading.TRUNCATED`).
 
-Bad rows (flagged by :func:`~sgpo_jax.data.loading.normalize_preferences` or found here) raise a
-``ValueError`` naming the source, row, field and problem (``on_bad_row="error"``), or are dropped
-and counted in a :class:`BadRowReport` (``on_bad_row="skip"``).
+Bad rows (flagged by :func:`~sgpo_jax.data.loading.normalize_preferences` or found here, including
+the lines of a local JSON file that do not parse) raise a :class:`~sgpo_jax.errors.DataError` (a
+``ValueError``) naming the source, row (or line), field and problem (``on_bad_row="error"``), or
+are dropped and counted in a :class:`BadRowReport` (``on_bad_row="skip"``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
-from sgpo_jax.data.loading import NORMALIZED_FEATURES, TRUNCATED
+from sgpo_jax.data.loading import EXPECTED, NORMALIZED_FEATURES, TRUNCATED, split_reason
+from sgpo_jax.errors import DataError
 
 __all__ = ["BadRow", "BadRowReport", "ON_BAD_ROW", "TokenizedPairs", "encode_prompts", "left_pad", "plain_prompt",
            "tokenize_preferences", "tokenize_prompts"]
@@ -37,14 +39,25 @@ ON_BAD_ROW = ("error", "skip")
 @dataclasses.dataclass(frozen=True)
 class BadRow:
     """One unusable row: its index in the source split, the offending field and the problem
-    (one of :data:`~sgpo_jax.data.loading.ROW_PROBLEMS`)."""
+    (one of :data:`~sgpo_jax.data.loading.ROW_PROBLEMS`). A line of a local file that is not a
+    JSON object has ``field`` ``"line N"`` (``"line N of FILE"``, ``"item N"`` in a JSON array)
+    and the parser's message in ``detail``."""
 
     row: int
     field: str
     reason: str
+    detail: str = ""
+
+    @classmethod
+    def of(cls, row: int, field: str, bad_reason: str) -> "BadRow":
+        """The bad row of a normalized row's ``bad_field`` and ``bad_reason``."""
+        return cls(int(row), field, *split_reason(bad_reason))
 
     def __str__(self) -> str:
-        return f"row {self.row}, field {self.field!r}: {self.reason}"
+        detail = f" ({self.detail})" if self.detail else ""
+        if self.field.startswith(("line ", "item ")):
+            return f"{self.field}: {self.reason}{detail}"
+        return f"row {self.row}, field {self.field!r}: {self.reason}{detail}"
 
 
 @dataclasses.dataclass
@@ -308,8 +321,8 @@ def tokenize_preferences(
 
     Returns ``(pairs, report)``, the pairs in row order.
 
-    Raises ``ValueError`` on a bad row (``"error"``), when no row is usable (unless
-    ``allow_empty``), or on bad arguments.
+    Raises ``DataError`` (a ``ValueError``) on a bad row (``"error"``) or when no row is usable
+    (unless ``allow_empty``); ``ValueError`` on bad arguments.
     """
     if not 1 <= max_prompt_length <= max_length:
         raise ValueError(f"need 1 <= max_prompt_length <= max_length, got {max_prompt_length} and {max_length}")
@@ -341,20 +354,23 @@ def tokenize_preferences(
                                         max_prompt_length=max_prompt_length)
                     bad = BadRow(row, "chosen", TRUNCATED) if c.size == 0 else None
                 else:
-                    bad = BadRow(row, batch["bad_field"][i], batch["bad_reason"][i])
+                    bad = BadRow.of(row, batch["bad_field"][i], batch["bad_reason"][i])
                 if bad is None:
                     prompts.append(p)
                     chosen.append(c)
                     rejected.append(r)
                     rows.append(row)
                 elif on_bad_row == "error":
-                    raise ValueError(f"{source_name}: bad {bad}. Fix the data, or pass on_bad_row='skip' to drop "
-                                     "such rows (they are counted and reported)")
+                    raise DataError(f"{source_name}: bad {bad}. Fix the data, or pass on_bad_row='skip' to drop "
+                                    "such rows (they are counted and reported)",
+                                    "or set --config.data.on_bad_row=skip to drop such rows")
                 else:
                     report.add(bad)
             bar.update(len(batch["row"]))
     if not rows and not allow_empty:
-        raise ValueError(f"no usable rows in {report}")
+        if not report.total:
+            raise DataError(f"no rows in {source_name}; {EXPECTED}")
+        raise DataError(f"no usable rows in {report}\n{EXPECTED[0].upper()}{EXPECTED[1:]}")
     pad = tokenizer.pad_token_id
     pairs = TokenizedPairs(prompt_ids=prompts, chosen_ids=chosen, rejected_ids=rejected,
                            rows=np.asarray(rows, np.int64), max_length=max_length,

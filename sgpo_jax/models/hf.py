@@ -66,7 +66,7 @@ _HF_CLASSES = {
 }
 
 # DecoderConfig fields that are ours alone (not part of a transformers config).
-_OWN_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_block")
+_OWN_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_block", "attention")
 
 
 def resolve_checkpoint(path_or_name: Union[str, os.PathLike], *, revision: Optional[str] = None) -> Path:

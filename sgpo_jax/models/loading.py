@@ -43,7 +43,8 @@ def load_tokenizer(name: str):
 
 def load_model(model_config: "ConfigDict") -> Tuple[DecoderConfig, Dict[str, Any], Any]:
     """``(DecoderConfig, variables, tokenizer)`` from ``model.source`` (see sgpo_jax/config.py)."""
-    overrides = dict(remat=model_config.remat, scan_layers=model_config.scan_layers)
+    overrides = dict(remat=model_config.remat, scan_layers=model_config.scan_layers,
+                     attention=model_config.get("attention", "auto"))
     dtype, param_dtype = jnp.dtype(model_config.dtype), jnp.dtype(model_config.param_dtype)
     source = model_config.source
     tokenizer = load_tokenizer(model_config.tokenizer) if model_config.tokenizer else None

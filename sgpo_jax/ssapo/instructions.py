@@ -30,10 +30,50 @@ bullet_points     has exactly ``n`` lines that start with ``"* "`` (after option
 wrap_in_quotes    starts and ends with ``"`` (surrounding whitespace ignored)
 no_commas         contains no ``,``
 title             contains a one-line title in double angular brackets, ``<<like this>>``
-max_sentences     has at most ``n`` sentences (:func:`count_sentences`)
+max_sentences     has at most ``n`` sentences (:func:`split_sentences`: ``.``/``!``/``?`` boundaries)
 json_format       parses as a JSON object or array (a ```` ```json ```` fence is allowed)
 postscript        has a line starting with ``P.S.`` followed by some text
 ================  ========================================================================
+
+An empty or whitespace-only response fails every constraint (as in IFEval's evaluation).
+
+Differences from IFEval's checkers (Zhou et al. 2023, ``instruction_following_eval``; the metric
+here is strict only, IFEval also reports a "loose" variant that retries with the first or last
+line or the ``*`` markup removed):
+
+================  ====================================  ============================================================
+type              IFEval counterpart                    difference
+================  ====================================  ============================================================
+max_words         ``length_constraints:number_words``,  IFEval: strictly less than ``n``; words are runs of word
+                  relation "less than"                  characters (``don't`` is 2 words). Here: at most ``n``;
+                                                        ``don't`` and ``well-known`` are one word each
+min_words         ``length_constraints:number_words``,  same relation (at least ``n``); words as above
+                  relation "at least"
+include_keywords  ``keywords:existence``                IFEval: case-insensitive *substring* search (the keyword
+                                                        as a regex: ``rest`` matches ``restful``). Here: whole words
+avoid_word        ``keywords:forbidden_words``          equivalent (whole word, case-insensitive); IFEval takes a
+                                                        list of words
+lowercase         ``change_case:english_lowercase``     IFEval also requires langdetect to say English; no language
+                                                        check here
+uppercase         ``change_case:english_capital``       as lowercase
+end_with          ``startend:end_checker``              IFEval: case-insensitive, and the phrase may complete a
+                                                        longer word. Here: case-sensitive, whole words
+start_with        none                                  IFEval has no "start with this phrase" checker
+bullet_points     ``detectable_format:``                IFEval counts ``*`` and ``-`` bullets. Here: only ``* text``
+                  ``number_bullet_lists``
+wrap_in_quotes    ``startend:quotation``                equivalent
+no_commas         ``punctuation:no_comma``              equivalent
+title             ``detectable_format:title``           IFEval allows ``<`` and ``>`` inside the brackets; here not
+max_sentences     ``length_constraints:``               IFEval: strictly less than ``n``, counted by nltk's punkt
+                  ``number_sentences``,                 model (learned abbreviations; initials and ellipses decided
+                  relation "less than"                  from context). Here: at most ``n``, :func:`split_sentences`
+                                                        (fixed abbreviation list, capital initials). Both treat line
+                                                        breaks as plain whitespace
+json_format       ``detectable_format:json_format``     IFEval accepts any JSON value (a bare string or number too)
+                                                        after stripping code fences. Here: only an object or array
+postscript        ``detectable_content:postscript``     IFEval: case-insensitive, ``P. S.`` allowed, no text needed
+                                                        after the marker. Here: ``P.S.`` at a line start, then text
+================  ====================================  ============================================================
 
 Bundled data (``sgpo_jax/assets``, see its README): ``base_instructions.txt`` (hand-written
 everyday requests) and ``seed_answers.jsonl`` (hand-written answers to 40 of them) are the
@@ -58,6 +98,7 @@ __all__ = [
     "JsonFormat", "Lowercase", "MaxSentences", "MaxWords", "MinWords", "NoCommas", "PROMPT_POOL", "Postscript",
     "SEED_PREFERENCES", "StartWith", "Title", "Uppercase", "VerifiableTask", "WrapInQuotes", "base_instructions",
     "build_assets", "compatible", "constraint_from_json", "count_sentences", "count_words", "load_tasks", "make_tasks",
+    "split_sentences", "ABBREVIATIONS",
 ]
 
 ASSETS_DIR = Path(__file__).parent.parent / "assets"
@@ -91,8 +132,8 @@ AVOID_WORDS = {  # word -> a natural sentence that uses it (how seed rejections 
     "very": "It is very easy to get started.",
 }
 START_PHRASES = ("Happy to help!", "Here is my answer:", "Here you go:", "Of course!", "Sure!")
-END_PHRASES = ("Hope this helps!", "Is there anything else I can help with?", "Let me know if you have other questions.",
-               "Thanks for reading.", "That is all for now.")
+END_PHRASES = ("Hope this helps!", "Is there anything else I can help with?",
+               "Let me know if you have other questions.", "Thanks for reading.", "That is all for now.")
 POSTSCRIPTS = ("P.S. I hope you enjoy trying this out!", "P.S. Let me know how it goes.", "P.S. Thank you for asking!")
 KEYWORD_SENTENCES = ("It helps to keep {} in mind.", "In the end it comes down to {}.", "Remember to make room for {}.")
 JSON_KEY = "answer"
@@ -112,12 +153,48 @@ def count_words(text: str) -> int:
     return len(_WORD.findall(text))
 
 
+# Words before a period that does not end a sentence: titles and Latin abbreviations (a subset of
+# the abbreviations punkt's English model knows). Single capital letters (initials) count too.
+ABBREVIATIONS = frozenset({"dr", "e.g", "i.e", "jr", "mr", "mrs", "ms", "prof", "sr", "st", "vs", "a.m", "p.m", "u.s"})
+
+
+def _abbreviation_before(text: str, end: re.Match) -> bool:
+    """Whether the sentence-end candidate ``end`` is a single ``.`` after an abbreviation or an
+    initial (``Dr. Smith``, ``e.g. tea``, ``J. Smith``)."""
+    if end.group(0) != ".":
+        return False
+    token = re.search(r"\S*$", text[:end.start()]).group(0).lstrip("\"'(\u201c\u2018[")
+    return token.lower() in ABBREVIATIONS or (len(token) == 1 and token.isupper())
+
+
+def split_sentences(text: str) -> List[str]:
+    """The sentences of ``text``, stripped, in order (IFEval-style: no line-based splitting).
+
+    A sentence ends at a run of ``.``, ``!`` or ``?`` (closing quotes or brackets may follow) that
+    is followed by whitespace or the end of the text, except a single ``.`` after an abbreviation
+    in :data:`ABBREVIATIONS` (any case) or after a single capital letter (an initial). Line breaks
+    are whitespace like any other: a title line or bullet items without end punctuation run on
+    into the next sentence, as with the punkt tokenizer IFEval uses. Pieces without a letter or
+    digit (a lone ``*``, stray punctuation) are not sentences. ``3.5`` and ``example.com`` do not
+    end one; an ellipsis followed by a space does."""
+    sentences, start = [], 0
+    for end in _SENTENCE_END.finditer(text):
+        if not _abbreviation_before(text, end):
+            sentences.append(text[start:end.end()].strip())
+            start = end.end()
+    sentences.append(text[start:].strip())
+    return [s for s in sentences if re.search(r"\w", s)]
+
+
 def count_sentences(text: str) -> int:
-    """Sentences end at a run of ``.``, ``!`` or ``?`` (closing quotes or brackets may follow) that is
-    followed by whitespace or the end of the text, and at every line break; pieces without a
-    letter or digit (blank lines, a lone ``*``) are not sentences. ``3.5`` does not end one; an
-    abbreviation such as ``e.g.`` followed by a space does."""
-    return sum(bool(re.search(r"\w", piece)) for line in text.splitlines() for piece in _SENTENCE_END.split(line))
+    """The number of sentences, ``len(split_sentences(text))`` (0 for blank text)."""
+    return len(split_sentences(text))
+
+
+def _blank(response: str) -> bool:
+    """An empty or whitespace-only response fails every constraint (IFEval's evaluation does the
+    same: ``response.strip() and check_following(response)``)."""
+    return not response.strip()
 
 
 def _has_word(text: str, word: str) -> bool:
@@ -223,7 +300,7 @@ class MaxWords(Constraint):
         return f"Answer with at most {self.n} words."
 
     def check(self, response: str) -> bool:
-        return count_words(response) <= self.n
+        return not _blank(response) and count_words(response) <= self.n
 
     @classmethod
     def sample(cls, rng):
@@ -299,7 +376,7 @@ class AvoidWord(Constraint):
         return f'Do not include the word "{self.word}" in the response.'
 
     def check(self, response: str) -> bool:
-        return not _has_word(response, self.word)
+        return not _blank(response) and not _has_word(response, self.word)
 
     @classmethod
     def sample(cls, rng):
@@ -319,7 +396,8 @@ class Lowercase(Constraint):
     kind: ClassVar[str] = "lowercase"
 
     def render(self) -> str:
-        return "Your entire response should be in English, and in all lowercase letters. No capital letters are allowed."
+        return ("Your entire response should be in English, and in all lowercase letters. "
+                "No capital letters are allowed.")
 
     def check(self, response: str) -> bool:
         return response.islower()
@@ -462,7 +540,7 @@ class NoCommas(Constraint):
         return "In your entire response, refrain from the use of any commas."
 
     def check(self, response: str) -> bool:
-        return "," not in response
+        return not _blank(response) and "," not in response
 
     def _shape(self, style, comply, rng):
         style.no_commas = comply
@@ -499,7 +577,7 @@ class MaxSentences(Constraint):
         return f"Answer in at most {self.n} sentences."
 
     def check(self, response: str) -> bool:
-        return count_sentences(response) <= self.n
+        return not _blank(response) and count_sentences(response) <= self.n
 
     @classmethod
     def sample(cls, rng):
@@ -818,7 +896,8 @@ def build_assets(directory: Union[str, Path] = ASSETS_DIR, seed: int = 0) -> Dic
         raise ValueError(f"seed answers for instructions not in {BASE_INSTRUCTIONS}: {missing}")
     rest = [i for i in instructions if i not in answers]
     random.Random(f"split:{seed}").shuffle(rest)
-    splits = {HELDOUT: (rest[:HELDOUT_INSTRUCTIONS], HELDOUT_TASKS), PROMPT_POOL: (rest[HELDOUT_INSTRUCTIONS:], POOL_TASKS)}
+    splits = {HELDOUT: (rest[:HELDOUT_INSTRUCTIONS], HELDOUT_TASKS),
+              PROMPT_POOL: (rest[HELDOUT_INSTRUCTIONS:], POOL_TASKS)}
 
     def seed_row(task: VerifiableTask) -> Optional[Dict[str, object]]:
         pair = _seed_pair(task, answers[task.instruction], f"{seed}:{task.prompt}")

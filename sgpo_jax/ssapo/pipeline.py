@@ -47,9 +47,8 @@ from sgpo_jax.parallel import mesh as mesh_lib
 from sgpo_jax.parallel import sharding
 from sgpo_jax.ssapo import annotate as annotate_lib
 from sgpo_jax.ssapo import eval as eval_lib
-from sgpo_jax.ssapo.eval import INSTRUCTION_ACC, PROMPT_ACC
 from sgpo_jax.ssapo.instructions import ASSETS_DIR, load_tasks
-from sgpo_jax.ssapo.report import plots, round_table
+from sgpo_jax.ssapo.report import eval_fields, pass_rate_text, plots, round_table
 from sgpo_jax.training.checkpoint import latest_saved_step
 from sgpo_jax.training.trainer import Preempted, fit
 from sgpo_jax.training.workdir import as_seen_by_process_0, read_json, read_jsonl, write_json, write_jsonl, write_text
@@ -194,7 +193,7 @@ def run(config: ConfigDict, workdir: Path) -> Dict[str, Any]:
 
     d = config.data
     dataset = load_preferences(d.source, split=d.split, prompt_column=d.prompt_column, chosen_column=d.chosen_column,
-                               rejected_column=d.rejected_column)
+                               rejected_column=d.rejected_column, score_columns=tuple(d.score_columns))
     split_path = workdir / "split.json"
     split = read_json(split_path)
     if split is None:
@@ -207,9 +206,9 @@ def run(config: ConfigDict, workdir: Path) -> Dict[str, Any]:
           f"pools {[len(p) for p in split['pools']]}")
 
     initial_eval = _evaluate(config, workdir / "eval_initial.json", model, initial, tokenizer, tasks, "initial")
-    if initial_eval:
-        say(f"initial model: held-out pass rate {initial_eval[PROMPT_ACC]:.3f} (prompt), "
-              f"{initial_eval[INSTRUCTION_ACC]:.3f} (instruction)")
+    initial_fields = eval_fields(initial_eval) if initial_eval else None
+    if initial_fields:
+        say(f"initial model: {pass_rate_text(initial_fields)}")
 
     rounds: List[Dict[str, Any]] = []
     gap_sets: Dict[int, np.ndarray] = {}
@@ -248,22 +247,20 @@ def run(config: ConfigDict, workdir: Path) -> Dict[str, Any]:
                        follower_dual=stats.get("follower/dual"), follower_moved=stats.get("follower/moved"))
             evaluation = _evaluate(config, directory / "eval.json", model, policy, tokenizer, tasks, f"round_{t}")
             if evaluation:
-                row.update(pass_rate_prompt=evaluation[PROMPT_ACC], pass_rate_instruction=evaluation[INSTRUCTION_ACC])
-                say(f"after round {t}: held-out pass rate {evaluation[PROMPT_ACC]:.3f} (prompt), "
-                      f"{evaluation[INSTRUCTION_ACC]:.3f} (instruction)")
+                row.update(eval_fields(evaluation, initial_eval))
+                say(f"after round {t}: {pass_rate_text(row)}")
             rounds.append(row)
     except Preempted as stop:
         say(str(stop))
         return {"preempted": True, "workdir": str(workdir), "rounds": rounds}
 
-    table = round_table(rounds)
-    summary: Dict[str, Any] = {"preempted": False, "workdir": str(workdir), "rounds": rounds, "initial_eval": (
-        {"pass_rate_prompt": initial_eval[PROMPT_ACC], "pass_rate_instruction": initial_eval[INSTRUCTION_ACC]}
-        if initial_eval else None)}
+    table = round_table(rounds, initial_fields)
+    summary: Dict[str, Any] = {"preempted": False, "workdir": str(workdir), "rounds": rounds,
+                               "initial_eval": initial_fields}
     if config.export:
         summary["export"] = export_policy(workdir, cfg, policy, tokenizer)  # every process (a collective)
     if jax.process_index() == 0:
-        summary["plots"] = plots(workdir / "plots", rounds, gap_sets, config, initial_eval)
+        summary["plots"] = plots(workdir / "plots", rounds, gap_sets, config, initial_fields)
     write_text(workdir / "summary.md", table + "\n")
     write_json(workdir / "summary.json", summary)
     say(table)

@@ -11,29 +11,83 @@ from ml_collections import ConfigDict
 
 from sgpo_jax.config import sgpo_config
 from sgpo_jax.core.follow import follow
-from sgpo_jax.ssapo.eval import INSTRUCTION_ACC, PROMPT_ACC
+from sgpo_jax.ssapo.eval import INSTRUCTION_ACC, INSTRUCTION_CI, PROMPT_ACC, PROMPT_CI, paired_change
 
-__all__ = ["plots", "round_table"]
+__all__ = ["eval_fields", "pass_rate_text", "plots", "round_table"]
 
 
-def round_table(rounds: Sequence[Dict[str, Any]]) -> str:
-    """The per-round summary as a markdown table."""
+def eval_fields(evaluation: Dict[str, Any], initial: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The summary fields of one held-out evaluation (:func:`sgpo_jax.ssapo.eval.instruction_pass_rate`):
+    both pass rates with their 95% intervals and, given the initial model's evaluation on the same
+    tasks, ``vs_initial``: the paired change of the prompt-level rate
+    (:func:`sgpo_jax.ssapo.eval.paired_change`)."""
+    fields = {"pass_rate_prompt": evaluation[PROMPT_ACC], "pass_rate_prompt_ci95": evaluation[PROMPT_CI],
+              "pass_rate_instruction": evaluation[INSTRUCTION_ACC],
+              "pass_rate_instruction_ci95": evaluation[INSTRUCTION_CI], "eval_tasks": evaluation["num_tasks"]}
+    if initial is not None:
+        fields["vs_initial"] = paired_change(initial["passed"], evaluation["passed"])
+    return fields
+
+
+def pass_rate_text(fields: Dict[str, Any]) -> str:
+    """One line for the console: the pass rates with their intervals, and the change against the
+    initial model with its verdict (a change within noise is said to be one)."""
+    lo, hi = fields["pass_rate_prompt_ci95"]
+    ilo, ihi = fields["pass_rate_instruction_ci95"]
+    text = (f"held-out pass rate {fields['pass_rate_prompt']:.3f} [95% CI {lo:.3f}, {hi:.3f}] (prompt), "
+            f"{fields['pass_rate_instruction']:.3f} [{ilo:.3f}, {ihi:.3f}] (instruction), "
+            f"{fields['eval_tasks']} tasks")
+    change = fields.get("vs_initial")
+    if change is not None:
+        verdict = ("a significant " + ("gain" if change["change"] > 0 else "loss") if change["significant"]
+                   else "within noise")
+        text += (f"; vs initial {change['change']:+.3f} (+{change['gained']}/-{change['lost']} prompts, "
+                 f"McNemar p={change['p_value']:.2f}: {verdict})")
+    return text
+
+
+def round_table(rounds: Sequence[Dict[str, Any]], initial: Optional[Dict[str, Any]] = None) -> str:
+    """The per-round summary as a markdown table: ``initial`` (the :func:`eval_fields` of the
+    initial model) is its first row; below the table, which rounds' pass rates differ from the
+    initial model's beyond noise."""
     head = ("| round | pairs | mean reward gap | follower dual | moved mass | loss | reward acc | "
-            "pass rate (prompt) | pass rate (instr.) |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "pass rate (prompt) [95% CI] | pass rate (instr.) [95% CI] | vs initial (prompt) |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     fmt = lambda v, spec=".4f": "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
-    for r in rounds:
+
+    def rate(r, key):
+        if r.get(key) is None:
+            return "-"
+        lo, hi = r[key + "_ci95"]
+        return f"{r[key]:.3f} [{lo:.2f}, {hi:.2f}]"
+
+    def versus(r):
+        c = r.get("vs_initial")
+        return "-" if c is None else f"{c['change']:+.3f} (+{c['gained']}/-{c['lost']}, p={c['p_value']:.2f})"
+
+    rows = ([{"round": "initial", **initial}] if initial else []) + list(rounds)
+    for r in rows:
         lines.append(f"| {r['round']} | {fmt(r.get('pairs'), 'd')} | {fmt(r.get('mean_gap'))} | "
                      f"{fmt(r.get('follower_dual'))} | {fmt(r.get('follower_moved'))} | {fmt(r.get('loss'))} | "
-                     f"{fmt(r.get('accuracy'), '.3f')} | {fmt(r.get('pass_rate_prompt'), '.3f')} | "
-                     f"{fmt(r.get('pass_rate_instruction'), '.3f')} |")
+                     f"{fmt(r.get('accuracy'), '.3f')} | {rate(r, 'pass_rate_prompt')} | "
+                     f"{rate(r, 'pass_rate_instruction')} | {versus(r)} |")
+    compared = [r for r in rounds if r.get("vs_initial") is not None]
+    if compared:
+        tasks = compared[0]["eval_tasks"]
+        differ = [str(r["round"]) for r in compared if r["vs_initial"]["significant"]]
+        verdict = (f"Round(s) {', '.join(differ)} differ from the initial model at p < 0.05" if differ else
+                   "No round differs from the initial model at p < 0.05: every change is within noise")
+        lines += ["", f"Pass rates: the verifiable-instruction pass rate (IFEval-style, strict) on {tasks} held-out "
+                      "tasks with 95% Wilson intervals; vs initial: the change of the prompt-level rate on the same "
+                      f"tasks (+gained/-lost prompts) and the exact McNemar test's p. {verdict}."]
     return "\n".join(lines)
 
 
 def plots(directory: Path, rounds: Sequence[Dict[str, Any]], gap_sets: Dict[int, np.ndarray], config: ConfigDict,
-           initial_eval: Optional[Dict[str, Any]]) -> List[str]:
+           initial: Optional[Dict[str, Any]]) -> List[str]:
     """``reward_gaps_round_t.png`` (the annotated centers and the follower's worst case) and
-    ``eval.png`` (the held-out pass rates per round); returns the paths written."""
+    ``eval.png`` (the held-out pass rates per round with their 95% intervals; ``initial``: the
+    :func:`eval_fields` of the initial model); returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,14 +117,18 @@ def plots(directory: Path, rounds: Sequence[Dict[str, Any]], gap_sets: Dict[int,
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(str(path))
-    evals = ([("initial", {"pass_rate_prompt": initial_eval[PROMPT_ACC],
-                            "pass_rate_instruction": initial_eval[INSTRUCTION_ACC]})] if initial_eval else []) + [
+    evals = ([("initial", initial)] if initial else []) + [
         (str(r["round"]), r) for r in rounds if r.get("pass_rate_prompt") is not None]
     if evals:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        labels = [name for name, _ in evals]
-        ax.plot(labels, [e["pass_rate_prompt"] for _, e in evals], "o-", label="prompt-level")
-        ax.plot(labels, [e["pass_rate_instruction"] for _, e in evals], "s--", label="instruction-level")
+        x = np.arange(len(evals))
+        for key, style, offset, label in (("pass_rate_prompt", "o-", -0.05, "prompt-level"),
+                                          ("pass_rate_instruction", "s--", 0.05, "instruction-level")):
+            rate = np.array([e[key] for _, e in evals])
+            ci = np.array([e[key + "_ci95"] for _, e in evals])
+            ax.errorbar(x + offset, rate, yerr=[rate - ci[:, 0], ci[:, 1] - rate], fmt=style, capsize=3,
+                        label=f"{label} (95% CI)")
+        ax.set_xticks(x, [name for name, _ in evals])
         ax.set_xlabel("after round")
         ax.set_ylabel("held-out pass rate")
         ax.set_ylim(0, 1)

@@ -112,7 +112,9 @@ class Trainer:
         t = config.train
         if self.sgpo.mode == "sgpo" and self.follower == "annotation" and (gaps is None or np.isnan(gaps).any()):
             raise DataError("sgpo.follower='annotation' needs chosen_reward and rejected_reward for every pair "
-                            "(self-annotated data, e.g. from train.mode=ssapo)", "or set --config.sgpo.follower=step")
+                            "(self-annotated data, e.g. from train.mode=ssapo) or the data.score_columns pair",
+                            "name the score columns with --config.data.score_columns, "
+                            "or set --config.sgpo.follower=step")
         self.logps_fn = decoder_logps_fn(model, chunk_size=config.model.logps_chunk)
         self.buckets = tuple(config.data.buckets) or None
         self.batcher = PairBatcher(pairs, t.batch_size, buckets=self.buckets, seed=t.seed, **self._hosts())
