@@ -191,12 +191,6 @@ def count_sentences(text: str) -> int:
     return len(split_sentences(text))
 
 
-def _blank(response: str) -> bool:
-    """An empty or whitespace-only response fails every constraint (IFEval's evaluation does the
-    same: ``response.strip() and check_following(response)``)."""
-    return not response.strip()
-
-
 def _has_word(text: str, word: str) -> bool:
     """``word`` occurs in ``text`` as a whole word (not inside a longer word), case-insensitively."""
     return re.search(r"(?<!\w)" + re.escape(word) + r"(?!\w)", text, re.I) is not None
@@ -245,7 +239,8 @@ class _Style:
 class Constraint:
     """A verifiable constraint: an immutable dataclass with a JSON tag :attr:`kind`.
 
-    ``render()`` is the instruction text, ``check(response)`` the checker. ``to_json()`` gives
+    ``render()`` is the instruction text, ``check(response)`` the checker (subclasses implement
+    ``_check``; :meth:`check` fails blank responses first). ``to_json()`` gives
     ``{"type": kind, **fields}``; :func:`constraint_from_json` inverts it. Subclasses register
     themselves in :data:`CONSTRAINTS` under their ``kind``.
     """
@@ -260,6 +255,12 @@ class Constraint:
         raise NotImplementedError
 
     def check(self, response: str) -> bool:
+        """Whether ``response`` meets the constraint; an empty or whitespace-only response meets
+        none (IFEval's evaluation does the same: ``response.strip() and check_following(response)``)."""
+        return bool(response.strip()) and self._check(response)
+
+    def _check(self, response: str) -> bool:
+        """The constraint's own test of a non-blank ``response``."""
         raise NotImplementedError
 
     def required_text(self) -> Tuple[str, ...]:
@@ -299,8 +300,8 @@ class MaxWords(Constraint):
     def render(self) -> str:
         return f"Answer with at most {self.n} words."
 
-    def check(self, response: str) -> bool:
-        return not _blank(response) and count_words(response) <= self.n
+    def _check(self, response: str) -> bool:
+        return count_words(response) <= self.n
 
     @classmethod
     def sample(cls, rng):
@@ -320,7 +321,7 @@ class MinWords(Constraint):
     def render(self) -> str:
         return f"Answer with at least {self.n} words."
 
-    def check(self, response: str) -> bool:
+    def _check(self, response: str) -> bool:
         return count_words(response) >= self.n
 
     @classmethod
@@ -347,7 +348,7 @@ class IncludeKeywords(Constraint):
         quoted = _word_list(['"' + keyword + '"' for keyword in self.keywords])
         return f"Include the {noun} {quoted} in the response."
 
-    def check(self, response: str) -> bool:
+    def _check(self, response: str) -> bool:
         return all(_has_word(response, keyword) for keyword in self.keywords)
 
     def required_text(self):
@@ -375,8 +376,8 @@ class AvoidWord(Constraint):
     def render(self) -> str:
         return f'Do not include the word "{self.word}" in the response.'
 
-    def check(self, response: str) -> bool:
-        return not _blank(response) and not _has_word(response, self.word)
+    def _check(self, response: str) -> bool:
+        return not _has_word(response, self.word)
 
     @classmethod
     def sample(cls, rng):
@@ -399,7 +400,7 @@ class Lowercase(Constraint):
         return ("Your entire response should be in English, and in all lowercase letters. "
                 "No capital letters are allowed.")
 
-    def check(self, response: str) -> bool:
+    def _check(self, response: str) -> bool:
         return response.islower()
 
     def _shape(self, style, comply, rng):
@@ -416,7 +417,7 @@ class Uppercase(Constraint):
     def render(self) -> str:
         return "Your entire response should be in English, and in all capital letters."
 
-    def check(self, response: str) -> bool:
+    def _check(self, response: str) -> bool:
         return response.isupper()
 
     def _shape(self, style, comply, rng):
@@ -439,7 +440,7 @@ class EndWith(Constraint):
     def render(self) -> str:
         return f'Finish your response with this exact phrase: "{self.phrase}". No other words should follow it.'
 
-    def check(self, response: str) -> bool:
+    def _check(self, response: str) -> bool:
         text = response.rstrip()
         head = text[:len(text) - len(self.phrase)]
         return text.endswith(self.phrase) and not _continues_word(head, self.phrase)
@@ -470,7 +471,7 @@ class StartWith(Constraint):
     def render(self) -> str:
         return f'Start your response with the exact phrase "{self.phrase}".'
 
-    def check(self, response: str) -> bool:
+    def _check(self, response: str) -> bool:
         text = response.lstrip()
         return text.startswith(self.phrase) and not _continues_word(self.phrase, text[len(self.phrase):])
 
@@ -501,7 +502,7 @@ class BulletPoints(Constraint):
         return (f"Your answer must contain exactly {self.n} bullet points, "
                 'each on its own line starting with the markdown bullet "* ".')
 
-    def check(self, response: str) -> bool:
+    def _check(self, response: str) -> bool:
         return len(_BULLET.findall(response)) == self.n
 
     @classmethod
@@ -522,7 +523,7 @@ class WrapInQuotes(Constraint):
     def render(self) -> str:
         return "Wrap your entire response with double quotation marks."
 
-    def check(self, response: str) -> bool:
+    def _check(self, response: str) -> bool:
         text = response.strip()
         return len(text) >= 2 and text[0] == text[-1] == '"'
 
@@ -539,8 +540,8 @@ class NoCommas(Constraint):
     def render(self) -> str:
         return "In your entire response, refrain from the use of any commas."
 
-    def check(self, response: str) -> bool:
-        return not _blank(response) and "," not in response
+    def _check(self, response: str) -> bool:
+        return "," not in response
 
     def _shape(self, style, comply, rng):
         style.no_commas = comply
@@ -556,7 +557,7 @@ class Title(Constraint):
     def render(self) -> str:
         return "Your answer must contain a title, wrapped in double angular brackets, such as <<poem of joy>>."
 
-    def check(self, response: str) -> bool:
+    def _check(self, response: str) -> bool:
         return _TITLE.search(response) is not None
 
     def _shape(self, style, comply, rng):
@@ -576,8 +577,8 @@ class MaxSentences(Constraint):
     def render(self) -> str:
         return f"Answer in at most {self.n} sentences."
 
-    def check(self, response: str) -> bool:
-        return not _blank(response) and count_sentences(response) <= self.n
+    def _check(self, response: str) -> bool:
+        return count_sentences(response) <= self.n
 
     @classmethod
     def sample(cls, rng):
@@ -595,7 +596,7 @@ class JsonFormat(Constraint):
     def render(self) -> str:
         return "Wrap your entire output in JSON format."
 
-    def check(self, response: str) -> bool:
+    def _check(self, response: str) -> bool:
         text = response.strip()
         fenced = _JSON_FENCE.match(text)
         try:
@@ -618,7 +619,7 @@ class Postscript(Constraint):
     def render(self) -> str:
         return "At the end of your response, please explicitly add a postscript starting with P.S."
 
-    def check(self, response: str) -> bool:
+    def _check(self, response: str) -> bool:
         return _POSTSCRIPT.search(response) is not None
 
     def required_text(self):
