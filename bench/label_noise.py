@@ -32,7 +32,6 @@ pair is 2.5 points: say "no detectable difference" when an interval covers 0.
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -47,20 +46,10 @@ from sgpo_jax.data.pairs import load_pairs  # noqa: E402
 from sgpo_jax.models import Decoder, decoder_logps_fn, load_model  # noqa: E402
 from sgpo_jax.parallel import sharding  # noqa: E402
 from sgpo_jax.parallel.mesh import make_mesh  # noqa: E402
-from sgpo_jax.ssapo.eval import PROMPT_ACC, evaluate_heldout  # noqa: E402
+from sgpo_jax.ssapo.eval import PROMPT_ACC, evaluate_heldout, mean_interval  # noqa: E402
 from sgpo_jax.ssapo.instructions import ASSETS_DIR, load_tasks  # noqa: E402
 from sgpo_jax.training.scoring import pair_logps  # noqa: E402
 from sgpo_jax.training.trainer import fit  # noqa: E402
-
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def interval(values):
-    """``(mean, half-width)`` of the 95% t interval over seeds (half-width nan for one seed)."""
-    values = np.asarray(values, float)
-    if len(values) < 2:
-        return float(values.mean()), math.nan
-    return float(values.mean()), T975.get(len(values) - 1, 1.96) * float(values.std(ddof=1)) / math.sqrt(len(values))
 
 
 def method_config(base, method, epsilon):
@@ -170,12 +159,12 @@ def main():
                     if not scored:
                         cells.append("- | -")
                         continue
-                    mean, half = interval([r[key] for r in scored])
+                    mean, half = mean_interval([r[key] for r in scored])
                     baseline = [results.get(f"noise{noise:g}_dpo_eps0_seed{r['seed']}") for r in scored]
                     diffs = [r[key] - b[key] for r, b in zip(scored, baseline) if b and key in b]
                     paired = "-"
                     if method != "dpo" and diffs:
-                        d, dh = interval(diffs)
+                        d, dh = mean_interval(diffs)
                         paired = f"{d:+.3f} [{d - dh:+.3f}, {d + dh:+.3f}]"
                     cells.append(f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}] | {paired}")
                 lines.append(f"| {noise:g} | {method} | {epsilon:g} | {' | '.join(cells)} | {len(runs)} |")

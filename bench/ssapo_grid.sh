@@ -48,20 +48,19 @@ for seed in "${seeds[@]}"; do
   done
 done
 python - "$root" "${seeds[*]}" "${noises[*]}" <<'PY'
-import json, math, sys
+import json, sys
 from pathlib import Path
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+from sgpo_jax.ssapo.eval import mean_interval
+
 root, seeds, noises = Path(sys.argv[1]), sys.argv[2].split(), sys.argv[3].split()
 
 
 def interval(values, sign=""):
     """mean [95% t interval over seeds]; sign="+" for differences."""
-    mean = sum(values) / len(values)
+    mean, half = mean_interval(values)
     if len(values) < 2:
         return f"{mean:{sign}.3f} [one seed]"
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    half = T975.get(len(values) - 1, 1.96) * sd / math.sqrt(len(values))
     return f"{mean:{sign}.3f} [{mean - half:{sign}.3f}, {mean + half:{sign}.3f}]"
 
 

@@ -23,6 +23,7 @@ from sgpo_jax.ssapo.eval import (
     export_mt_bench_answers,
     generate_responses,
     instruction_pass_rate,
+    mean_interval,
     paired_change,
     pairwise_win_rate,
     wilson_interval,
@@ -136,6 +137,28 @@ def test_paired_change_hand_values_and_bad_input():
         paired_change([True], [True, False])
     with pytest.raises(ValueError, match="non-empty"):
         paired_change([], [])
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 11, 31, 40])
+def test_mean_interval_is_the_student_t_interval(n):
+    """Oracle: SciPy's t quantile and NumPy's sample standard deviation. The table holds 3
+    decimals (relative error < 3e-4); beyond 31 values the normal quantile stands in (the bound
+    below is its own: 1.96 against t at 39 degrees of freedom, 2.023)."""
+    from scipy.stats import t
+
+    values = np.random.default_rng(n).normal(0.7, 0.05, n)
+    mean, half = mean_interval(list(values))
+    expected = t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n)
+    assert mean == pytest.approx(values.mean(), rel=1e-12)
+    assert half == pytest.approx(expected, rel=3e-4 if n <= 31 else 0.04)
+
+
+def test_mean_interval_of_one_value_and_none():
+    assert mean_interval([0.25])[0] == 0.25 and math.isnan(mean_interval([0.25])[1])
+    # by hand: mean 2, sd 1, t(0.975, 2) = 4.303 -> 4.303 / sqrt(3)
+    assert mean_interval([1.0, 2.0, 3.0]) == (2.0, pytest.approx(4.303 / math.sqrt(3), rel=1e-12))
+    with pytest.raises(ValueError, match="at least one value"):
+        mean_interval([])
 
 
 def _evaluation(passed, met, total):

@@ -73,7 +73,7 @@ from sgpo_jax.ssapo.sampling import sample_batches
 
 __all__ = ["INSTRUCTION_ACC", "INSTRUCTION_CI", "METRIC", "PROMPT_ACC", "PROMPT_CI", "evaluate_heldout",
            "export_alpaca_eval", "export_mt_bench_answers", "generate_responses", "instruction_pass_rate",
-           "paired_change", "pairwise_win_rate", "wilson_interval"]
+           "mean_interval", "paired_change", "pairwise_win_rate", "wilson_interval"]
 
 Judge = Callable[[str, str, str], float]
 
@@ -103,6 +103,27 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> Tuple[float, floa
     center = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
     return max(0.0, center - half), min(1.0, center + half)
+
+
+# The t distribution's 97.5% quantile by degrees of freedom (standard tables, 3 decimals).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def mean_interval(values: Sequence[float]) -> Tuple[float, float]:
+    r"""``(mean, half-width)`` of the 95% Student t interval of the mean of ``values`` (e.g. one
+    score per seed): :math:`t_{0.975, n-1}\, s / \sqrt{n}` with :math:`s` the sample standard
+    deviation. The half-width is NaN for a single value; beyond 31 values the normal quantile
+    1.96 stands in for t (at most 4% narrower). Raises ``ValueError`` for no values."""
+    if not len(values):
+        raise ValueError("mean_interval needs at least one value")
+    n = len(values)
+    mean = math.fsum(values) / n
+    if n < 2:
+        return mean, math.nan
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    t = T975[n - 2] if n - 1 <= len(T975) else Z95
+    return mean, t * sd / math.sqrt(n)
 
 
 def instruction_pass_rate(tasks: Sequence[VerifiableTask], responses: Sequence[str]) -> Dict[str, Any]:
