@@ -1,6 +1,9 @@
-"""Test-session setup: 8 fake CPU devices and no network, before jax is imported anywhere."""
+"""Test-session setup: 8 fake CPU devices, no network and one XLA compilation cache for the run,
+before jax is imported anywhere."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -9,6 +12,16 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Many tests compile the same programs again: each train() call, every CLI subprocess and both
+# rehearsal workers build fresh jitted closures over the same shapes. A persistent compilation cache
+# shared by the run's processes turns those into disk reads; it stores the executables XLA built,
+# so results are unchanged. The process that starts the run makes the directory and removes it at
+# the end; xdist workers and the tests' subprocesses inherit it through the environment.
+OWN_CACHE = "SGPO_JAX_TEST_XLA_CACHE" not in os.environ
+CACHE_DIR = os.environ.setdefault("SGPO_JAX_TEST_XLA_CACHE",
+                                  os.path.join(tempfile.gettempdir(), f"sgpo_jax-tests-xla-cache-{os.getpid()}"))
+os.environ["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -24,8 +37,14 @@ def x64():
 # The files that take longest on 2 cores (measured with --durations=0), first: pytest-xdist's
 # --dist loadfile hands whole files to the workers in collection order, so starting the long ones
 # early keeps one worker from finishing minutes after the other.
-LONGEST_FIRST = ("test_models.py", "test_follower.py", "test_train.py", "test_distributed.py", "test_pipeline.py",
-                 "test_cli.py", "test_sampling.py", "test_step.py", "test_logps.py", "test_sharding.py")
+LONGEST_FIRST = ("test_distributed.py", "test_follower.py", "test_models.py", "test_logps.py", "test_step.py",
+                 "test_sampling.py", "test_train.py", "test_attention.py", "test_memory.py", "test_gguf.py",
+                 "test_cli.py", "test_pipeline.py", "test_sharding.py", "test_bf16.py", "test_annotate.py")
+
+
+def pytest_unconfigure(config):
+    if OWN_CACHE:  # the process that made it; xdist's workers have ended by now
+        shutil.rmtree(CACHE_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
