@@ -75,17 +75,18 @@ def cell(noise, method, seed):
     final = json.loads((path / f"round_{last}" / "eval.json").read_text())
     initial = json.loads((path / "eval_initial.json").read_text())
     return dict(rate=final["prompt_level_strict_acc"], passed=final["passed"], tasks=final["num_tasks"],
-                initial=initial["prompt_level_strict_acc"], rounds=last)
+                initial=initial["prompt_level_strict_acc"])
 
 
 lines = ["| noise | method | initial pass rate | final pass rate, mean [95% CI] | vs dpo, paired over seeds [95% CI] "
          "| vs dpo, pooled tasks x seeds (+won/-lost, exact McNemar p) | seeds | tasks |",
          "|---:|---|---:|---:|---:|---:|---:|---:|"]
 results = []
+read = {(noise, method): [cell(noise, method, seed) for seed in seeds] for noise in noises for method in methods}
 for noise in noises:
+    dpo = read[noise, "dpo"]
     for method in methods:
-        cells = [cell(noise, method, seed) for seed in seeds]
-        dpo = [cell(noise, "dpo", seed) for seed in seeds]
+        cells = read[noise, method]
         diffs = [c["rate"] - d["rate"] for c, d in zip(cells, dpo)]
         pooled = paired_change(sum((d["passed"] for d in dpo), []), sum((c["passed"] for c in cells), []))
         results.append(dict(noise=float(noise), method=method, seeds=[int(s) for s in seeds],
