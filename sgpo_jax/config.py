@@ -85,8 +85,8 @@ from sgpo_jax.data.split import SELECTIONS
 from sgpo_jax.errors import ConfigError
 from sgpo_jax.ssapo.annotate import STRATEGIES
 
-__all__ = ["FOLLOWERS", "MODES", "PRESETS", "SSAPO_REFERENCES", "base_config", "follower_of", "seven_to_eight_b",
-           "sgpo_config", "validate"]
+__all__ = ["FOLLOWERS", "MODES", "PRESETS", "SSAPO_REFERENCES", "base_config", "follower_of", "replaced",
+           "seven_to_eight_b", "sgpo_config", "validate"]
 
 MODES = ("dpo", "sgpo", "ssapo")
 FOLLOWERS = ("step", "epoch", "annotation")
@@ -192,6 +192,19 @@ def sgpo_config(config: ConfigDict, mode: Optional[str] = None) -> SGPOConfig:
         window_tau=s["window_tau"], variant=s["variant"], micro_batches=t.micro_batches,
         group_size=s["group_size"] or None,
     )
+
+
+def replaced(config: ConfigDict, **changes) -> ConfigDict:
+    """A copy of ``config`` with ``changes`` applied, keyed by dotted field name
+    (``replaced(c, **{"data.limit": 0})``); ``config`` itself is left as it is."""
+    copy = ConfigDict(config.to_dict())
+    for name, value in changes.items():
+        *groups, field = name.split(".")
+        target = copy
+        for group in groups:
+            target = target[group]
+        target[field] = value
+    return copy
 
 
 def validate(config: ConfigDict) -> None:

@@ -1,6 +1,7 @@
 """The one console logger: progress and status lines, printed once by process 0.
 
-Every console line of the library goes through :func:`say` (progress bars stay tqdm's). The
+Every console line of the library goes through :func:`say` (:func:`warn` for warnings; progress
+bars stay tqdm's). The
 lines go to the ``"sgpo_jax"`` :mod:`logging` logger at INFO level; when nothing has configured
 that logger, the first line installs a plain ``message``-only handler on stdout, so a script or
 the CLI shows them without any set-up, and an application that configures ``"sgpo_jax"`` (or
@@ -14,7 +15,7 @@ import sys
 
 import jax
 
-__all__ = ["logger", "say"]
+__all__ = ["logger", "say", "warn"]
 
 logger = logging.getLogger("sgpo_jax")
 
@@ -35,3 +36,9 @@ def say(message: object) -> None:
         return
     _ensure_handler()
     logger.info("%s", message)
+
+
+def warn(message: object) -> None:
+    """:func:`say` for something the user should look at that does not stop the run: one line
+    starting ``warning:``."""
+    say(f"warning: {message}")

@@ -7,7 +7,7 @@ jitted :func:`sgpo_jax.sgpo_step`, once as DPO and once as SGPO with the exact f
 the step. The demo reports held-out preference accuracy on clean labels (implicit reward
 margin > 0) and the follower's statistics.
 
-    python -m sgpo_jax.demo --noise=0.25 --epsilon=0.05
+    python -m sgpo_jax.demo --noise=0,0.25 --epsilon=0.05
 
 It checks the step alone in a minute; the SSAPO loop on a real model is
 ``python -m sgpo_jax.train --config=configs/smollm2.py`` (README).
@@ -15,7 +15,6 @@ It checks the step alone in a minute; the SSAPO loop on a real model is
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Dict, List
 
@@ -110,25 +109,32 @@ def run(mode: str, epsilon: float, noise: float, steps: int, seed: int) -> Dict[
     return {"heldout_accuracy": accuracy, **last}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.25], help="label-flip fractions")
-    parser.add_argument("--epsilon", type=float, default=0.05, help="SGPO Wasserstein radius")
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run (64 pairs each)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for value in args.noise:
+def main(noise: List[float], epsilon: float, steps: int, seed: int) -> None:
+    """Runs DPO and SGPO at each label-noise level and prints one table row per run."""
+    for value in noise:
         if not 0 <= value < 0.5:
-            parser.error(f"--noise values must be in [0, 0.5), got {value}")
+            raise ValueError(f"--noise values must be in [0, 0.5), got {value}")
     say(f"{'mode':6} {'eps':>6} {'noise':>6} {'held-out acc':>13} {'loss':>7} {'moved':>7} {'dual':>7} {'time':>6}")
-    for noise in args.noise:
-        for mode, eps in (("dpo", 0.0), ("sgpo", args.epsilon)):
+    for value in noise:
+        for mode, eps in (("dpo", 0.0), ("sgpo", epsilon)):
             start = time.perf_counter()
-            out = run(mode, eps, noise, args.steps, args.seed)
-            say(f"{mode:6} {eps:6.3f} {noise:6.2f} {out['heldout_accuracy']:13.3f} {out['loss']:7.4f} "
+            out = run(mode, eps, value, steps, seed)
+            say(f"{mode:6} {eps:6.3f} {value:6.2f} {out['heldout_accuracy']:13.3f} {out['loss']:7.4f} "
                 f"{out.get('follower/moved', 0.0):7.4f} {out.get('follower/dual', 0.0):7.3f} "
                 f"{time.perf_counter() - start:5.1f}s")
 
 
+def cli() -> None:
+    """``python -m sgpo_jax.demo``: absl flags, then :func:`main`."""
+    from absl import app, flags
+
+    flags.DEFINE_list("noise", ["0.0", "0.25"], "label-flip fractions, each in [0, 0.5)")
+    flags.DEFINE_float("epsilon", 0.05, "SGPO Wasserstein radius")
+    flags.DEFINE_integer("steps", 150, "optimizer steps per run (64 pairs each)")
+    flags.DEFINE_integer("seed", 0, "initialization and data seed")
+    f = flags.FLAGS
+    app.run(lambda argv: main([float(v) for v in f.noise], f.epsilon, f.steps, f.seed))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

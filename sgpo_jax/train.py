@@ -3,10 +3,11 @@ r"""The command line: train a policy with DPO or SGPO, or run the SSAPO loop.
     python -m sgpo_jax.train --config=configs/llama.py --workdir=/ckpt/run1 \
         --config.train.mode=sgpo --config.sgpo.epsilon=0.01
 
-``train.mode``: ``dpo`` / ``sgpo`` train once on ``data.source``
-(:mod:`sgpo_jax.training.trainer`), ``ssapo`` runs the self-annotation loop
-(:mod:`sgpo_jax.ssapo.pipeline`). Rerunning the same command with the same ``--workdir``
-resumes exactly. Per step the workdir's ``metrics.jsonl`` and TensorBoard events get: loss,
+This module holds the flags and the error formatting; the run itself is
+:func:`sgpo_jax.runner.run` (``--dry_run``: :func:`sgpo_jax.runner.dry_run`). ``train.mode``:
+``dpo`` / ``sgpo`` train once on ``data.source`` (:mod:`sgpo_jax.training.trainer`), ``ssapo``
+runs the self-annotation loop (:mod:`sgpo_jax.ssapo.pipeline`). Rerunning the same command
+with the same ``--workdir`` resumes exactly. Per step the workdir's ``metrics.jsonl`` and TensorBoard events get: loss,
 TRL's reward metrics, grad norm, learning rate, tokens/s, and the follower's value, dual price
 and moved mass. Run with ``--helpfull`` to list every flag; the config fields are documented in
 ``sgpo_jax/config.py``.
@@ -14,120 +15,20 @@ and moved mass. Run with ``--helpfull`` to list every flag; the config fields ar
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import List
 
 import jax
-from ml_collections import ConfigDict
 
-from sgpo_jax.config import validate
+from sgpo_jax import runner
 from sgpo_jax.console import say
-from sgpo_jax.data.batching import PairBatcher
-from sgpo_jax.data.pairs import load_pairs
 from sgpo_jax.errors import UserError
-from sgpo_jax.models.llama import Decoder
-from sgpo_jax.models.loading import export_policy, load_model
 from sgpo_jax.parallel import distributed
-from sgpo_jax.parallel.mesh import make_mesh
-from sgpo_jax.ssapo import pipeline
-from sgpo_jax.training import memory
-from sgpo_jax.training.checkpoint import latest_saved_step
-from sgpo_jax.training.trainer import Preempted, fit
 
-__all__ = ["cli", "dry_run", "main", "resume_point", "train", "user_error_lines"]
+__all__ = ["cli", "define_flags", "main", "user_error_lines"]
 
 VERBOSE_ENV = "SGPO_VERBOSE"  # 1 = user errors keep their traceback (same as --verbose)
-
-
-def resume_point(config: ConfigDict, workdir: Path) -> Optional[str]:
-    """Where a run in ``workdir`` continues (stage, round, step, checkpoint), or None when it
-    starts fresh."""
-    if config.train.mode == "ssapo":
-        return pipeline.resume_point(config, workdir)
-    directory = config.checkpoint.directory or str(workdir / "checkpoints")
-    step = latest_saved_step(directory)
-    return None if step is None else f"training: continuing after step {step} (checkpoint {directory}/{step})"
-
-
-def _announce(config: ConfigDict, workdir: Path) -> None:
-    point = resume_point(config, workdir) if jax.process_index() == 0 else None
-    say(f"resuming {workdir}: {point}" if point else f"starting fresh in {workdir}")
-
-
-def train(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
-    """Validates the config, then runs (or resumes) training in ``workdir``; returns a summary
-    dict (steps, last metrics, paths; also in ``workdir/summary.json``)."""
-    validate(config)
-    workdir = Path(workdir)
-    _announce(config, workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    if config.train.mode == "ssapo":
-        return pipeline.run(config, workdir)
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    cfg, params, tokenizer = load_model(config.model)
-    pairs, gaps = load_pairs(config.data, tokenizer)
-    try:
-        result = fit(config, workdir, model=Decoder(cfg), params=params, pairs=pairs, mesh=mesh, gaps=gaps)
-    except Preempted as stop:
-        say(stop)
-        summary = stop.summary
-    else:
-        summary = result.summary
-    if config.export and not summary["preempted"]:
-        summary["export"] = export_policy(workdir, cfg, result.params, tokenizer)
-    if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def dry_run(config: ConfigDict, workdir: str | Path) -> List[str]:
-    """The checks a user runs before a long job, without compiling a step: the config, the model
-    source, the data (read and tokenized, with the bad-row report), the memory plan, the number
-    of steps, and what a rerun of this workdir would resume from. Returns the report's lines
-    (also printed)."""
-    validate(config)
-    workdir = Path(workdir)
-    lines = ["config: valid"]
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    cfg, _, tokenizer = load_model(config.model)
-    lines.append(f"model: {config.model.source} ({memory.param_count(cfg) / 1e6:.1f}M parameters, "
-                 f"{cfg.num_hidden_layers} layers)")
-    data = ConfigDict(config.data.to_dict())
-    t = config.train
-    if t.mode == "ssapo":
-        data.limit = 0
-    pairs, _ = load_pairs(data, tokenizer)
-    lines.append(f"data: {len(pairs)} usable pairs from {data.source}")
-    if t.mode == "ssapo":
-        s = config.ssapo
-        seed = min(s.seed_size, len(pairs))
-        lines.append(f"ssapo: seed {seed} pairs, {len(s.pool_sizes)} rounds of {tuple(s.pool_sizes)} prompts")
-        lines.append(f"steps: round 0: {s.seed_epochs * -(-seed // t.batch_size)}; round t: about "
-                     f"{t.epochs} x pairs / {t.batch_size} (prompts without two distinct samples are dropped)")
-    else:
-        per_epoch = PairBatcher(pairs, t.batch_size, buckets=tuple(config.data.buckets) or None, seed=t.seed,
-                                process_index=jax.process_index(), process_count=jax.process_count()).steps_per_epoch
-        total = t.max_steps if t.max_steps > 0 else t.epochs * per_epoch
-        lines.append(f"steps: {total} ({per_epoch} per epoch, batch {t.batch_size})")
-    plan = memory.plan_for_run(config, cfg, dict(mesh.shape))
-    device_bytes = memory.device_memory_bytes()
-    if device_bytes is None:
-        fits = "device memory unknown (CPU)"
-    else:
-        verdict = "fits" if plan.total <= 0.92 * device_bytes else "does NOT fit"
-        fits = f"{verdict} {memory.format_bytes(device_bytes)} per device"
-    lines.append(f"memory plan per device ({fits}):")
-    lines.extend("  " + line for line in str(plan).splitlines())
-    point = resume_point(config, workdir)
-    lines.append(f"rerun: {point}" if point else f"rerun: starts fresh in {workdir}")
-    for line in lines:
-        say(line)
-    return lines
 
 
 def user_error_lines(err: BaseException) -> List[str]:
@@ -189,7 +90,7 @@ def main(argv) -> None:
         say(f"jax.distributed: {jax.process_count()} processes ({spec.source}), {jax.device_count()} devices "
             f"({jax.local_device_count()} per process)")
     try:
-        (dry_run if flag.dry_run else train)(flag.config, flag.workdir)
+        (runner.dry_run if flag.dry_run else runner.run)(flag.config, flag.workdir)
     except (UserError, FileNotFoundError) as err:
         if flag.verbose or os.environ.get(VERBOSE_ENV, "") not in ("", "0"):
             raise

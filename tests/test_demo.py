@@ -16,7 +16,6 @@ def test_demo_learns_the_clean_task():
     assert sgpo["follower/moved"] > 0
 
 
-def test_demo_cli_rejects_bad_noise(capsys):
-    with pytest.raises(SystemExit):
-        demo.main(["--noise", "0.7"])
-    assert "--noise values must be in [0, 0.5)" in capsys.readouterr().err
+def test_demo_rejects_bad_noise():
+    with pytest.raises(ValueError, match=r"--noise values must be in \[0, 0.5\), got 0.7"):
+        demo.main([0.7], epsilon=0.05, steps=1, seed=0)

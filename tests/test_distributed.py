@@ -1,6 +1,6 @@
 """Multi-host: cluster detection, the host-aware mesh, and a CPU rehearsal of a 2-host run.
 
-The rehearsal runs the real ``sgpo_jax.train.train`` in two local processes (``jax.distributed``
+The rehearsal runs the real ``sgpo_jax.runner.run`` in two local processes (``jax.distributed``
 on 127.0.0.1, 4 fake CPU devices each, one global mesh of 8) and compares them with the same
 training in this process (8 fake devices, the same global mesh and data, ``data.shards=2`` as
 the two processes have by default): the final parameters must agree to 1e-6. Each process
@@ -61,7 +61,7 @@ def worker(spec: dict) -> None:
     cluster = distributed.initialize(spec["coordinator"], spec["num_processes"], spec["process_id"])
     import jax
 
-    from sgpo_jax import train as train_lib
+    from sgpo_jax import runner
     from sgpo_jax.data.pairs import load_pairs
     from sgpo_jax.parallel import mesh as mesh_lib
     from sgpo_jax.parallel import sharding
@@ -69,14 +69,14 @@ def worker(spec: dict) -> None:
     report = {"cluster": [cluster.num_processes, cluster.process_id, cluster.source],
               "devices": [jax.device_count(), jax.local_device_count()]}
     tok, data = spec["tokenizer"], spec["data"]
-    report["first"] = train_lib.train(run_config(tok, data, FIRST_MESH), spec["first_workdir"])["step"]
+    report["first"] = runner.run(run_config(tok, data, FIRST_MESH), spec["first_workdir"])["step"]
     ready = Path(spec["resume_ready"])  # the test copies the one-process run's workdir, then touches this
     deadline = time.monotonic() + 300
     while not ready.exists():
         if time.monotonic() > deadline:
             raise TimeoutError(f"{ready} never appeared")
         time.sleep(0.2)
-    report["resumed"] = train_lib.train(run_config(tok, data, RESUME_MESH, RESUMED_STEPS),
+    report["resumed"] = runner.run(run_config(tok, data, RESUME_MESH, RESUMED_STEPS),
                                         spec["resume_workdir"])["step"]
     # A mesh whose tensor axis spans the hosts puts the same batch rows on both hosts: refused.
     devices = sorted(jax.devices(), key=lambda d: (d.id % 4, d.process_index))  # p0d0, p1d0, p0d1, ...
@@ -98,7 +98,7 @@ def worker(spec: dict) -> None:
         report["bad_row"] = None
     except Exception as err:
         report["bad_row"] = [type(err).__name__, str(err)]
-    report["ssapo"] = train_lib.train(rehearsal_ssapo_config(spec["ssapo_files"]), spec["ssapo_workdir"])["rounds"]
+    report["ssapo"] = runner.run(rehearsal_ssapo_config(spec["ssapo_files"]), spec["ssapo_workdir"])["rounds"]
     distributed.sync("report")
     Path(spec["report"]).write_text(json.dumps(report))
 
@@ -253,7 +253,7 @@ def _worker_env() -> dict:
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory):
     """Single-process runs in this process, two-process runs in subprocesses (concurrently)."""
-    from sgpo_jax import train as train_lib
+    from sgpo_jax import runner
     from sgpo_jax.data.pairs import load_pairs
     from sgpo_jax.models import load_model
 
@@ -283,15 +283,15 @@ def rehearsal(tmp_path_factory):
         procs.append(subprocess.Popen([sys.executable, __file__, "worker", json.dumps(spec)], cwd=ROOT,
                                       env=_worker_env(), stdout=log, stderr=subprocess.STDOUT))
     try:
-        train_lib.train(run_config(tok, data, FIRST_MESH, shards=2), dirs["single"])  # while the workers run theirs
+        runner.run(run_config(tok, data, FIRST_MESH, shards=2), dirs["single"])  # while the workers run theirs
         for name in ("resume_single", "resume_multi"):  # both resume the one-process checkpoint of step 3
             shutil.copytree(dirs["single"], dirs[name], ignore=shutil.ignore_patterns("export"))
             (dirs[name] / "metrics.jsonl").unlink()
         ready.touch()
-        train_lib.train(run_config(tok, data, RESUME_MESH, RESUMED_STEPS, shards=2), dirs["resume_single"])
+        runner.run(run_config(tok, data, RESUME_MESH, RESUMED_STEPS, shards=2), dirs["resume_single"])
         single_pairs, _ = load_pairs(run_config(tok, data, FIRST_MESH, shards=2).data,
                                                load_model(run_config(tok, data, FIRST_MESH).model)[2])
-        ssapo_rounds = train_lib.train(rehearsal_ssapo_config(files, shards=2), dirs["ssapo_single"])["rounds"]
+        ssapo_rounds = runner.run(rehearsal_ssapo_config(files, shards=2), dirs["ssapo_single"])["rounds"]
         deadline = time.monotonic() + 600
         for proc in procs:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))

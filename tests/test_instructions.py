@@ -324,9 +324,8 @@ def test_splits_disjoint_by_instruction(rows):
         assert set(kinds) == set(vi.CONSTRAINTS)
 
 
-def test_assets_regenerate_identically(tmp_path, capsys):
-    vi.main([str(tmp_path), "--seed", "0"])
-    assert "prompt_pool.jsonl: 600 rows" in capsys.readouterr().out
+def test_assets_regenerate_identically(tmp_path):
+    assert vi.build_assets(tmp_path, seed=0)["prompt_pool.jsonl"] == 600
     for name in GENERATED:
         assert (tmp_path / name).read_bytes() == (vi.ASSETS_DIR / name).read_bytes(), name
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from sgpo_jax import train as train_lib
+from sgpo_jax import runner
 from sgpo_jax.data import load_preferences
 from sgpo_jax.data.split import make_split, seed_rows_jsonl
 from sgpo_jax.models import Decoder, from_pretrained, load_model
@@ -49,7 +49,7 @@ def test_resumes_at_every_stage_without_redoing_work(files, tmp_path, monkeypatc
         return annotate(*args, **{**kwargs, "on_batch": record})
 
     monkeypatch.setattr(annotate_lib, "annotate", recording_annotate)
-    train_lib.train(config, tmp_path / "straight")
+    runner.run(config, tmp_path / "straight")
     assert len(generated) == 4 and len(set(generated)) == 4  # 2 rounds x 2 batches of 8 prompts
     straight_batches = list(generated)
 
@@ -57,7 +57,7 @@ def test_resumes_at_every_stage_without_redoing_work(files, tmp_path, monkeypatc
     monkeypatch.setattr(annotate_lib, "annotate",
                         lambda *a, **k: recording_annotate(*a, die_at=straight_batches[1], **k))
     with pytest.raises(KeyboardInterrupt):
-        train_lib.train(config, tmp_path / "resumed")
+        runner.run(config, tmp_path / "resumed")
     assert generated == straight_batches[:1]
     assert len(list((tmp_path / "resumed" / "round_1" / "generations").glob("batch_*.jsonl"))) == 1
 
@@ -71,12 +71,12 @@ def test_resumes_at_every_stage_without_redoing_work(files, tmp_path, monkeypatc
     monkeypatch.setattr(annotate_lib, "annotate", recording_annotate)
     monkeypatch.setattr(MetricsLog, "write", preempt_in_round_2)
     generated.clear()
-    first = train_lib.train(config, tmp_path / "resumed")
+    first = runner.run(config, tmp_path / "resumed")
     assert first["preempted"]
     assert generated == straight_batches[1:]  # round 1 batch 1, round 2 batches 0-1
     monkeypatch.setattr(MetricsLog, "write", write)
     generated.clear()
-    second = train_lib.train(config, tmp_path / "resumed")
+    second = runner.run(config, tmp_path / "resumed")
     assert not second["preempted"] and generated == []  # nothing regenerated after the preemption
 
     for t in (1, 2):
@@ -94,7 +94,7 @@ def test_resumes_at_every_stage_without_redoing_work(files, tmp_path, monkeypatc
 
 def test_summary_rows_match_the_files_they_summarize(files, tmp_path):
     config = ssapo_config(files, ssapo__pool_sizes=(8,))
-    summary = train_lib.train(config, tmp_path)
+    summary = runner.run(config, tmp_path)
     rounds = summary["rounds"]
     assert [r["round"] for r in rounds] == [0, 1]
     pairs = [json.loads(l) for l in (tmp_path / "round_1" / "pairs.jsonl").open()]
@@ -150,7 +150,7 @@ def test_seed_split_flips_exactly_the_requested_labels(files, tmp_path):
 def test_ssapo_settings_are_validated(files, tmp_path):
     config = ssapo_config(files, ssapo__seed_selection="kmeans", ssapo__num_samples=1, ssapo__reference="sft")
     with pytest.raises(ValueError) as err:
-        train_lib.train(config, tmp_path)
+        runner.run(config, tmp_path)
     for field in ("ssapo.seed_selection", "ssapo.num_samples", "ssapo.reference"):
         assert field in str(err.value)
 

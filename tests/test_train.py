@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from ml_collections import config_flags  # noqa: F401  (the CLI's dependency must import)
 
-from sgpo_jax import train as train_lib
+from sgpo_jax import runner
 from sgpo_jax.models import from_pretrained
 from sgpo_jax.training import trainer as trainer_lib
 from sgpo_jax.training.metrics import MetricsLog
@@ -45,7 +45,7 @@ def final_params(workdir):
 
 
 def test_sgpo_learns_and_exports(tokenizer_dir, data_file, tmp_path):
-    summary = train_lib.train(tiny(tokenizer_dir, data_file), tmp_path)
+    summary = runner.run(tiny(tokenizer_dir, data_file), tmp_path)
     metrics = read_metrics(tmp_path)
     assert summary["step"] == summary["total_steps"] == 10  # 2 epochs of ceil(40 / 8) steps
     assert [m["step"] for m in metrics] == list(range(1, 11))
@@ -66,7 +66,7 @@ def test_preempted_run_resumes_exactly(tokenizer_dir, data_file, tmp_path, monke
     final parameters equal an uninterrupted run's. The per-epoch follower is the stateful case:
     the resumed epoch must keep the atoms computed at its start."""
     config = tiny(tokenizer_dir, data_file, sgpo__follower="epoch", checkpoint__every=100)
-    train_lib.train(config, tmp_path / "straight")
+    runner.run(config, tmp_path / "straight")
 
     write = MetricsLog.write
 
@@ -76,10 +76,10 @@ def test_preempted_run_resumes_exactly(tokenizer_dir, data_file, tmp_path, monke
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(MetricsLog, "write", write_then_preempt)
-    first = train_lib.train(config, tmp_path / "resumed")
+    first = runner.run(config, tmp_path / "resumed")
     assert first["preempted"] and first["step"] == 4
     monkeypatch.setattr(MetricsLog, "write", write)
-    second = train_lib.train(config, tmp_path / "resumed")
+    second = runner.run(config, tmp_path / "resumed")
     assert not second["preempted"] and second["step"] == 10
     assert [m["step"] for m in read_metrics(tmp_path / "resumed")] == list(range(1, 11))
     a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
@@ -99,7 +99,7 @@ def test_crash_resumes_from_last_checkpoint_and_reuses_the_reference_cache(token
 
     monkeypatch.setattr(trainer_lib, "run_step", crash_at_step_8)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_lib.train(config, tmp_path)
+        runner.run(config, tmp_path)
     cache = list((tmp_path / "cache").glob("reference_logps_*.npz"))
     assert len(cache) == 1
     stamp = cache[0].stat().st_mtime_ns
@@ -108,13 +108,13 @@ def test_crash_resumes_from_last_checkpoint_and_reuses_the_reference_cache(token
     pair_logps = trainer_lib.pair_logps
     monkeypatch.setattr(trainer_lib, "pair_logps", lambda *a, **k: calls.append(1) or pair_logps(*a, **k))
     monkeypatch.setattr(trainer_lib, "run_step", run)
-    summary = train_lib.train(config, tmp_path)
+    summary = runner.run(config, tmp_path)
     assert summary["step"] == 10 and not calls  # resumed from step 6, reference log-probs from the cache
     assert cache[0].stat().st_mtime_ns == stamp
     assert [m["step"] for m in read_metrics(tmp_path)][:7] == list(range(1, 8))
 
     longer = tiny(tokenizer_dir, data_file, data__max_length=40, train__mode="dpo")
-    train_lib.train(longer, tmp_path / "other")
+    runner.run(longer, tmp_path / "other")
     assert calls  # a different length setting is a different key: recomputed
 
 
@@ -131,14 +131,14 @@ def test_non_finite_loss_stops_with_a_clear_message(tokenizer_dir, data_file, tm
 
     monkeypatch.setattr(trainer_lib, "run_step", poisoned)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 5.*last good checkpoint.*step 4"):
-        train_lib.train(config, tmp_path)
+        runner.run(config, tmp_path)
 
 
 def test_config_is_validated_up_front(tokenizer_dir, data_file, tmp_path):
     config = tiny(tokenizer_dir, data_file, train__batch_size=6, train__micro_batches=4,
                   data__max_prompt_length=64, sgpo__epsilon=-1.0)
     with pytest.raises(ValueError) as err:
-        train_lib.train(config, tmp_path)
+        runner.run(config, tmp_path)
     message = str(err.value)
     assert "batch_size (6) must be a positive multiple of train.micro_batches (4)" in message
     assert "max_prompt_length (64) must be < data.max_length (48)" in message
@@ -152,7 +152,7 @@ def test_bad_rows_are_reported_with_file_and_row(tokenizer_dir, data_file, tmp_p
     path = tmp_path / "broken.jsonl"
     path.write_text("\n".join(rows[:2] + [json.dumps(broken)] + rows[3:]) + "\n")
     with pytest.raises(ValueError, match=r"broken\.jsonl.*row 2"):
-        train_lib.train(tiny(tokenizer_dir, str(path)), tmp_path / "run")
+        runner.run(tiny(tokenizer_dir, str(path)), tmp_path / "run")
 
 
 def test_cli_help_explains_the_flags():
@@ -179,21 +179,21 @@ def test_out_of_memory_names_the_settings_to_reduce(tokenizer_dir, data_file):
 
 
 def test_data_limit_uses_the_first_pairs_only(tokenizer_dir, data_file, tmp_path):
-    summary = train_lib.train(tiny(tokenizer_dir, data_file, data__limit=16, train__epochs=1, train__mode="dpo",
+    summary = runner.run(tiny(tokenizer_dir, data_file, data__limit=16, train__epochs=1, train__mode="dpo",
                                    export=False), tmp_path)
     assert summary["total_steps"] == 2  # 16 pairs / 8 per step
     with pytest.raises(ValueError, match="data.limit must be >= 0"):
-        train_lib.train(tiny(tokenizer_dir, data_file, data__limit=-1), tmp_path / "bad")
+        runner.run(tiny(tokenizer_dir, data_file, data__limit=-1), tmp_path / "bad")
 
 
 def test_checkpoints_go_to_checkpoint_directory_and_resume_from_there(tokenizer_dir, data_file, tmp_path):
     shared = tmp_path / "shared" / "run1"
     config = tiny(tokenizer_dir, data_file, train__max_steps=2, checkpoint__directory=str(shared), export=False)
-    train_lib.train(config, tmp_path / "work")
+    runner.run(config, tmp_path / "work")
     assert not (tmp_path / "work" / "checkpoints").exists()
     assert sorted(p.name for p in shared.iterdir() if p.name.isdigit()) == ["2"]
     config.train.max_steps = 3
-    summary = train_lib.train(config, tmp_path / "work")
+    summary = runner.run(config, tmp_path / "work")
     assert summary["step"] == 3 and [m["step"] for m in read_metrics(tmp_path / "work")] == [1, 2, 3]
 
 
@@ -201,12 +201,12 @@ def test_resume_needs_the_same_number_of_data_shards(tokenizer_dir, data_file, t
     """The pair order depends on data.shards (batch_size / S pairs of each shard per batch), so
     a checkpoint resumes only with its own number; the message says which."""
     config = tiny(tokenizer_dir, data_file, data__shards=2, train__max_steps=2, export=False)
-    train_lib.train(config, tmp_path)
+    runner.run(config, tmp_path)
     config.train.max_steps, config.data.shards = 3, 0  # one process: one shard
     with pytest.raises(ValueError, match=r"trained with 2 data shards and this run has 1 .*--config.data.shards=2"):
-        train_lib.train(config, tmp_path)
+        runner.run(config, tmp_path)
     config.data.shards = 2
-    assert train_lib.train(config, tmp_path)["step"] == 3
+    assert runner.run(config, tmp_path)["step"] == 3
     with pytest.raises(ValueError, match=r"train.batch_size \(8\) must be a multiple of the number of data shards "
                                          r"\(3, data.shards=3\)"):
-        train_lib.train(tiny(tokenizer_dir, data_file, data__shards=3), tmp_path / "bad")
+        runner.run(tiny(tokenizer_dir, data_file, data__shards=3), tmp_path / "bad")

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
+
+from sgpo_jax.console import warn
 
 __all__ = ["AXES", "BATCH_AXES", "auto_mesh", "make_mesh", "split_mesh_shape", "device_grid", "host_batch_rows",
            "check_batch_layout"]
@@ -125,7 +126,7 @@ def device_grid(sizes: Sequence[int], devices: Sequence[Any], *, topology: bool 
             try:
                 return mesh_utils.create_device_mesh(list(sizes), devices, allow_split_physical_axes=True)
             except Exception as err:  # unusual slices: fall back to the plain order
-                warnings.warn(f"topology-aware TPU mesh failed ({err}); using device order")
+                warn(f"topology-aware TPU mesh failed ({err}); using device order")
         return np.asarray(devices, dtype=object).reshape(sizes)
     per_host = {p: sum(d.process_index == p for d in devices) for p in processes}
     if len(set(per_host.values())) != 1:
@@ -135,7 +136,7 @@ def device_grid(sizes: Sequence[int], devices: Sequence[Any], *, topology: bool 
         return mesh_utils.create_hybrid_device_mesh(list(host_shape), list(dcn_shape), devices,
                                                     process_is_granule=True, allow_split_physical_axes=True)
     except Exception as err:
-        warnings.warn(f"mesh_utils.create_hybrid_device_mesh failed ({err}); laying devices out process by process")
+        warn(f"mesh_utils.create_hybrid_device_mesh failed ({err}); laying devices out process by process")
     # the same layout by hand: hosts in process order, devices of a host in id order
     by_host = np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id)), dtype=object)
     by_host = by_host.reshape(*dcn_shape, *host_shape)  # [dD, dF, dT, hD, hF, hT]

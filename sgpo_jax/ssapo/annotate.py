@@ -51,13 +51,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgpo_jax.console import say
 from sgpo_jax.data.tokenize import Prompt
 from sgpo_jax.models.llama import Decoder
 from sgpo_jax.models.logps import DEFAULT_CHUNK_SIZE, decoder_logps_fn
@@ -74,8 +74,6 @@ STRATEGIES = ("best_worst", "max_chosen")
 DROP_EMPTY = "fewer than two non-empty samples"
 DROP_IDENTICAL = "all non-empty samples identical"
 DROP_REASONS = (DROP_EMPTY, DROP_IDENTICAL)
-
-_log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,5 +338,5 @@ def annotate(model: Decoder, policy_params: Any, ref_params: Any, tokenizer: Any
         report.rows += len(batch_rows)
         if on_batch is not None:
             on_batch(batch.index, batch_rows, dropped)
-    (_log.warning if report.dropped else _log.info)("%s", report)
+    say(report)
     return AnnotatedRows(rows, report)

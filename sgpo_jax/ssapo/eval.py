@@ -70,6 +70,7 @@ from sgpo_jax.data.tokenize import Prompt
 from sgpo_jax.models.llama import Decoder
 from sgpo_jax.ssapo.instructions import ASSETS_DIR, HELDOUT, VerifiableTask, load_tasks
 from sgpo_jax.ssapo.sampling import sample_batches
+from sgpo_jax.training.workdir import write_file
 
 __all__ = ["INSTRUCTION_ACC", "INSTRUCTION_CI", "METRIC", "PROMPT_ACC", "PROMPT_CI", "evaluate_heldout",
            "export_alpaca_eval", "export_mt_bench_answers", "generate_responses", "instruction_pass_rate",
@@ -266,13 +267,6 @@ def evaluate_heldout(model: Decoder, params: Any, tokenizer: Any, tasks: Optiona
     return {**instruction_pass_rate(tasks, responses), "prompts": prompts, "responses": responses}
 
 
-def _write_json(path: Union[str, os.PathLike], text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def _as_list(value: Union[str, Sequence[str]], n: int, name: str) -> List[str]:
     if isinstance(value, str):
         return [value] * n
@@ -305,7 +299,7 @@ def export_alpaca_eval(instructions: Sequence[str], outputs: Sequence[str], gene
     datasets_ = _as_list(dataset, len(outputs), "dataset")
     rows = [{"instruction": i, "output": o, "generator": generator, "dataset": d}
             for i, o, d in zip(instructions, outputs, datasets_)]
-    return _write_json(path, json.dumps(rows, ensure_ascii=False, indent=2) + "\n")
+    return write_file(path, json.dumps(rows, ensure_ascii=False, indent=2) + "\n")
 
 
 def export_mt_bench_answers(question_ids: Sequence[Union[int, str]], turns: Sequence[Sequence[str]], model_id: str,
@@ -327,7 +321,7 @@ def export_mt_bench_answers(question_ids: Sequence[Union[int, str]], turns: Sequ
     lines = [json.dumps({"question_id": q, "answer_id": f"{model_id}-{q}", "model_id": model_id,
                          "choices": [{"index": 0, "turns": list(t)}], "tstamp": now}, ensure_ascii=False)
              for q, t in zip(question_ids, turns)]
-    return _write_json(path, "".join(line + "\n" for line in lines))
+    return write_file(path, "".join(line + "\n" for line in lines))
 
 
 def pairwise_win_rate(instructions: Sequence[str], outputs: Sequence[str], reference_outputs: Sequence[str],

@@ -85,13 +85,15 @@ Regenerate with ``python -m sgpo_jax.ssapo.instructions``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Type, TypeVar, Union
+
+from sgpo_jax.console import say
+from sgpo_jax.training.workdir import write_file
 
 __all__ = [
     "ASSETS_DIR", "AvoidWord", "BulletPoints", "CONSTRAINTS", "Constraint", "EndWith", "HELDOUT", "IncludeKeywords",
@@ -869,12 +871,6 @@ def _seed_answers(path: Path) -> Dict[str, _SeedAnswer]:
     return {r["instruction"]: _SeedAnswer(r["instruction"], r["title"], tuple(r["sentences"])) for r in rows}
 
 
-def _write_jsonl(path: Path, rows: List[Dict[str, object]]) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def build_assets(directory: Union[str, Path] = ASSETS_DIR, seed: int = 0) -> Dict[str, int]:
     """Writes the generated assets into ``directory`` from the bundled sources; deterministic.
 
@@ -912,18 +908,25 @@ def build_assets(directory: Union[str, Path] = ASSETS_DIR, seed: int = 0) -> Dic
         stream = _task_stream(sorted(split), random.Random(f"{name}:{seed}"), (1, 2))
         rows[name] = _distinct(count, stream, VerifiableTask.to_json)
     for name, file_rows in rows.items():
-        _write_jsonl(directory / name, file_rows)
+        write_file(directory / name, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in file_rows))
     return {name: len(file_rows) for name, file_rows in rows.items()}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="Regenerate the verifiable-instruction assets.")
-    parser.add_argument("directory", nargs="?", default=str(ASSETS_DIR), help="output directory (default: bundled)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for name, count in build_assets(args.directory, args.seed).items():
-        print(f"{Path(args.directory) / name}: {count} rows")
+def cli() -> None:
+    """``python -m sgpo_jax.ssapo.instructions [--directory=DIR] [--seed=0]``: regenerates the
+    verifiable-instruction assets (:func:`build_assets`) and says how many rows each file got."""
+    from absl import app, flags
+
+    flags.DEFINE_string("directory", str(ASSETS_DIR), "output directory (default: the bundled assets)")
+    flags.DEFINE_integer("seed", 0, "task sampling seed")
+
+    def main(argv) -> None:
+        del argv
+        for name, count in build_assets(flags.FLAGS.directory, flags.FLAGS.seed).items():
+            say(f"{Path(flags.FLAGS.directory) / name}: {count} rows")
+
+    app.run(main)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

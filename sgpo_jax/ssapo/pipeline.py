@@ -27,6 +27,7 @@ killed at any moment, the same command continues where it stopped):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -36,14 +37,13 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from sgpo_jax.config import replaced
 from sgpo_jax.console import say
 from sgpo_jax.data.loading import load_preferences
 from sgpo_jax.data.pairs import load_pairs
 from sgpo_jax.data.split import make_split, seed_rows_jsonl
 from sgpo_jax.errors import UserError
 from sgpo_jax.models.llama import Decoder
-from sgpo_jax.models.loading import export_policy, load_model
-from sgpo_jax.parallel import mesh as mesh_lib
 from sgpo_jax.parallel import sharding
 from sgpo_jax.ssapo import annotate as annotate_lib
 from sgpo_jax.ssapo import eval as eval_lib
@@ -53,8 +53,7 @@ from sgpo_jax.training.checkpoint import latest_saved_step
 from sgpo_jax.training.trainer import Preempted, fit
 from sgpo_jax.training.workdir import as_seen_by_process_0, read_json, read_jsonl, write_json, write_jsonl, write_text
 
-__all__ = ["resume_point", "run"]
-
+__all__ = ["LoopResult", "report", "resume_point", "round_checkpoints", "run"]
 
 
 def _seed_for(*parts: Any) -> int:
@@ -137,11 +136,10 @@ def _annotate_round(config: ConfigDict, directory: Path, round_index: int, promp
 
 
 def _round_config(config: ConfigDict, round_index: int, *, epochs: int, learning_rate: float) -> ConfigDict:
-    c = ConfigDict(config.to_dict())
-    c.train.epochs, c.train.learning_rate, c.train.max_steps = epochs, learning_rate, -1
-    if c.checkpoint.directory:
-        c.checkpoint.directory = round_checkpoints(config, Path(), round_index)
-    return c
+    changes = {"train.epochs": epochs, "train.learning_rate": learning_rate, "train.max_steps": -1}
+    if config.checkpoint.directory:
+        changes["checkpoint.directory"] = round_checkpoints(config, Path(), round_index)
+    return replaced(config, **changes)
 
 
 def resume_point(config: ConfigDict, workdir: Path) -> Optional[str]:
@@ -178,13 +176,24 @@ def round_checkpoints(config: ConfigDict, workdir: Path, round_index: int) -> st
     return str(workdir / f"round_{round_index}" / "train" / "checkpoints")
 
 
-def run(config: ConfigDict, workdir: Path) -> Dict[str, Any]:
-    """Runs (or resumes) the SSAPO loop in ``workdir``; returns the summary (also in
-    ``workdir/summary.json``, with the table in ``summary.md``)."""
+@dataclasses.dataclass
+class LoopResult:
+    """What the loop hands back to :func:`sgpo_jax.runner.run`: the final ``policy``, the
+    ``summary`` (``preempted``, ``workdir``, ``rounds``, ``initial_eval``) and, for
+    :func:`report`, the annotated reward gaps of each round ``[pairs_t]`` and the initial
+    model's evaluation fields."""
+
+    policy: Any
+    summary: Dict[str, Any]
+    gap_sets: Dict[int, np.ndarray]
+
+
+def run(config: ConfigDict, workdir: Path, *, mesh, model: Decoder, initial: Any, tokenizer) -> LoopResult:
+    """Runs (or resumes) the SSAPO loop in ``workdir`` from the ``initial`` policy: the stages up
+    to the last round's evaluation (the runner exports the policy, then calls :func:`report`).
+    Raises :class:`~sgpo_jax.training.trainer.Preempted` (with the finished rounds as its
+    summary) after a SIGTERM."""
     s = config.ssapo
-    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    cfg, initial, tokenizer = load_model(config.model)
-    model = Decoder(cfg)
     initial = sharding.shard_params(initial, mesh)
     tasks = []
     if config.eval.tasks:
@@ -197,9 +206,7 @@ def run(config: ConfigDict, workdir: Path) -> Dict[str, Any]:
     split_path = workdir / "split.json"
     split = read_json(split_path)
     if split is None:
-        seed_data = ConfigDict(d.to_dict())
-        seed_data.limit = 0
-        usable, _ = load_pairs(seed_data, tokenizer)
+        usable, _ = load_pairs(replaced(config, **{"data.limit": 0}).data, tokenizer)
         split = make_split(config, dataset, np.sort(usable.rows), model, initial, tokenizer)
         write_json(split_path, split)
     say(f"ssapo: seed {len(split['seed_rows'])} pairs ({sum(split['flipped'])} labels flipped), "
@@ -212,8 +219,7 @@ def run(config: ConfigDict, workdir: Path) -> Dict[str, Any]:
 
     rounds: List[Dict[str, Any]] = []
     gap_sets: Dict[int, np.ndarray] = {}
-    round_data = ConfigDict(d.to_dict())
-    round_data.limit, round_data.on_bad_row = 0, "skip"
+    round_data = replaced(config, **{"data.limit": 0, "data.on_bad_row": "skip"}).data
     policy = initial
     sources: List[str] = []
     try:
@@ -251,17 +257,19 @@ def run(config: ConfigDict, workdir: Path) -> Dict[str, Any]:
                 say(f"after round {t}: {pass_rate_text(row)}")
             rounds.append(row)
     except Preempted as stop:
-        say(str(stop))
-        return {"preempted": True, "workdir": str(workdir), "rounds": rounds}
+        raise Preempted(str(stop), {"preempted": True, "workdir": str(workdir), "rounds": rounds}) from None
+    summary = {"preempted": False, "workdir": str(workdir), "rounds": rounds, "initial_eval": initial_fields}
+    return LoopResult(policy=policy, summary=summary, gap_sets=gap_sets)
 
-    table = round_table(rounds, initial_fields)
-    summary: Dict[str, Any] = {"preempted": False, "workdir": str(workdir), "rounds": rounds,
-                               "initial_eval": initial_fields}
-    if config.export:
-        summary["export"] = export_policy(workdir, cfg, policy, tokenizer)  # every process (a collective)
+
+def report(config: ConfigDict, workdir: Path, loop: LoopResult) -> Optional[List[str]]:
+    """The loop's last stage: ``summary.md`` (the per-round table, also printed) and the plots
+    (``workdir/plots``; their paths are returned on process 0, None elsewhere)."""
+    rounds, initial_fields = loop.summary["rounds"], loop.summary["initial_eval"]
+    paths = None
     if jax.process_index() == 0:
-        summary["plots"] = plots(workdir / "plots", rounds, gap_sets, config, initial_fields)
+        paths = plots(workdir / "plots", rounds, loop.gap_sets, config, initial_fields)
+    table = round_table(rounds, initial_fields)
     write_text(workdir / "summary.md", table + "\n")
-    write_json(workdir / "summary.json", summary)
     say(table)
-    return summary
+    return paths

@@ -70,10 +70,12 @@ import numpy as np
 from sgpo_jax.errors import UserError
 
 __all__ = ["MemoryPlan", "MemoryPlanError", "estimate", "check", "plan_for_run", "device_memory_bytes",
-           "param_count", "format_bytes", "main", "MODEL_PRESETS", "OPTIMIZER_MOMENTS", "REFERENCE_SOURCES"]
+           "param_count", "format_bytes", "main", "verdict", "MODEL_PRESETS", "OPTIMIZER_MOMENTS", "REFERENCE_SOURCES",
+           "USABLE_FRACTION"]
 
 OPTIMIZER_MOMENTS = {"adamw": 2, "adam": 2, "lion": 1, "sgd": 0}
 REFERENCE_SOURCES = ("cached", "model")  # where the reference log-probs come from
+USABLE_FRACTION = 0.92  # of a device's memory, what a step may use (the runtime and XLA keep the rest)
 
 # per token and layer, in elements of the compute dtype (see the module docstring)
 _CENTRAL = dict(h=4.15, q=3.8, kv=1.1, i=4.25, score_f32=1.9, score_compute=1.0)
@@ -356,7 +358,16 @@ def _alternatives(plan: MemoryPlan, limit: float) -> List[str]:
     return [text for _, text in sorted(out)]
 
 
-def check(plan: MemoryPlan, device_bytes: Optional[float], *, usable_fraction: float = 0.92) -> MemoryPlan:
+def verdict(plan: MemoryPlan, device_bytes: Optional[float]) -> str:
+    """In words, whether ``plan`` fits ``device_bytes`` per device (:data:`USABLE_FRACTION` of it
+    usable), or that the device memory is unknown (CPU)."""
+    if device_bytes is None:
+        return "device memory unknown (CPU)"
+    fits = "fits" if plan.total <= USABLE_FRACTION * device_bytes else "does NOT fit"
+    return f"{fits} {format_bytes(device_bytes)} per device"
+
+
+def check(plan: MemoryPlan, device_bytes: Optional[float], *, usable_fraction: float = USABLE_FRACTION) -> MemoryPlan:
     """Refuses plans that clearly cannot fit; warns about those that may not.
 
     ``device_bytes * usable_fraction`` is what a step may use (the runtime and XLA keep some).

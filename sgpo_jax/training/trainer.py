@@ -42,7 +42,13 @@ from sgpo_jax.training.metrics import FOLLOWER_METRICS, MetricsLog, run_statisti
 from sgpo_jax.training.scoring import cache_key, cached_reference, pair_logps
 from sgpo_jax.training.workdir import cached_arrays
 
-__all__ = ["FitResult", "Preempted", "Trainer", "fit", "make_optimizer", "run_step"]
+__all__ = ["FitResult", "Preempted", "Trainer", "fit", "make_optimizer", "run_step", "total_steps"]
+
+
+def total_steps(train_config: ConfigDict, steps_per_epoch: int) -> int:
+    """The run's optimizer steps: ``train.max_steps`` when set (> 0), else ``train.epochs`` epochs."""
+    t = train_config
+    return t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
 
 
 def make_optimizer(train_config: ConfigDict, total_steps: int) -> Tuple[optax.GradientTransformation, optax.Schedule]:
@@ -119,7 +125,7 @@ class Trainer:
         self.buckets = tuple(config.data.buckets) or None
         self.batcher = PairBatcher(pairs, t.batch_size, buckets=self.buckets, seed=t.seed, **self._hosts())
         self.steps_per_epoch = self.batcher.steps_per_epoch
-        self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.steps_per_epoch
+        self.total_steps = total_steps(t, self.steps_per_epoch)
 
         memory.check(memory.plan_for_run(config, model.cfg, dict(mesh.shape)), memory.device_memory_bytes())
         params = sharding.shard_params(params, mesh)

@@ -20,19 +20,27 @@ import numpy as np
 
 from sgpo_jax.parallel import distributed
 
-__all__ = ["as_seen_by_process_0", "cached_arrays", "read_json", "read_jsonl", "write_json", "write_jsonl",
-           "write_text"]
+__all__ = ["as_seen_by_process_0", "cached_arrays", "read_json", "read_jsonl", "write_file", "write_json",
+           "write_jsonl", "write_text"]
 
 
 def write_text(path: Path, text: str) -> None:
     """Process 0 writes ``text`` atomically; every process calls it and returns once the file is
     written, so any host may read it next."""
     if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_file(path, text)
     distributed.sync(f"wrote {path}")
+
+
+def write_file(path: Path, text: str) -> Path:
+    """Writes ``text`` (UTF-8) to ``path`` atomically from this process alone: a killed writer
+    leaves the old file or the new one, never half of one; parent directories are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -1,0 +1,191 @@
+r"""One run path: what a config executes (:func:`plan`), and :func:`run`, which executes it, or
+only checks it (``dry_run=True``).
+
+Every way of running the library goes through :func:`run`: the CLI (``python -m
+sgpo_jax.train``), the SSAPO loop, the dry run, the tests' rehearsals. A run is
+
+1. the config validated (every problem at once) and the devices checked against the mesh and
+   the batch sizes, before anything is loaded;
+2. the set-up every mode shares (:class:`Setup`): the device mesh, the model and its tokenizer;
+3. the stages of :func:`plan`: for ``train.mode`` ``dpo``/``sgpo``, the training pairs ->
+   cached reference log-probs -> optimizer steps (:func:`sgpo_jax.training.trainer.fit`); for
+   ``ssapo``, the loop of :mod:`sgpo_jax.ssapo.pipeline`;
+4. the export of the final policy (``workdir/export``) and ``summary.json``.
+
+The compiled programs a run executes are named in :attr:`RunPlan.programs`; a stage whose
+output the workdir already holds is not redone, so rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import jax
+from ml_collections import ConfigDict
+
+from sgpo_jax.config import replaced, validate
+from sgpo_jax.console import say
+from sgpo_jax.data.batching import PairBatcher
+from sgpo_jax.data.pairs import load_pairs
+from sgpo_jax.models.llama import Decoder, DecoderConfig
+from sgpo_jax.models.loading import export_policy, load_model
+from sgpo_jax.parallel.mesh import make_mesh
+from sgpo_jax.ssapo import pipeline
+from sgpo_jax.training import memory
+from sgpo_jax.training.checkpoint import latest_saved_step
+from sgpo_jax.training.trainer import Preempted, fit, total_steps
+from sgpo_jax.training.workdir import write_json, write_text
+
+__all__ = ["PROGRAMS", "RunPlan", "Setup", "dry_run", "plan", "resume_point", "run", "setup"]
+
+# The compiled programs a run can execute, and what each computes.
+PROGRAMS = {
+    "train_step": "the jitted, sharded optimizer step (policy forward/backward, follower, update)",
+    "reference_logps": "the forward-only log-probs of the reference policy (cached once per run or round)",
+    "prefill": "the sampler's prompt pass that fills the KV cache (self-annotation and evaluation)",
+    "decode": "the sampler's one-token step over the KV cache",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What a config executes, in order: ``stages`` (in words) and the compiled ``programs``
+    (keys of :data:`PROGRAMS`)."""
+
+    mode: str
+    stages: Tuple[str, ...]
+    programs: Tuple[str, ...]
+
+    def lines(self) -> List[str]:
+        return ([f"plan: train.mode={self.mode}, {len(self.stages)} stages"]
+                + [f"  {i + 1}. {stage}" for i, stage in enumerate(self.stages)]
+                + [f"programs: {', '.join(self.programs)}"])
+
+
+def plan(config: ConfigDict) -> RunPlan:
+    """The stages and programs ``config`` runs (nothing is loaded)."""
+    t, s = config.train, config.ssapo
+    evaluate = bool(config.eval.tasks)
+    if t.mode != "ssapo":
+        stages = ["load and tokenize the pairs of data.source", "reference log-probs (cached in workdir/cache)",
+                  f"train: {t.mode.upper()} steps with checkpoints every {config.checkpoint.every}"]
+        programs = ("reference_logps", "train_step")
+    else:
+        stages = ["split: seed pairs and the rounds' prompt pools (split.json)"]
+        if evaluate:
+            stages.append("evaluate the initial model on the held-out tasks")
+        stages.append("round 0: DPO on the seed pairs" + (", then evaluate" if evaluate else ""))
+        for r in range(1, len(s.pool_sizes) + 1):
+            stages.append(f"round {r}: generate {s.num_samples} samples for each of {s.pool_sizes[r - 1]} prompts, "
+                          f"self-annotate, {s.round_mode.upper()} on the pairs" + (", evaluate" if evaluate else ""))
+        programs = ("reference_logps", "train_step", "prefill", "decode")
+    if config.export:
+        stages.append("export the final policy (workdir/export, Hugging Face layout)")
+    stages.append("summary.json" + (", summary.md and plots/" if t.mode == "ssapo" else ""))
+    return RunPlan(mode=t.mode, stages=tuple(stages), programs=programs)
+
+
+@dataclasses.dataclass
+class Setup:
+    """What every mode builds first: the device mesh, the model (config, module, initial
+    parameters) and the tokenizer."""
+
+    mesh: Any
+    cfg: DecoderConfig
+    model: Decoder
+    params: Any
+    tokenizer: Any
+
+
+def setup(config: ConfigDict) -> Setup:
+    """The mesh (``mesh.*``) and the model and tokenizer (``model.*``)."""
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    cfg, params, tokenizer = load_model(config.model)
+    return Setup(mesh=mesh, cfg=cfg, model=Decoder(cfg), params=params, tokenizer=tokenizer)
+
+
+def resume_point(config: ConfigDict, workdir: Path) -> Optional[str]:
+    """Where a run in ``workdir`` continues (stage, round, step, checkpoint), in words, or None
+    when it starts fresh."""
+    if config.train.mode == "ssapo":
+        return pipeline.resume_point(config, workdir)
+    directory = config.checkpoint.directory or str(workdir / "checkpoints")
+    step = latest_saved_step(directory)
+    return None if step is None else f"training: continuing after step {step} (checkpoint {directory}/{step})"
+
+
+def run(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
+    """Runs (or resumes) ``config`` in ``workdir``; returns the summary (also in
+    ``workdir/summary.json``): ``preempted``, ``workdir`` and, by mode, the steps and last
+    metrics (``dpo``/``sgpo``) or the per-round rows (``ssapo``), and ``export``.
+
+    A SIGTERM saves a checkpoint and returns with ``preempted=True`` (nothing is exported);
+    rerunning the same call continues."""
+    validate(config)
+    workdir = Path(workdir)
+    point = resume_point(config, workdir) if jax.process_index() == 0 else None
+    say(f"resuming {workdir}: {point}" if point else f"starting fresh in {workdir}")
+    write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+    ready = setup(config)
+    try:
+        if config.train.mode == "ssapo":
+            loop = pipeline.run(config, workdir, mesh=ready.mesh, model=ready.model, initial=ready.params,
+                                tokenizer=ready.tokenizer)
+            policy, summary = loop.policy, loop.summary
+        else:
+            policy, summary = _train(config, workdir, ready)
+    except Preempted as stop:
+        say(stop)
+        summary = stop.summary
+    else:
+        if config.export:
+            summary["export"] = export_policy(workdir, ready.cfg, policy, ready.tokenizer)  # every process
+        if config.train.mode == "ssapo":
+            summary["plots"] = pipeline.report(config, workdir, loop)
+    write_json(workdir / "summary.json", summary)
+    return summary
+
+
+def _train(config: ConfigDict, workdir: Path, ready: Setup) -> Tuple[Any, Dict[str, Any]]:
+    """``train.mode`` ``dpo``/``sgpo``: one training run on ``data.source``."""
+    pairs, gaps = load_pairs(config.data, ready.tokenizer)
+    result = fit(config, workdir, model=ready.model, params=ready.params, pairs=pairs, mesh=ready.mesh, gaps=gaps)
+    return result.params, result.summary
+
+
+def dry_run(config: ConfigDict, workdir: str | Path) -> List[str]:
+    """The checks a user runs before a long job, without compiling a step: the config, the plan,
+    the model source, the data (read and tokenized, with the bad-row report), the memory plan,
+    the number of steps, and what a rerun of this workdir would resume from. Returns the
+    report's lines (also printed)."""
+    validate(config)
+    workdir = Path(workdir)
+    the_plan = plan(config)
+    lines = ["config: valid", *the_plan.lines()]
+    ready = setup(config)
+    lines.append(f"model: {config.model.source} ({memory.param_count(ready.cfg) / 1e6:.1f}M parameters, "
+                 f"{ready.cfg.num_hidden_layers} layers)")
+    t = config.train
+    data = replaced(config, **{"data.limit": 0}).data if t.mode == "ssapo" else config.data
+    pairs, _ = load_pairs(data, ready.tokenizer)
+    lines.append(f"data: {len(pairs)} usable pairs from {data.source}")
+    if t.mode == "ssapo":
+        s = config.ssapo
+        seed = min(s.seed_size, len(pairs))
+        lines.append(f"ssapo: seed {seed} pairs, {len(s.pool_sizes)} rounds of {tuple(s.pool_sizes)} prompts")
+        lines.append(f"steps: round 0: {s.seed_epochs * -(-seed // t.batch_size)}; round t: about "
+                     f"{t.epochs} x pairs / {t.batch_size} (prompts without two distinct samples are dropped)")
+    else:
+        per_epoch = PairBatcher(pairs, t.batch_size, buckets=tuple(config.data.buckets) or None, seed=t.seed,
+                                process_index=jax.process_index(), process_count=jax.process_count()).steps_per_epoch
+        lines.append(f"steps: {total_steps(t, per_epoch)} ({per_epoch} per epoch, batch {t.batch_size})")
+    memory_plan = memory.plan_for_run(config, ready.cfg, dict(ready.mesh.shape))
+    lines.append(f"memory plan per device ({memory.verdict(memory_plan, memory.device_memory_bytes())}):")
+    lines.extend("  " + line for line in str(memory_plan).splitlines())
+    point = resume_point(config, workdir)
+    lines.append(f"rerun: {point}" if point else f"rerun: starts fresh in {workdir}")
+    for line in lines:
+        say(line)
+    return lines
