@@ -13,18 +13,31 @@ library never branches on ``jax.__version__``. Checked on jax 0.10.2 (Python 3.1
   gives a clear error rather than a ``TypeError``).
 * :func:`splash_attention`: the ``(kernel, mask)`` modules of Pallas' TPU splash attention, or
   ``None`` where this jax does not ship them.
+* :func:`shard_map`: ``jax.shard_map`` (``jax.experimental.shard_map`` before jax 0.6), with the
+  replication check off (Pallas kernels carry no replication rule).
+* :func:`compile_target`, :func:`target_platform`, :func:`target_cuda_capability`: the platform
+  the program being traced will run on. It is the host's backend unless an ahead-of-time compile
+  for another target (:mod:`sgpo_jax.aot`) sets it, so every backend-dependent choice (the
+  attention kernel) follows the target, not the host.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import jax
 
 __all__ = ["accelerator", "cuda_compute_capability", "has_dot_product_attention_implementation",
-           "splash_attention"]
+           "splash_attention", "shard_map", "compile_target", "target_platform", "target_cuda_capability"]
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+# (platform, cuda capability or None) of an ahead-of-time compile in progress, else None
+_TARGET: contextvars.ContextVar[Optional[Tuple[str, Optional[Tuple[int, int]]]]] = contextvars.ContextVar(
+    "sgpo_compile_target", default=None)
 
 
 def accelerator() -> str:
@@ -69,3 +82,40 @@ def splash_attention() -> Optional[Tuple[Any, Any]]:
     except ImportError:
         return None
     return kernel, mask
+
+
+def shard_map(fn: Callable, mesh: Any, in_specs: Any, out_specs: Any) -> Callable:
+    """``fn`` mapped over the blocks of ``mesh`` (every mesh axis manual), replication unchecked."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map as legacy  # jax < 0.6
+
+    return legacy(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+@contextlib.contextmanager
+def compile_target(platform: str, cuda_capability: Optional[Tuple[int, int]] = None) -> Iterator[None]:
+    """While active, :func:`target_platform` is ``platform`` (one of ``PLATFORMS``) and
+    :func:`target_cuda_capability` is ``cuda_capability``: wrap the tracing of a program compiled
+    for devices other than the host's."""
+    if platform not in PLATFORMS:
+        raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
+    token = _TARGET.set((platform, tuple(cuda_capability) if cuda_capability else None))
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def target_platform() -> str:
+    """The platform traced programs will run on: the :func:`compile_target` in force, else
+    :func:`accelerator`."""
+    target = _TARGET.get()
+    return accelerator() if target is None else target[0]
+
+
+def target_cuda_capability() -> Optional[Tuple[int, int]]:
+    """``(major, minor)`` of the target GPU (the :func:`compile_target` in force, else the first
+    local CUDA device), or ``None``."""
+    target = _TARGET.get()
+    return cuda_compute_capability() if target is None else target[1]

@@ -1,6 +1,6 @@
 """Attention kernels (``DecoderConfig.attention``): every kernel equals the blocked einsum ("xla").
 
-On CPU the fused kernels run through their own code paths with ``llama._CPU_STANDIN`` set: the
+On CPU the fused kernels run through their own code paths with ``attention._CPU_STANDIN`` set: the
 cuDNN path (same ``jax.nn.dot_product_attention`` call, masks, GQA layout and window) with
 ``implementation="xla"`` instead of ``"cudnn"``, and Pallas splash attention (same masks,
 segment ids, per-kv-head vmaps) in Pallas interpret mode. On a GPU/TPU (``bench/device_check.py``
@@ -25,8 +25,9 @@ import numpy as np
 import pytest
 
 from sgpo_jax import compat
-from sgpo_jax.models import llama
-from sgpo_jax.models.llama import Decoder, DecoderConfig, attention_kernel
+from sgpo_jax.models import attention
+from sgpo_jax.models.attention import attention_kernel
+from sgpo_jax.models.llama import Decoder, DecoderConfig
 
 T = 128  # splash's smallest block; the einsum path runs 4 query blocks of 32
 
@@ -75,7 +76,7 @@ def _reference(padding, window, remat_scan):
 
 @pytest.fixture
 def standin(monkeypatch):
-    monkeypatch.setattr(llama, "_CPU_STANDIN", jax.default_backend() == "cpu")
+    monkeypatch.setattr(attention, "_CPU_STANDIN", jax.default_backend() == "cpu")
 
 
 CASES = [  # (padding, sliding_window, remat + scan_layers)
@@ -129,13 +130,14 @@ def test_explicit_fused_kernel_on_cpu_raises():
     with pytest.raises(ValueError, match="attention='cudnn' cannot run: it needs a CUDA GPU"):
         attention_kernel(_cfg(attention="cudnn", dtype=jnp.bfloat16), T)
     ids, mask, _ = _batch("right")
-    with pytest.raises(ValueError, match="attention='splash' cannot run: it needs a TPU"):
-        Decoder(_cfg(attention="splash")).init(jax.random.PRNGKey(0), ids, mask)
+    params = Decoder(_cfg()).init(jax.random.PRNGKey(0), ids, mask)
+    with pytest.raises(ValueError, match="attention='splash' cannot run: it needs a TPU and the target is 'cpu'"):
+        Decoder(_cfg(attention="splash")).apply(params, ids, mask)
 
 
 def test_shape_and_dtype_conditions(monkeypatch):
     """The conditions the fused kernels need, checked before tracing (with the CPU stand-in on)."""
-    monkeypatch.setattr(llama, "_CPU_STANDIN", True)  # skip the platform check on any backend
+    monkeypatch.setattr(attention, "_CPU_STANDIN", True)  # skip the platform check on any backend
     with pytest.raises(ValueError, match="multiple of 128"):
         attention_kernel(_cfg(attention="splash"), 96)
     with pytest.raises(ValueError, match="head_dim a multiple of 8"):
@@ -152,8 +154,8 @@ def test_auto_fallback_says_why_once(monkeypatch):
     lines = []
     monkeypatch.setattr(compat, "accelerator", lambda: "cuda")
     monkeypatch.setattr(compat, "cuda_compute_capability", lambda: (9, 0))
-    monkeypatch.setattr(llama, "say", lines.append)
-    monkeypatch.setattr(llama, "_SAID", set())
+    monkeypatch.setattr(attention, "say", lines.append)
+    monkeypatch.setattr(attention, "_SAID", set())
     cfg = _cfg()
     ids, mask, _ = _batch("left")
     params = Decoder(cfg).init(jax.random.PRNGKey(0), ids, mask)
@@ -177,3 +179,86 @@ def test_kv_cache_path_keeps_einsum(standin):
         logits, _ = m.apply(params, ids, mask, cache=m.init_cache(2, 20))
         outs.append(np.asarray(logits))
     assert np.array_equal(outs[0], outs[1])
+
+
+def test_kernel_follows_the_compile_target(monkeypatch):
+    """``"auto"`` resolves for the target set by ``compat.compile_target``, not the host: splash for
+    a TPU target (the einsum, said once, where T is no multiple of 128), cuDNN for a CUDA target
+    with bf16 compute; head_dim 256 needs compute capability 9.0."""
+    lines = []
+    monkeypatch.setattr(attention, "say", lines.append)
+    monkeypatch.setattr(attention, "_SAID", set())
+    with compat.compile_target("tpu"):
+        assert compat.target_platform() == "tpu"
+        assert attention_kernel(_cfg(), T) == "splash"
+        assert attention_kernel(_cfg(), 100) == "xla" and "multiple of 128" in lines[-1]
+    with compat.compile_target("cuda", (9, 0)):
+        assert attention_kernel(_cfg(dtype=jnp.bfloat16), T) == "cudnn"
+        assert attention_kernel(_cfg(dtype=jnp.bfloat16, head_dim=256), T) == "cudnn"
+    with compat.compile_target("cuda", (8, 0)):
+        with pytest.raises(ValueError, match="<= 128 on this GPU"):
+            attention_kernel(_cfg(attention="cudnn", dtype=jnp.bfloat16, head_dim=256), T)
+    assert compat.target_platform() == compat.accelerator()
+    with pytest.raises(ValueError, match="platform must be one of"):
+        with compat.compile_target("gpu"):
+            pass
+
+
+@pytest.mark.parametrize("kernel", ["xla", "cudnn", "splash"])
+def test_init_is_the_same_with_every_kernel(kernel):
+    """``Decoder.init`` on a 2-token dummy input (shorter than splash's 128-token block) works with
+    every kernel setting, under a TPU target too, and gives the einsum's parameters bit for bit."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    ref = Decoder(_cfg(attention="xla")).init(jax.random.PRNGKey(3), ids)
+    with compat.compile_target("tpu"):
+        got = Decoder(_cfg(attention=kernel)).init(jax.random.PRNGKey(3), ids)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), got, ref))
+
+
+def _rows(n):
+    """``n`` rows of the left/right padding patterns of :func:`_batch`."""
+    ids, mask, weights = (np.concatenate([np.asarray(a), np.asarray(b)]) for a, b in zip(_batch("left"),
+                                                                                           _batch("right")))
+    reps = -(-n // 4)
+    return tuple(jnp.asarray(np.tile(a, (reps,) + (1,) * (a.ndim - 1))[:n]) for a in (ids, mask, weights))
+
+
+SHARDED = [  # (data, fsdp, tensor, rows): kv heads (2) over tensor and rows over data * fsdp where they divide
+    (2, 2, 2, 4),  # both split (the replicated fallbacks cost another ~30 s of interpret mode: not run)
+]
+
+
+@pytest.mark.parametrize("data,fsdp,tensor,rows", SHARDED)
+def test_sharded_splash_matches_einsum(standin, data, fsdp, tensor, rows):
+    """Splash under ``shard_map`` on a data/fsdp/tensor mesh of the 8 CPU devices (Pallas interpret
+    mode) gives the einsum's values and gradients (tolerances as the unsharded test: the docstring's
+    float32 reasoning; sharding only splits rows and heads, which attention never mixes)."""
+    if jax.default_backend() != "cpu" or jax.device_count() < 8:
+        pytest.skip("8 fake CPU devices")
+    from sgpo_jax.parallel.mesh import make_mesh
+    from sgpo_jax.parallel.sharding import activation_sharding
+
+    mesh = make_mesh(data=data, fsdp=fsdp, tensor=tensor)
+    cfg = _cfg(sliding_window=5, attention="xla", num_hidden_layers=1)  # one layer: interpret mode is slow
+    ids, mask, weights = _rows(rows)
+    params = Decoder(cfg).init(jax.random.PRNGKey(1), ids, mask)
+
+    def run(kernel):
+        model = Decoder(dataclasses.replace(cfg, attention=kernel))
+
+        def loss(p):
+            with activation_sharding(mesh):
+                logits = model.apply(p, ids, mask)
+            return jnp.sum(jnp.where(mask[..., None] > 0, logits * weights, 0.0)), logits
+
+        fn = jax.value_and_grad(loss, has_aux=True)
+        return jax.make_jaxpr(fn)(params), jax.jit(fn)(params)
+
+    _, ((_, ref), ref_grads) = run("xla")
+    jaxpr, ((_, out), grads) = run("splash")
+    assert "shard_map" in str(jaxpr)
+    real = np.asarray(mask) > 0
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=1e-6, rtol=0)
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5 * np.abs(r).max(), rtol=0,
+                                   err_msg=jax.tree_util.keystr(path))

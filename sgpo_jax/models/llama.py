@@ -58,14 +58,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct, traverse_util
 
-from sgpo_jax import compat
-from sgpo_jax.console import say
+from sgpo_jax.models.attention import ATTENTION_KERNELS, attend_block, attend_fused, attention_kernel, query_blocks
 from sgpo_jax.parallel.sharding import constrain_batch
 
 Array = jax.Array
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash")
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -159,8 +157,9 @@ class DecoderConfig:
         else ``"xla"``, saying once why (nothing is said on CPU, where ``"xla"`` is the only
         kernel, so ``"auto"`` on CPU is exactly ``"xla"``). An explicit ``"cudnn"`` or
         ``"splash"`` that cannot run raises ``ValueError`` naming the reason (see
-        :func:`attention_kernel`). Outputs at real tokens agree with ``"xla"`` up to float
-        rounding (``tests/test_attention.py``).
+        :func:`sgpo_jax.models.attention.attention_kernel`; the kernels live in
+        :mod:`sgpo_jax.models.attention`). ``init`` runs the einsum whatever the kernel. Outputs
+        at real tokens agree with ``"xla"`` up to float rounding (``tests/test_attention.py``).
     """
 
     vocab_size: int
@@ -442,161 +441,11 @@ def _dense(cfg: DecoderConfig, features: int, name: str, use_bias: bool = False)
                     kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
 
 
-def _query_blocks(cfg: DecoderConfig, t: int) -> List[Tuple[int, int, int, int]]:
-    """Static ``(lo, hi, key_lo, key_hi)`` blocks of a ``T``-token chunk attending to itself (no
-    cache): query slots ``[lo, hi)`` may attend key slots ``[key_lo, key_hi) = [max(0, lo - w + 1),
-    hi)`` only (``key_lo = 0`` without a sliding window ``w``); blocks of ``cfg.attention_block``
-    queries, one block when that is 0 or ``>= T``."""
-    size = cfg.attention_block if 0 < cfg.attention_block < t else t
-    window = cfg.sliding_window
-    return [(lo, min(lo + size, t), 0 if window is None else max(0, lo - window + 1), min(lo + size, t))
-            for lo in range(0, t, size)]
-
-
-def _attend(q: Array, k: Array, v: Array, mask: Array, dtype: Any) -> Array:
-    r"""Masked softmax attention of one query block, per key/value head.
-
-    ``q [B, K, C, G, D]`` (``C`` query slots, ``G`` query heads per key/value head), ``k, v
-    [B, K, S, D]``, ``mask [B, C, S]`` -> ``[B, K, C, G, D]``:
-    :math:`o_{c,g} = \sum_s \mathrm{softmax}_s(q_{c,g} \cdot k_s / \sqrt{D}\ \text{masked}) \, v_s`,
-    as two batched matmuls ``[B, K, C*G, D] x [B, K, D, S]`` and ``[B, K, C*G, S] x [B, K, S, D]``
-    (scores and softmax in float32). A query with no visible key averages all ``S`` values.
-    """
-    b, kh, c, g, d = q.shape
-    scores = jnp.einsum("bkqd,bksd->bkqs", q.reshape(b, kh, c * g, d), k) * d ** -0.5
-    scores = scores.astype(jnp.float32).reshape(b, kh, c, g, -1)
-    scores = jnp.where(mask[:, None, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, kh, c * g, -1)
-    return jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kh, c, g, d)
-
-
-# Tests set this to run the fused kernels' code paths on CPU: "cudnn" as
-# ``jax.nn.dot_product_attention(implementation="xla")`` with the same masks, "splash" in Pallas
-# interpret mode, and no platform check. Never set it outside tests.
-_CPU_STANDIN = False
-_SAID: set = set()
-
-
-def _say_once(message: str) -> None:
-    if message not in _SAID:
-        _SAID.add(message)
-        say(message)
-
-
-def _cudnn_problem(cfg: DecoderConfig, t: int) -> Optional[str]:
-    """Why cuDNN flash attention cannot run this config and chunk length, or ``None``."""
-    if not _CPU_STANDIN and compat.accelerator() != "cuda":
-        return f"it needs a CUDA GPU and the backend is {compat.accelerator()!r}"
-    if not compat.has_dot_product_attention_implementation():
-        return f"jax {jax.__version__} lacks dot_product_attention(implementation=, local_window_size=)"
-    if cfg.dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and not _CPU_STANDIN:
-        return f"it needs bfloat16 or float16 compute, got dtype {cfg.dtype}"
-    capability = compat.cuda_compute_capability()
-    max_dim = 256 if capability is not None and capability >= (9, 0) else 128
-    if cfg.head_dim % 8 or cfg.head_dim > max_dim:
-        return f"it needs head_dim a multiple of 8 and <= {max_dim} on this GPU, got {cfg.head_dim}"
-    if t % 2:
-        return f"it needs an even sequence length with a padding mask, got {t}"
-    return None
-
-
-def _splash_problem(cfg: DecoderConfig, t: int) -> Optional[str]:
-    """Why Pallas splash attention cannot run this config and chunk length, or ``None``."""
-    if not _CPU_STANDIN and compat.accelerator() != "tpu":
-        return f"it needs a TPU and the backend is {compat.accelerator()!r}"
-    if compat.splash_attention() is None:
-        return f"jax {jax.__version__} does not ship jax.experimental.pallas.ops.tpu.splash_attention"
-    if t % 128:
-        return f"it needs a sequence length that is a multiple of 128 (its block), got {t}"
-    return None
-
-
-def attention_kernel(cfg: DecoderConfig, seq_len: int) -> str:
-    """The kernel (``"xla"``, ``"cudnn"`` or ``"splash"``) that ``cfg.attention`` runs for a
-    ``seq_len``-token chunk without a KV cache on the default backend.
-
-    ``"auto"`` picks cuDNN on CUDA and splash on TPU when they can run, else ``"xla"``, and says
-    once (per reason, via :func:`sgpo_jax.console.say`) why it fell back on an accelerator; on
-    CPU it is ``"xla"`` silently.
-
-    Raises:
-      ValueError: ``cfg.attention`` is ``"cudnn"`` or ``"splash"`` and that kernel cannot run
-        here, naming why (use ``"auto"`` to fall back instead).
-    """
-    problems = {"cudnn": _cudnn_problem, "splash": _splash_problem}
-    if cfg.attention == "xla":
-        return "xla"
-    if cfg.attention in problems:
-        problem = problems[cfg.attention](cfg, seq_len)
-        if problem:
-            raise ValueError(f"attention={cfg.attention!r} cannot run: {problem}; use attention='auto' "
-                             "to fall back to 'xla', or attention='xla'")
-        return cfg.attention
-    wanted = {"cuda": "cudnn", "tpu": "splash"}.get(compat.accelerator())
-    if wanted is None:
-        return "xla"
-    problem = problems[wanted](cfg, seq_len)
-    if problem:
-        _say_once(f"attention='auto': using 'xla' instead of {wanted!r} because {problem}")
-        return "xla"
-    return wanted
-
-
-def _attend_dot_product(q: Array, k: Array, v: Array, key_valid: Array, cfg: DecoderConfig) -> Array:
-    r"""Causal self-attention of a whole chunk with ``jax.nn.dot_product_attention``.
-
-    ``q [B, T, K, G, D]``, ``k, v [B, T, K, D]`` (slot-major, before the head-major transpose),
-    ``key_valid [B, T]`` -> ``[B, T, K * G * D]``. Query head ``k * G + g`` reads key/value head
-    ``k`` (jax's own GQA grouping, as ours). Masks: ``is_causal``, the sliding window as
-    ``local_window_size = (w - 1, 0)`` (key ``j`` visible iff ``i - w < j <= i``; cuDNN's
-    ``sliding_window_length = w``), and the padding keys as a boolean ``[B, 1, T, T]`` mask
-    (cuDNN turns it into an additive bias; sequence lengths would only express right padding).
-    A query that may attend no key (left padding) averages all values, as in :func:`_attend`
-    up to its block.
-    """
-    b, t, kh, g, d = q.shape
-    window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
-    mask = jnp.broadcast_to(key_valid[:, None, None, :], (b, 1, t, t))
-    out = jax.nn.dot_product_attention(q.reshape(b, t, kh * g, d), k, v, mask=mask, is_causal=True,
-                                       local_window_size=window,
-                                       implementation="xla" if _CPU_STANDIN else "cudnn")
-    return out.reshape(b, t, kh * g * d)
-
-
-def _attend_splash(q: Array, k: Array, v: Array, key_valid: Array, cfg: DecoderConfig) -> Array:
-    r"""Causal self-attention of a whole chunk with Pallas' TPU splash attention.
-
-    Shapes as :func:`_attend_dot_product`. One MQA kernel per key/value head (its ``G`` query
-    heads share the head's keys), ``vmap``-ed over key/value heads and the batch. The causal
-    (``CausalMask``) or windowed (``LocalMask`` with window ``(w - 1, 0)``) mask is static; the
-    padding comes in as segment ids (1 real, 0 padding), so a real query attends only real keys;
-    a padding query attends padding keys (never none, so never a division by zero). Splash does
-    not scale the scores: ``q`` is multiplied by ``D ** -0.5`` first.
-    """
-    kernel_lib, mask_lib = compat.splash_attention()
-    b, t, kh, g, d = q.shape
-    if cfg.sliding_window is None:
-        base = mask_lib.CausalMask(shape=(t, t))
-    else:
-        base = mask_lib.LocalMask(shape=(t, t), window_size=(cfg.sliding_window - 1, 0), offset=0)
-    kernel = kernel_lib.make_splash_mqa_single_device(mask_lib.MultiHeadMask([base] * g),
-                                                      interpret=_CPU_STANDIN)
-    segments = key_valid.astype(jnp.int32)
-
-    def one_kv_head(q_, k_, v_, seg):  # [G, T, D], [T, D], [T, D], [T]
-        return kernel(q_, k_, v_, segment_ids=kernel_lib.SegmentIds(q=seg, kv=seg))
-
-    per_row = jax.vmap(one_kv_head, in_axes=(0, 0, 0, None))
-    out = jax.vmap(per_row)((q * jnp.asarray(d ** -0.5, q.dtype)).transpose(0, 2, 3, 1, 4),
-                            k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), segments)  # [B, K, G, T, D]
-    return out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, kh * g * d)
-
-
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE, over the chunk itself or a :class:`KVCache` layer.
 
     Without a cache the queries run in the causal blocks of ``cfg.attention_block``: a block of
-    queries ``[lo, hi)`` scores only keys ``[key_lo, hi)`` (:func:`_query_blocks`), every key
+    queries ``[lo, hi)`` scores only keys ``[key_lo, hi)`` (:func:`~sgpo_jax.models.attention.query_blocks`), every key
     outside being masked for all of its queries. So each query that may attend some key gets the
     output of the unblocked computation (up to the rounding of the softmax sums); a query that
     may attend none (left padding) averages the values of its block's keys instead of all keys.
@@ -628,24 +477,25 @@ class Attention(nn.Module):
         v = _dense(cfg, kh * d, "v_proj", cfg.attention_bias)(x2).reshape(b, t, kh, d)
         q = q * cos[:, :, None, None] + _rotate_half(q) * sin[:, :, None, None]
         k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
-        kernel = "xla" if layer_cache is not None else attention_kernel(cfg, t)
+        # init creates the same params with every kernel: it runs the einsum (its dummy input may
+        # be shorter than a fused kernel's block)
+        kernel = "xla" if layer_cache is not None or self.is_initializing() else attention_kernel(cfg, t)
         if kernel != "xla":  # fused kernels: the whole chunk at once, key padding from the mask's diagonal
-            attend = _attend_dot_product if kernel == "cudnn" else _attend_splash
             key_valid = jnp.diagonal(mask, axis1=1, axis2=2)  # [B, T]: slot j is a real token
-            out = attend(q, k, v, key_valid, cfg).reshape(b * t, kh * g * d)
+            out = attend_fused(kernel, q, k, v, key_valid, cfg).reshape(b * t, kh * g * d)
             return _dense(cfg, cfg.hidden_size, "o_proj")(out).reshape(b, t, cfg.hidden_size), layer_cache
         # Head-major: q [B, K, T, G, D] (query head = kv_head * G + group, transformers' repeat_kv),
         # k/v [B, K, T, D].
         q, k, v = q.transpose(0, 2, 1, 3, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if layer_cache is None:
-            blocks = _query_blocks(cfg, t)
+            blocks = query_blocks(cfg, t)
         else:
             k = jax.lax.dynamic_update_slice(layer_cache[0], k.astype(layer_cache[0].dtype), (0, 0, cache_index, 0))
             v = jax.lax.dynamic_update_slice(layer_cache[1], v.astype(layer_cache[1].dtype), (0, 0, cache_index, 0))
             layer_cache = (k, v)
             blocks = [(0, t, 0, k.shape[2])]
         out = jnp.concatenate([
-            _attend(q[:, :, lo:hi], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi], mask[:, lo:hi, k_lo:k_hi], cfg.dtype)
+            attend_block(q[:, :, lo:hi], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi], mask[:, lo:hi, k_lo:k_hi], cfg.dtype)
             for lo, hi, k_lo, k_hi in blocks], axis=2)
         out = out.transpose(0, 2, 1, 3, 4).reshape(b * t, kh * g * d)
         return _dense(cfg, cfg.hidden_size, "o_proj")(out).reshape(b, t, cfg.hidden_size), layer_cache

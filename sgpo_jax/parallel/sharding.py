@@ -42,7 +42,8 @@ DEFAULT_RULES: Tuple[Tuple[str, P], ...] = (
 )
 
 __all__ = ["DEFAULT_RULES", "spec_for", "param_sharding", "shard_params",
-           "batch_sharding", "mesh_of", "place_rows", "place_local_rows", "activation_sharding", "constrain_batch"]
+           "batch_sharding", "mesh_of", "place_rows", "place_local_rows", "activation_sharding",
+           "current_activation_mesh", "constrain_batch"]
 
 _ACTIVATION_MESH: contextvars.ContextVar[Optional[Mesh]] = contextvars.ContextVar("sgpo_activation_mesh",
                                                                                   default=None)
@@ -158,6 +159,11 @@ def activation_sharding(mesh: Mesh) -> Iterator[Mesh]:
         yield mesh
     finally:
         _ACTIVATION_MESH.reset(token)
+
+
+def current_activation_mesh() -> Optional[Mesh]:
+    """The mesh of the :func:`activation_sharding` in force, or None."""
+    return _ACTIVATION_MESH.get()
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:
