@@ -2,12 +2,15 @@
 batch. The oracle is the naive per-row computation (``sequence_logps`` of the decoder's full logits
 on each chosen and rejected row alone), which never sees a segment id or a shared prompt."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from sgpo_jax import runner
 from sgpo_jax.core.losses import sequence_logps
 from sgpo_jax.core.step import SGPOConfig, TrainState, sgpo_step
 from sgpo_jax.data.batching import preference_batch
@@ -15,6 +18,8 @@ from sgpo_jax.data.packing import pack_batch, row_length
 from sgpo_jax.models import Decoder, DecoderConfig, decoder_logps_fn
 from sgpo_jax.models.llama import segment_mask
 from sgpo_jax.models.logps import chosen_rejected_logps
+
+from tiny_run import ROOT, tiny, write_pairs, write_tokenizer
 
 VOCAB = 61
 # (prompt, chosen, rejected) lengths; pair 3 is a padding row of the batcher (index -1)
@@ -197,3 +202,28 @@ def test_a_step_on_packed_pairs_equals_the_unpacked_step(mode, layout):
                        np.asarray(chosen_rejected_logps(state.logps_fn, params, plain)[1]), rtol=RTOL, atol=ATOL)
     with pytest.raises(ValueError, match="cannot be split into micro-batches"):
         sgpo_step(state.replace(config=SGPOConfig(mode=mode, micro_batches=5)), packed)
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    return write_tokenizer(tmp_path_factory.mktemp("tokenizer")), write_pairs(tmp_path_factory.mktemp("d") / "p.jsonl")
+
+
+def test_training_runs_with_sharing_and_packing_match_the_default_run(tiny_files, tmp_path, monkeypatch):
+    """The run's cached reference pass, epoch follower and steps all take the packed layout."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    runs = {}
+    # DPO: at step 1 the policy is the reference, so every margin is 0 up to rounding, and the
+    # follower's choice among those ties would follow the rounding of each layout
+    for name, extra in (("plain", {}), ("shared_packed", dict(data__prefix_sharing=True, data__packing_budget=128))):
+        runner.run(tiny(*tiny_files, data__limit=16, train__epochs=1, train__mode="dpo", export=False, **extra),
+                   tmp_path / name)
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert len(runs["plain"]) == 2 and runs["plain"][1]["loss"] < runs["plain"][0]["loss"] - 0.05
+    for name in ("shared_packed",):
+        for got, want in zip(runs[name], runs["plain"]):
+            for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins"):
+                # float32 rounding of a different layout (see ATOL), through one update of the tiny model
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-4), (name, key)
+    with pytest.raises(ValueError, match="data.packing_budget \\(50\\) must be 0 \\(off\\) or >= 96"):
+        runner.run(tiny(*tiny_files, data__prefix_sharing=True, data__packing_budget=50), tmp_path / "bad")
