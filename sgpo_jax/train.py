@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional
 import jax
 from ml_collections import ConfigDict
 
-from sgpo_jax.config import validate
+from sgpo_jax.config import check_devices, check_keys, validate
 from sgpo_jax.console import say
 from sgpo_jax.data.batching import PairBatcher
 from sgpo_jax.data.pairs import load_pairs
@@ -37,7 +37,7 @@ from sgpo_jax.training import memory
 from sgpo_jax.training.checkpoint import latest_saved_step
 from sgpo_jax.training.trainer import Preempted, fit
 
-__all__ = ["cli", "dry_run", "main", "resume_point", "train", "user_error_lines"]
+__all__ = ["cli", "dry_run", "main", "parse_flags", "resume_point", "train", "user_error_lines"]
 
 VERBOSE_ENV = "SGPO_VERBOSE"  # 1 = user errors keep their traceback (same as --verbose)
 
@@ -61,6 +61,7 @@ def train(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
     """Validates the config, then runs (or resumes) training in ``workdir``; returns a summary
     dict (steps, last metrics, paths; also in ``workdir/summary.json``)."""
     validate(config)
+    check_devices(config, jax.device_count(), jax.process_count())
     workdir = Path(workdir)
     _announce(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +92,7 @@ def dry_run(config: ConfigDict, workdir: str | Path) -> List[str]:
     of steps, and what a rerun of this workdir would resume from. Returns the report's lines
     (also printed)."""
     validate(config)
+    check_devices(config, jax.device_count(), jax.process_count())
     workdir = Path(workdir)
     lines = ["config: valid"]
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -198,12 +200,51 @@ def main(argv) -> None:
         sys.exit(2)
 
 
+def parse_flags(argv: List[str]) -> List[str]:
+    """absl's flag parsing (``app.run``'s ``flags_parser``), with a flag error or an unknown
+    ``--config.*`` key reported as a user error: one ``error: ...`` line, exit status 2 (the
+    traceback with ``--verbose`` or ``SGPO_VERBOSE=1``)."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, KeyError, AttributeError) as err:
+        problem = _flag_problem(argv, err)
+        if problem is None or "--verbose" in argv or os.environ.get(VERBOSE_ENV, "") not in ("", "0"):
+            raise
+        print("\n".join(user_error_lines(problem)), file=sys.stderr)
+        sys.exit(2)
+
+
+def _flag_problem(argv: List[str], err: Exception) -> Optional[UserError]:
+    """The user error behind a failed flag parse: a bad flag value, or (ml_collections'
+    ``KeyError``/``AttributeError``) an override naming no config field; None if neither."""
+    from absl import flags
+    from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+    if isinstance(err, flags.Error):
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        text = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"  # e.g. a config file's exception
+        return UserError(text, hint="--helpfull lists the flags" if len(lines) == 1 else
+                         f"{VERBOSE_ENV}=1 shows the whole message")
+    paths = [arg.split("=", 1)[1] if arg.startswith("--config=") else argv[i + 1]
+             for i, arg in enumerate(argv) if arg.startswith("--config=") or (arg == "--config" and i + 1 < len(argv))]
+    keys = [arg[len("--config."):].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
+    if not paths:
+        return None
+    try:
+        check_keys(ConfigFileFlagParser("config").parse(paths[-1]), keys)
+    except UserError as problem:
+        return problem
+    return None
+
+
 def cli() -> None:
     """``python -m sgpo_jax.train``: flags, then :func:`main`."""
     from absl import app
 
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
