@@ -73,8 +73,9 @@ checkpoint.directory  "" = workdir/checkpoints; else a shared path or gs:// URL 
 export              write the final policy as a Hugging Face checkpoint (workdir/export)
 """
 
+import difflib
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import jax
 from ml_collections import ConfigDict
@@ -83,10 +84,11 @@ from sgpo_jax.core.step import SGPOConfig
 from sgpo_jax.data.pairs import data_shards
 from sgpo_jax.data.split import SELECTIONS
 from sgpo_jax.errors import ConfigError
+from sgpo_jax.parallel.mesh import mesh_sizes, split_mesh_shape
 from sgpo_jax.ssapo.annotate import STRATEGIES
 
-__all__ = ["FOLLOWERS", "MODES", "PRESETS", "SSAPO_REFERENCES", "base_config", "follower_of", "replaced",
-           "seven_to_eight_b", "sgpo_config", "validate"]
+__all__ = ["FOLLOWERS", "MODES", "PRESETS", "SSAPO_REFERENCES", "base_config", "check_devices", "check_keys",
+           "follower_of", "replaced", "seven_to_eight_b", "sgpo_config", "validate"]
 
 MODES = ("dpo", "sgpo", "ssapo")
 FOLLOWERS = ("step", "epoch", "annotation")
@@ -263,6 +265,10 @@ def _train_problems(config: ConfigDict) -> List[str]:
     if not isinstance(config.sgpo.group_size, int) or config.sgpo.group_size < 0:
         problems.append(f"sgpo.group_size must be 0 (one global ball) or a positive int, "
                         f"got {config.sgpo.group_size!r}")
+    elif config.sgpo.group_size > t.batch_size and t.mode != "dpo" and follower_of(config) == "step":
+        problems.append(f"sgpo.group_size ({config.sgpo.group_size}) is larger than train.batch_size ({t.batch_size}): "
+                        "the step follower sees one batch, so every batch would be one group, the same as "
+                        "sgpo.group_size=0; use a group size <= the batch, 0, or sgpo.follower=epoch")
     if not config.sgpo.annotation_scale > 0:
         problems.append(f"sgpo.annotation_scale must be > 0, got {config.sgpo.annotation_scale}")
     if config.checkpoint.every < 1:
@@ -301,3 +307,47 @@ def _ssapo_problems(config: ConfigDict) -> List[str]:
     if s.prompts and not Path(s.prompts).is_file():
         problems.append(f"ssapo.prompts: {s.prompts}: no such file")
     return problems
+
+
+def check_devices(config: ConfigDict, device_count: int, process_count: int = 1) -> None:
+    """Checks, before any pass, that ``device_count`` devices (over ``process_count`` hosts) can
+    form the ``mesh`` and split the batches: ``train.batch_size`` and
+    ``train.reference_batch_size`` rows are split over the ``mesh.data * mesh.fsdp`` devices (a
+    size they do not divide fails at its first batch). Raises :class:`ConfigError` listing every
+    problem at once."""
+    m, t, problems = config.mesh, config.train, []
+    try:
+        data, fsdp, tensor = mesh_sizes(m.data, m.fsdp, m.tensor, device_count)
+        if process_count > 1:
+            split_mesh_shape((data, fsdp, tensor), device_count // process_count, process_count)
+    except ValueError as err:
+        problems.append(str(err))
+    else:
+        ways = data * fsdp
+        for name in ("batch_size", "reference_batch_size"):
+            if t[name] % ways:
+                problems.append(f"train.{name} ({t[name]}) must be a multiple of mesh.data * mesh.fsdp = {data} * "
+                                f"{fsdp} = {ways}, the devices that split a batch ({device_count} devices, "
+                                f"mesh.tensor={tensor})")
+    if problems:
+        raise ConfigError("the devices do not fit the config:\n  - " + "\n  - ".join(problems))
+
+
+def check_keys(config: ConfigDict, keys: Sequence[str]) -> None:
+    """Raises :class:`ConfigError` for the first of the dotted ``keys`` (command-line overrides,
+    ``"sgpo.epsilon"``) that names no field of ``config``: the key with its unknown name replaced
+    by the closest name of its group (:func:`difflib.get_close_matches`) or, when none is close,
+    the group's fields."""
+    for key in keys:
+        node, parts = config, key.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, ConfigDict):
+                break  # a leaf's own syntax (e.g. an index): ml_collections parses it
+            name = part.split("[")[0]
+            if name not in node:
+                close = difflib.get_close_matches(name, list(node.keys()), n=1)
+                group = ".".join(parts[:depth]) or "the config"
+                where = (f"did you mean {'.'.join(parts[:depth] + close + parts[depth + 1:])}?" if close
+                         else f"{group} has: {', '.join(node.keys())}")
+                raise ConfigError(f"unknown config key {key} (--config.{key}): {where}")
+            node = node[name]

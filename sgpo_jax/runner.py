@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import jax
 from ml_collections import ConfigDict
 
-from sgpo_jax.config import replaced, validate
+from sgpo_jax.config import check_devices, replaced, validate
 from sgpo_jax.console import say
 from sgpo_jax.data.batching import PairBatcher
 from sgpo_jax.data.pairs import load_pairs
@@ -124,6 +124,7 @@ def run(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
     A SIGTERM saves a checkpoint and returns with ``preempted=True`` (nothing is exported);
     rerunning the same call continues."""
     validate(config)
+    check_devices(config, jax.device_count(), jax.process_count())
     workdir = Path(workdir)
     point = resume_point(config, workdir) if jax.process_index() == 0 else None
     say(f"resuming {workdir}: {point}" if point else f"starting fresh in {workdir}")
@@ -161,6 +162,7 @@ def dry_run(config: ConfigDict, workdir: str | Path) -> List[str]:
     the number of steps, and what a rerun of this workdir would resume from. Returns the
     report's lines (also printed)."""
     validate(config)
+    check_devices(config, jax.device_count(), jax.process_count())
     workdir = Path(workdir)
     the_plan = plan(config)
     lines = ["config: valid", *the_plan.lines()]

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import List
+from typing import List, Optional
 
 import jax
 
 from sgpo_jax import runner
+from sgpo_jax.config import check_keys
 from sgpo_jax.console import say
 from sgpo_jax.errors import UserError
 from sgpo_jax.parallel import distributed
 
-__all__ = ["cli", "define_flags", "main", "user_error_lines"]
+__all__ = ["cli", "define_flags", "main", "parse_flags", "user_error_lines"]
 
 VERBOSE_ENV = "SGPO_VERBOSE"  # 1 = user errors keep their traceback (same as --verbose)
 
@@ -99,12 +100,51 @@ def main(argv) -> None:
         sys.exit(2)
 
 
+def parse_flags(argv: List[str]) -> List[str]:
+    """absl's flag parsing (``app.run``'s ``flags_parser``), with a flag error or an unknown
+    ``--config.*`` key reported as a user error: one ``error: ...`` line, exit status 2 (the
+    traceback with ``--verbose`` or ``SGPO_VERBOSE=1``)."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, KeyError, AttributeError) as err:
+        problem = _flag_problem(argv, err)
+        if problem is None or "--verbose" in argv or os.environ.get(VERBOSE_ENV, "") not in ("", "0"):
+            raise
+        print("\n".join(user_error_lines(problem)), file=sys.stderr)
+        sys.exit(2)
+
+
+def _flag_problem(argv: List[str], err: Exception) -> Optional[UserError]:
+    """The user error behind a failed flag parse: a bad flag value, or (ml_collections'
+    ``KeyError``/``AttributeError``) an override naming no config field; None if neither."""
+    from absl import flags
+    from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+    if isinstance(err, flags.Error):
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        text = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"  # e.g. a config file's exception
+        return UserError(text, hint="--helpfull lists the flags" if len(lines) == 1 else
+                         f"{VERBOSE_ENV}=1 shows the whole message")
+    paths = [arg.split("=", 1)[1] if arg.startswith("--config=") else argv[i + 1]
+             for i, arg in enumerate(argv) if arg.startswith("--config=") or (arg == "--config" and i + 1 < len(argv))]
+    keys = [arg[len("--config."):].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
+    if not paths:
+        return None
+    try:
+        check_keys(ConfigFileFlagParser("config").parse(paths[-1]), keys)
+    except UserError as problem:
+        return problem
+    return None
+
+
 def cli() -> None:
     """``python -m sgpo_jax.train``: flags, then :func:`main`."""
     from absl import app
 
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -66,3 +66,19 @@ def test_a_rerun_says_where_it_continues(files, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert (f"resuming {tmp_path}: training: continuing after step 1 (checkpoint {tmp_path}/checkpoints/1)"
             in second.stdout), second.stdout
+
+
+def test_an_unknown_config_key_names_the_closest_one(files, tmp_path):
+    out = run(files, tmp_path, "--config.sgpo.epsilonn=0.1")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        "error: unknown config key sgpo.epsilonn (--config.sgpo.epsilonn): did you mean sgpo.epsilon?"], out.stderr
+
+
+def test_the_dry_run_refuses_a_mesh_the_devices_cannot_form(files, tmp_path):
+    out = run(files, tmp_path, "--dry_run", "--config.mesh.data=3")  # 8 devices (conftest's XLA_FLAGS)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        "error: the devices do not fit the config: mesh.data=3, mesh.fsdp=1, mesh.tensor=1: data*fsdp*tensor = "
+        "3*1*1 = 3 but there are 8 devices"], out.stderr
+    assert "config: valid" not in out.stdout and not (tmp_path / "config.json").exists()

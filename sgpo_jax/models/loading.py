@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from sgpo_jax.errors import ConfigError, ModelError, UserError
 from sgpo_jax.models.gguf import load_gguf, smollm2_gguf_path
 from sgpo_jax.models.hf import from_pretrained, save_pretrained
 from sgpo_jax.models.llama import Decoder, DecoderConfig
@@ -45,7 +46,11 @@ def load_model(model_config: "ConfigDict") -> Tuple[DecoderConfig, Dict[str, Any
     """``(DecoderConfig, variables, tokenizer)`` from ``model.source`` (see sgpo_jax/config.py)."""
     overrides = dict(remat=model_config.remat, scan_layers=model_config.scan_layers,
                      attention=model_config.get("attention", "auto"))
-    dtype, param_dtype = jnp.dtype(model_config.dtype), jnp.dtype(model_config.param_dtype)
+    try:
+        dtype, param_dtype = jnp.dtype(model_config.dtype), jnp.dtype(model_config.param_dtype)
+    except TypeError as err:
+        raise ConfigError(f"model.dtype={model_config.dtype!r} / model.param_dtype={model_config.param_dtype!r}: "
+                          f"{err}; use 'float32' or 'bfloat16'") from err
     source = model_config.source
     tokenizer = load_tokenizer(model_config.tokenizer) if model_config.tokenizer else None
     path = gguf_path(source)
@@ -54,12 +59,20 @@ def load_model(model_config: "ConfigDict") -> Tuple[DecoderConfig, Dict[str, Any
         return cfg, params, tokenizer or gguf_tokenizer
     if source == "random":
         if tokenizer is None:
-            raise ValueError("model.source='random' needs model.tokenizer (a directory, hub name or 'gguf:...')")
-        cfg = DecoderConfig(vocab_size=len(tokenizer), dtype=dtype, param_dtype=param_dtype,
-                            **dict(model_config.random), **overrides)
+            raise ConfigError("model.source='random' needs model.tokenizer (a directory, hub name or 'gguf:...')")
+        try:
+            cfg = DecoderConfig(vocab_size=len(tokenizer), dtype=dtype, param_dtype=param_dtype,
+                                **dict(model_config.random), **overrides)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model.random / model.attention: {err}") from err
         ids = jnp.zeros((1, 2), jnp.int32)
         return cfg, Decoder(cfg).init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids)), tokenizer
-    cfg, params, _ = from_pretrained(source, dtype=dtype, param_dtype=param_dtype, **overrides)
+    try:
+        cfg, params, _ = from_pretrained(source, dtype=dtype, param_dtype=param_dtype, **overrides)
+    except ValueError as err:
+        if isinstance(err, UserError):
+            raise
+        raise ModelError(f"model.source={source!r}: {err}") from err
     return cfg, params, tokenizer or load_tokenizer(source)
 
 
