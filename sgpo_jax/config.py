@@ -26,6 +26,11 @@ data.shards         data shards (0 = one per process): each host reads and token
                     mid-epoch) only with the same number; set it to resume on another host count
 train.mode          "dpo", "sgpo" (one run on data.source) or "ssapo" (the self-annotation loop)
 train.beta, train.label_smoothing (dpo)
+train.loss_type     the dpo loss (TRL's names): "sigmoid" (DPO; cDPO with label_smoothing > 0), "robust"
+                    (rDPO, label_smoothing = the assumed flip rate), "ipo" (TRL's length-averaged
+                    IPO, beta = tau) or "dr_dpo" (Dr. DPO over each batch, exact with micro_batches);
+                    applies to train.mode=dpo and SSAPO's DPO rounds (seed, ssapo.round_mode=dpo)
+train.dr_dpo_beta   Dr. DPO's temperature beta' (train.loss_type=dr_dpo)
 train.learning_rate, train.warmup_ratio (linear warmup, then cosine decay to 0)
 train.epochs, train.max_steps (-1 = epochs decide), train.batch_size (pairs per optimizer step)
 train.micro_batches (gradient accumulation, exact), train.max_grad_norm, train.weight_decay
@@ -119,6 +124,7 @@ def base_config() -> ConfigDict:
         mode="sgpo", beta=0.1, label_smoothing=0.0, learning_rate=5e-7, warmup_ratio=0.1,
         epochs=1, max_steps=-1, batch_size=32, micro_batches=1, max_grad_norm=1.0,
         weight_decay=0.0, seed=42, reference_batch_size=16,
+        loss_type="sigmoid", dr_dpo_beta=1.0,
     ))
     c.sgpo = ConfigDict(dict(
         epsilon=0.01, loss="tangents", space="probability", num_tangents=6, variant="ball",
@@ -189,7 +195,8 @@ def sgpo_config(config: ConfigDict, mode: Optional[str] = None) -> SGPOConfig:
     (``mode`` overrides ``train.mode``, e.g. ``"dpo"`` for SSAPO's seed round)."""
     t, s = config.train, _sgpo_fields(config)
     return SGPOConfig(
-        mode=mode or t.mode, beta=t.beta, label_smoothing=t.label_smoothing, space=s["space"], loss=s["loss"],
+        mode=mode or t.mode, beta=t.beta, label_smoothing=t.label_smoothing, loss_type=t.loss_type,
+        dr_dpo_beta=t.dr_dpo_beta, space=s["space"], loss=s["loss"],
         leader_loss=s["leader_loss"] or None, num_tangents=s["num_tangents"], epsilon=s["epsilon"],
         window_tau=s["window_tau"], variant=s["variant"], micro_batches=t.micro_batches,
         group_size=s["group_size"] or None,
@@ -227,6 +234,9 @@ def _train_problems(config: ConfigDict) -> List[str]:
     t, d = config.train, config.data
     if t.mode not in MODES:
         problems.append(f"train.mode must be 'dpo', 'sgpo' or 'ssapo', got {t.mode!r}")
+    if t.mode == "sgpo" and t.loss_type != "sigmoid":
+        problems.append(f"train.loss_type={t.loss_type!r} applies to train.mode=dpo (and SSAPO's DPO rounds); "
+                        "train.mode=sgpo trains on sgpo.loss")
     if not config.data.source and t.mode != "ssapo":
         problems.append("data.source is empty: give a hub dataset name or local .json/.jsonl/.parquet file")
     if t.batch_size < 1 or t.batch_size % t.micro_batches:
