@@ -10,6 +10,17 @@ resumes exactly. Per step the workdir's ``metrics.jsonl`` and TensorBoard events
 TRL's reward metrics, grad norm, learning rate, tokens/s, and the follower's value, dual price
 and moved mass. Run with ``--helpfull`` to list every flag; the config fields are documented in
 ``sgpo_jax/config.py``.
+
+Safety: one run per workdir (``workdir/run.lock``; a second process stops at once with exit
+status 2). A rerun must have the first run's result-changing settings (``workdir/settings.json``;
+else it refuses, listing them: pass ``--allow_config_change`` to continue anyway); raising
+``train.max_steps`` or ``train.epochs`` continues the run. Checkpoints carry sha256 checksums:
+a damaged one is moved aside and the run resumes from the newest sound one. A diverged or dead
+run stops with one line (exit status 2) and nothing non-finite is saved or exported.
+
+Exit status: 0 finished; 2 a user error (one ``error:`` line); 75 (EX_TEMPFAIL) stopped by
+SIGTERM or Ctrl-C after saving (a checkpoint, or the finished batches of the reference pass):
+rerun the same command to resume; 130 a second Ctrl-C (exits at once, keeping what was saved).
 """
 
 from __future__ import annotations
@@ -35,11 +46,14 @@ from sgpo_jax.parallel.mesh import make_mesh
 from sgpo_jax.ssapo import pipeline
 from sgpo_jax.training import memory
 from sgpo_jax.training.checkpoint import latest_saved_step
+from sgpo_jax.training.fingerprint import check_settings
+from sgpo_jax.training.lock import WorkdirLock
 from sgpo_jax.training.trainer import Preempted, fit
 
-__all__ = ["cli", "dry_run", "main", "resume_point", "train", "user_error_lines"]
+__all__ = ["EXIT_PREEMPTED", "cli", "dry_run", "main", "resume_point", "train", "user_error_lines"]
 
 VERBOSE_ENV = "SGPO_VERBOSE"  # 1 = user errors keep their traceback (same as --verbose)
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM / Ctrl-C after saving; rerun to resume
 
 
 def resume_point(config: ConfigDict, workdir: Path) -> Optional[str]:
@@ -52,17 +66,25 @@ def resume_point(config: ConfigDict, workdir: Path) -> Optional[str]:
     return None if step is None else f"training: continuing after step {step} (checkpoint {directory}/{step})"
 
 
-def _announce(config: ConfigDict, workdir: Path) -> None:
-    point = resume_point(config, workdir) if jax.process_index() == 0 else None
-    say(f"resuming {workdir}: {point}" if point else f"starting fresh in {workdir}")
+def _announce(config: ConfigDict, workdir: Path, allow_config_change: bool) -> None:
+    """Checks the settings against the workdir's run (see :mod:`sgpo_jax.training.fingerprint`),
+    then says where the run continues."""
+    point = distributed.broadcast_object(resume_point(config, workdir) if jax.process_index() == 0 else None)
+    notes = check_settings(config, workdir, resuming=point is not None, allow_change=allow_config_change)
+    say(f"resuming {workdir}: {'; '.join([point] + notes)}" if point else f"starting fresh in {workdir}")
 
 
-def train(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
-    """Validates the config, then runs (or resumes) training in ``workdir``; returns a summary
-    dict (steps, last metrics, paths; also in ``workdir/summary.json``)."""
+def train(config: ConfigDict, workdir: str | Path, *, allow_config_change: bool = False) -> Dict[str, Any]:
+    """Validates the config, then runs (or resumes) training in ``workdir`` under its lock;
+    returns a summary dict (steps, last metrics, paths; also in ``workdir/summary.json``).
+    ``allow_config_change``: resume although result-changing settings differ."""
     validate(config)
-    workdir = Path(workdir)
-    _announce(config, workdir)
+    with WorkdirLock(workdir):
+        return _train(config, Path(workdir), allow_config_change)
+
+
+def _train(config: ConfigDict, workdir: Path, allow_config_change: bool) -> Dict[str, Any]:
+    _announce(config, workdir, allow_config_change)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -124,7 +146,11 @@ def dry_run(config: ConfigDict, workdir: str | Path) -> List[str]:
     lines.append(f"memory plan per device ({fits}):")
     lines.extend("  " + line for line in str(plan).splitlines())
     point = resume_point(config, workdir)
-    lines.append(f"rerun: {point}" if point else f"rerun: starts fresh in {workdir}")
+    try:
+        notes = check_settings(config, workdir, resuming=point is not None, record=False)
+    except UserError as err:
+        notes = [f"REFUSED: {err}"]
+    lines.append(f"rerun: {'; '.join([point] + notes)}" if point else f"rerun: starts fresh in {workdir}")
     for line in lines:
         say(line)
     return lines
@@ -164,6 +190,8 @@ def define_flags() -> None:
                       "all; SLURM with one task per GPU: SLURM_LOCALID).")
     flags.DEFINE_bool("dry_run", False, "Validate the config, read and tokenize the data, print the memory plan, the "
                       "number of steps and what a rerun would resume from; then exit without compiling.")
+    flags.DEFINE_bool("allow_config_change", False, "Resume a workdir although result-changing settings differ "
+                      "from its run's (workdir/settings.json; without it such a rerun refuses, listing them).")
     flags.DEFINE_bool("verbose", False, f"Show the full traceback of user errors (bad config, data, checkpoint, "
                       f"model source, memory) instead of one line; also {VERBOSE_ENV}=1.")
     flags.mark_flags_as_required(["config", "workdir"])
@@ -174,7 +202,8 @@ def main(argv) -> None:
     ``jax.distributed`` when the flags or the environment describe several processes (SLURM, TPU
     pod, ``SGPO_*`` variables; see :mod:`sgpo_jax.parallel.distributed`), before anything touches
     a device, then trains. Every process of a multi-host run runs this same command; process 0
-    writes the metrics, caches and export, all write their checkpoint shards."""
+    writes the metrics, caches and export, all write their checkpoint shards. Exits with
+    :data:`EXIT_PREEMPTED` (75) when a signal stopped the run after saving, 2 on a user error."""
     from absl import flags, logging
 
     del argv
@@ -189,7 +218,10 @@ def main(argv) -> None:
         say(f"jax.distributed: {jax.process_count()} processes ({spec.source}), {jax.device_count()} devices "
             f"({jax.local_device_count()} per process)")
     try:
-        (dry_run if flag.dry_run else train)(flag.config, flag.workdir)
+        if flag.dry_run:
+            dry_run(flag.config, flag.workdir)
+        elif train(flag.config, flag.workdir, allow_config_change=flag.allow_config_change).get("preempted"):
+            sys.exit(EXIT_PREEMPTED)
     except (UserError, FileNotFoundError) as err:
         if flag.verbose or os.environ.get(VERBOSE_ENV, "") not in ("", "0"):
             raise

@@ -13,6 +13,7 @@ import pytest
 from ml_collections import config_flags  # noqa: F401  (the CLI's dependency must import)
 
 from sgpo_jax import train as train_lib
+from sgpo_jax.errors import DivergenceError
 from sgpo_jax.models import from_pretrained
 from sgpo_jax.training import trainer as trainer_lib
 from sgpo_jax.training.metrics import MetricsLog
@@ -130,8 +131,12 @@ def test_non_finite_loss_stops_with_a_clear_message(tokenizer_dir, data_file, tm
         return new_state, metrics
 
     monkeypatch.setattr(trainer_lib, "run_step", poisoned)
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 5.*last good checkpoint.*step 4"):
+    with pytest.raises(DivergenceError) as err:
         train_lib.train(config, tmp_path)
+    assert str(err.value) == (f"training diverged at step 5: non-finite loss; last finite checkpoint: step 4 in "
+                              f"{tmp_path / 'checkpoints'}; likely cause: no warning sign in the steps before: check "
+                              "the data of this batch and the compute dtype (model.dtype)")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]  # step 5 was not saved
 
 
 def test_config_is_validated_up_front(tokenizer_dir, data_file, tmp_path):
