@@ -187,7 +187,7 @@ class Checkpointer:
         self._record_lock = threading.Lock()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
-            async_options=ocp.AsyncOptions(post_finalization_callback=self._record_checksums),
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._record_checksums) if async_save else None,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
@@ -252,7 +252,11 @@ class Checkpointer:
         its devices hold), so e.g. a run saved by 2 hosts on ``(data=2, fsdp=2, tensor=2)``
         resumes on one host with ``fsdp=8``. The structure and shapes must match (same model
         and optimizer); a mismatch raises orbax's error naming the tree path."""
-        candidates = sorted(self._manager.all_steps(), reverse=True) if step is None else [step]
+        steps = set(self._manager.all_steps())
+        if self.local and os.path.isdir(self.directory):  # orbax does not list an empty step directory
+            steps |= {int(name) for name in os.listdir(self.directory)
+                      if name.isdigit() and os.path.isdir(os.path.join(self.directory, name))}
+        candidates = sorted(steps, reverse=True) if step is None else [step]
         for candidate in candidates:
             problem, recorded = None, False
             if self.local:

@@ -148,7 +148,7 @@ class Trainer:
         self.directory = config.checkpoint.directory or self.workdir / "checkpoints"
         self.checkpointer = Checkpointer(self.directory, save_every=config.checkpoint.every,
                                          max_to_keep=config.checkpoint.keep)
-        self.param_norm = jax.jit(optax.global_norm)
+        self.param_norm = jax.jit(optax.tree.norm)
         self.meta = {"data_fingerprint": pairs.fingerprint(), "steps_per_epoch": self.steps_per_epoch,
                      "data_shards": pairs.num_shards, "start_param_norm": float(self.param_norm(self.state.params))}
         self.step = 0
