@@ -41,9 +41,11 @@ class DivergenceMonitor:
         self.resumed_at, self.set_aside = resumed_at, set_aside
         self.history: Deque[Tuple[int, float, float, float]] = deque(maxlen=WINDOW)  # step, loss, grad, norm
         self.zero_since: Optional[int] = None
+        self.current: Optional[Tuple[int, float, float, float]] = None
 
     def check(self, step: int, metrics: Dict[str, float], param_norm: float) -> Optional[str]:
         """The problem at ``step`` in words, or None (then the step joins the evidence)."""
+        self.current = (step, metrics.get("loss", math.nan), metrics.get("grad_norm", math.nan), param_norm)
         bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
         if bad or not math.isfinite(param_norm):
             return f"non-finite {', '.join(bad or ['parameters'])}"
@@ -67,13 +69,14 @@ class DivergenceMonitor:
             names = ", ".join(f"step {s} ({reason})" for s, reason in self.set_aside)
             evidence.append(f"it began {step - self.resumed_at} steps after resuming from step {self.resumed_at}, "
                             f"newer checkpoints having failed their check: {names}")
-        rows = list(self.history)
+        rows = list(self.history) + [r for r in [self.current] if r and all(map(math.isfinite, r))]
         if rows:
             first_norm = rows[0][3] if len(rows) > 1 else self.start_norm
             growth = rows[-1][3] / max(first_norm, 1e-30)
             if rows[-1][3] > 2 * self.start_norm or growth > 1.5:
                 evidence.append(f"exploding updates: the parameter norm grew from {self.start_norm:.3g} to "
-                                f"{rows[-1][3]:.3g} by step {rows[-1][0]}")
+                                f"{rows[-1][3]:.3g} by step {rows[-1][0]} at train.learning_rate="
+                                f"{self.learning_rate:g}")
             losses = [r[1] for r in rows]
             if len(rows) > 1 and losses[-1] > 1.5 * min(losses) and losses[-1] > losses[0]:
                 evidence.append(f"rising loss: {min(losses):.4g} -> {losses[-1]:.4g} over steps {rows[0][0]}-"
