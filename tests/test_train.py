@@ -293,7 +293,7 @@ def test_a_dead_or_exploding_run_stops_in_one_line_and_exports_nothing(tokenizer
                             .split(" ")[0] + " to " + message.split("parameter norm ")[1].split(" ")[0]
                             + " by step 1 at train.learning_rate=1e+06")
     assert "lower --config.train.learning_rate (now 1e+06)" in err.value.hint
-    assert not (tmp_path / "export").exists() and not (tmp_path / "checkpoints").exists()
+    assert not (tmp_path / "export").exists() and not list((tmp_path / "checkpoints").iterdir())
 
 
 def test_export_refuses_a_non_finite_model(tmp_path):

@@ -132,6 +132,7 @@ def cached_reference(workdir: Path, key: str,
             chosen, rejected = compute(as_seen_by_process_0(load))
         except PassStopped as stop:
             if jax.process_index() == 0:
+                partial_path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = partial_path.with_suffix(".tmp.npz")
                 np.savez(tmp, chosen=stop.chosen, rejected=stop.rejected, done=np.asarray(stop.done))
                 os.replace(tmp, partial_path)
