@@ -209,11 +209,11 @@ def test_resume_needs_the_same_number_of_data_shards(tokenizer_dir, data_file, t
     config = tiny(tokenizer_dir, data_file, data__shards=2, train__max_steps=2, export=False)
     train_lib.train(config, tmp_path)
     config.train.max_steps, config.data.shards = 3, 0  # one process: one shard
-    with pytest.raises(ValueError, match=r"other settings \(data.shards: 2 -> 0\)"):
+    with pytest.raises(ValueError, match=r"other settings \(data.shards: 2 -> 1\)"):
         train_lib.train(config, tmp_path)
     with pytest.raises(ValueError, match=r"trained with 2 data shards and this run has 1 .*--config.data.shards=2"):
         train_lib.train(config, tmp_path, allow_config_change=True)
-    config.data.shards = 2  # the allowed change above was recorded (0): back to 2 is a change again
+    config.data.shards = 2  # the allowed change above was recorded (1): back to 2 is a change again
     assert train_lib.train(config, tmp_path, allow_config_change=True)["step"] == 3
     with pytest.raises(ValueError, match=r"train.batch_size \(8\) must be a multiple of the number of data shards "
                                          r"\(3, data.shards=3\)"):

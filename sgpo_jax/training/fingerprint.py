@@ -17,6 +17,7 @@ from typing import Any, Dict, List
 
 from ml_collections import ConfigDict
 
+from sgpo_jax.data.pairs import data_shards
 from sgpo_jax.errors import CheckpointError
 from sgpo_jax.training.workdir import read_json, write_json
 
@@ -55,8 +56,11 @@ def _flatten(value: Any, prefix: str = "") -> Dict[str, Any]:
 
 
 def result_settings(config: ConfigDict) -> Dict[str, Any]:
-    """``{dotted field: value}`` of every result-changing setting of ``config``."""
-    return {k: v for k, v in _flatten(config.to_dict()).items() if k not in NOT_RESULT_CHANGING}
+    """``{dotted field: value}`` of every result-changing setting of ``config``; ``data.shards``
+    as resolved (0 = one per process), since the pair order depends on the number itself."""
+    settings = {k: v for k, v in _flatten(config.to_dict()).items() if k not in NOT_RESULT_CHANGING}
+    settings["data.shards"] = data_shards(config.data)
+    return settings
 
 
 def check_settings(config: ConfigDict, workdir: Path, *, resuming: bool, allow_change: bool = False,
