@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from sgpo_jax.errors import ConfigError, ModelError, UserError
+from sgpo_jax.errors import ConfigError, DivergenceError, ModelError, UserError
 from sgpo_jax.models.gguf import load_gguf, smollm2_gguf_path
 from sgpo_jax.models.hf import from_pretrained, save_pretrained
 from sgpo_jax.models.llama import Decoder, DecoderConfig
@@ -79,8 +80,14 @@ def load_model(model_config: "ConfigDict") -> Tuple[DecoderConfig, Dict[str, Any
 def export_policy(workdir: Path, cfg: DecoderConfig, params: Any, tokenizer) -> Optional[str]:
     """Writes the policy in the Hugging Face layout to ``workdir/export`` (process 0 only).
     Every process must call it: parameters sharded across hosts are gathered leaf by leaf first
-    (a collective), then process 0 writes."""
+    (a collective), then process 0 writes. Refuses (:class:`~sgpo_jax.errors.DivergenceError`,
+    writing nothing) when a parameter is NaN or infinite."""
     host_params = distributed.to_host(params)
+    bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(host_params)
+           if jnp.issubdtype(x.dtype, jnp.inexact) and not np.isfinite(x).all()]
+    if bad:
+        raise DivergenceError(f"not exporting to {Path(workdir) / 'export'}: {len(bad)} parameters hold NaN or "
+                              f"infinite values (first: {bad[0]})", "the training diverged: lower the learning rate")
     if jax.process_index() != 0:
         return None
     return str(save_pretrained(Path(workdir) / "export", cfg, host_params, tokenizer=tokenizer))
