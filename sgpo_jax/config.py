@@ -42,7 +42,7 @@ sgpo.preset         "" (choose every field below yourself), "consistent" (the ex
                     bounds on groups of 100 annotated pairs, leader -log p with the 1e-6 floor,
                     annotation atoms). A preset sets loss, num_tangents, leader_loss, variant,
                     group_size (and follower for "authors"); setting one of those to another
-                    value than the preset's is an error. README: "The paper, the authors' code
+                    value than the preset's is an error. docs/method.md: "The paper, the authors' code
                     and this library" says what each does to the hardest pairs.
 sgpo.epsilon, sgpo.loss, sgpo.space, sgpo.num_tangents, sgpo.variant, sgpo.window_tau
 sgpo.group_size     0 = one global ball over all pairs; G = consecutive groups of G pairs (the
@@ -72,7 +72,7 @@ ssapo.*             the self-annotation loop (train.mode="ssapo", see sgpo_jax/s
 eval.tasks          "heldout" (bundled verifiable-instruction tasks), a task JSONL, or "" (none)
 eval.limit, eval.max_new_tokens, eval.batch_size   held-out evaluation after every round (greedy)
 mesh.data, mesh.fsdp, mesh.tensor   device mesh sizes (one may be -1)
-checkpoint.every    save every N steps (also at the end and on SIGTERM); checkpoint.keep
+checkpoint.every    save every N steps (also at the end, on SIGTERM and Ctrl-C); checkpoint.keep
 checkpoint.directory  "" = workdir/checkpoints; else a shared path or gs:// URL every host sees
                     (train.mode=ssapo puts round t's checkpoints under DIRECTORY/round_t)
 export              write the final policy as a Hugging Face checkpoint (workdir/export)
@@ -170,7 +170,7 @@ def seven_to_eight_b(c: ConfigDict) -> ConfigDict:
     c.ssapo.pool_sizes = (8000, 20000, 30000)
     c.ssapo.generation_batch_size = 64
     # The authors' pairing: K=6 tangent follower with their per-entry bounds on groups of 100
-    # annotated pairs, leader -log p with the 1e-6 floor (README: "The paper, the authors' code
+    # annotated pairs, leader -log p with the 1e-6 floor (docs/method.md: "The paper, the authors' code
     # and this library"); --config.sgpo.preset=consistent plays the exact game instead.
     c.sgpo.preset = "authors"
     return c
