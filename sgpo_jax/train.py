@@ -30,6 +30,7 @@ from sgpo_jax.data.pairs import load_pairs
 from sgpo_jax.errors import UserError
 from sgpo_jax.models.llama import Decoder
 from sgpo_jax.models.loading import export_policy, load_model
+from sgpo_jax.models.lora import lora_config
 from sgpo_jax.parallel import distributed
 from sgpo_jax.parallel.mesh import make_mesh
 from sgpo_jax.ssapo import pipeline
@@ -79,7 +80,8 @@ def train(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
     else:
         summary = result.summary
     if config.export and not summary["preempted"]:
-        summary["export"] = export_policy(workdir, cfg, result.params, tokenizer)
+        summary["export"] = export_policy(workdir, cfg, result.params, tokenizer, adapters=result.adapters,
+                                          lora=lora_config(config.model), base_model=config.model.source)
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

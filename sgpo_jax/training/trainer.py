@@ -32,6 +32,7 @@ from sgpo_jax.core.step import TrainState, make_sgpo_step
 from sgpo_jax.data.batching import PairBatcher, ordered_batches, preference_batch
 from sgpo_jax.data.tokenize import TokenizedPairs
 from sgpo_jax.errors import CheckpointError, DataError, DeviceMemoryError
+from sgpo_jax.models import lora as lora_lib
 from sgpo_jax.models.llama import Decoder
 from sgpo_jax.models.logps import decoder_logps_fn
 from sgpo_jax.parallel import distributed, sharding
@@ -79,10 +80,13 @@ def run_step(step_fn, state, batch, config: ConfigDict):
 @dataclasses.dataclass
 class FitResult:
     """What :func:`fit` returns: the final policy parameters (sharded like the state) and the run
-    summary (steps, last step's metrics, the epochs' follower metrics, mean loss, workdir)."""
+    summary (steps, last step's metrics, the epochs' follower metrics, mean loss, workdir). With
+    ``model.lora``, ``params`` are the base with the adapters merged in and ``adapters`` the
+    trained adapters themselves (:mod:`sgpo_jax.models.lora`); else ``adapters`` is None."""
 
     params: Any
     summary: Dict[str, Any]
+    adapters: Any = None
 
 
 class Preempted(Exception):
@@ -116,6 +120,7 @@ class Trainer:
                             "name the score columns with --config.data.score_columns, "
                             "or set --config.sgpo.follower=step")
         self.logps_fn = decoder_logps_fn(model, chunk_size=config.model.logps_chunk)
+        self.lora = lora_lib.lora_config(config.model)
         self.buckets = tuple(config.data.buckets) or None
         self.batcher = PairBatcher(pairs, t.batch_size, buckets=self.buckets, seed=t.seed, **self._hosts())
         self.steps_per_epoch = self.batcher.steps_per_epoch
@@ -123,15 +128,22 @@ class Trainer:
 
         memory.check(memory.plan_for_run(config, model.cfg, dict(mesh.shape)), memory.device_memory_bytes())
         params = sharding.shard_params(params, mesh)
-        reference = params if reference_params is None else sharding.shard_params(reference_params, mesh)
+        same_reference = reference_params is None or reference_params is params
+        params = sharding.shard_params(params, mesh)
+        reference = params if same_reference else sharding.shard_params(reference_params, mesh)
         params = jax.tree.map(jnp.copy, params)  # the step donates its state; the caller's arrays stay valid
+        frozen, self.policy_logps_fn = None, self.logps_fn
+        if self.lora is not None:  # train adapters on the frozen base; the reference is the base, adapters off
+            frozen, params = params, sharding.shard_params(
+                lora_lib.init_adapters(params, self.lora, jax.random.PRNGKey(t.seed)), mesh)
+            self.policy_logps_fn = lora_lib.lora_logps_fn(model, self.lora, chunk_size=config.model.logps_chunk)
         self.key = cache_key(reference, pairs.fingerprint())
         self.reference_logps = cached_reference(self.workdir, self.key, lambda: pair_logps(
             self.logps_fn, reference, self._reference_batches(), len(pairs), mesh=mesh, desc="reference log-probs"))
 
         self.tx, self.schedule = make_optimizer(t, self.total_steps)
         state = TrainState.create(apply_fn=model.apply, params=params, tx=self.tx, config=self.sgpo,
-                                  rng=jax.random.PRNGKey(t.seed), logps_fn=self.logps_fn)
+                                  rng=jax.random.PRNGKey(t.seed), logps_fn=self.policy_logps_fn, frozen=frozen)
         state_sharding = sharding.param_sharding(state, mesh)
         self.state = jax.device_put(state, state_sharding)
         self.step_fn = make_sgpo_step(mesh, self.state, batch_axes=BATCH_AXES, state_sharding=state_sharding)
@@ -181,7 +193,9 @@ class Trainer:
         else:
             def margins_fn():
                 ref = self.reference_logps
-                policy = pair_logps(self.logps_fn, self.state.params, self._reference_batches(), len(self.pairs),
+                state = self.state
+                weights = state.params if state.frozen is None else (state.frozen, state.params)
+                policy = pair_logps(self.policy_logps_fn, weights, self._reference_batches(), len(self.pairs),
                                     mesh=self.mesh, desc=f"follower scores, epoch {epoch}")
                 return (policy[0] - ref[0]) - (policy[1] - ref[1])
 
@@ -261,7 +275,10 @@ class Trainer:
                    **distributed.broadcast_object(run_statistics(self.workdir / "metrics.jsonl", step))}
         if preempted:
             raise Preempted(f"SIGTERM: saved step {step} in {self.workdir}; rerun the same command to resume", summary)
-        return FitResult(params=state.params, summary=summary)
+        if self.lora is None:
+            return FitResult(params=state.params, summary=summary)
+        return FitResult(params=lora_lib.merge(state.frozen, state.params, self.lora), summary=summary,
+                         adapters=state.params)
 
 
 def fit(config: ConfigDict, workdir: str | Path, *, model: Decoder, params: Any, pairs: TokenizedPairs,
