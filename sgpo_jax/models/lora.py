@@ -161,7 +161,7 @@ def adapter_count(adapters: Mapping[str, Any]) -> int:
 
 def merge(base: Mapping[str, Any], adapters: Mapping[str, Any], lora: LoraConfig) -> Dict[str, Any]:
     """``base`` with every adapted kernel replaced by :math:`W + \\frac{\\alpha}{r} A B` (computed
-    in float32, stored in the kernel's dtype): the plain decoder on the result computes what the
+    in float32 or wider, stored in the kernel's dtype): the plain decoder on the result computes what the
     LoRA model computes on ``(base, adapters)`` (up to the rounding of the merged weights)."""
     flat = _flat(base)
     adapter = _flat(adapters)
@@ -169,8 +169,9 @@ def merge(base: Mapping[str, Any], adapters: Mapping[str, Any], lora: LoraConfig
         kernel = path[:-1] + ("kernel",)
         w = flat[kernel]
         a, b = adapter[path], adapter[path[:-1] + ("kernel_lora_b",)]
-        delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-        flat[kernel] = (w.astype(jnp.float32) + lora.scale * delta).astype(w.dtype)
+        wide = jnp.promote_types(w.dtype, jnp.float32)
+        delta = jnp.matmul(a.astype(wide), b.astype(wide), precision=jax.lax.Precision.HIGHEST)
+        flat[kernel] = (w.astype(wide) + lora.scale * delta).astype(w.dtype)
     return {"params": traverse_util.unflatten_dict(flat)}
 
 
