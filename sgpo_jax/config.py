@@ -12,7 +12,8 @@ model.logps_chunk   sequence positions per chunk of the output-layer log-probs
 model.lora.rank     LoRA adapters of this rank on the projections (0 = off: full fine-tuning); only the
                     adapters train, the reference is the base with the adapters off, each run ends by
                     merging them (sgpo_jax/models/lora.py); model.lora.alpha (scale alpha / rank),
-                    model.lora.targets (of q, k, v, o, gate, up, down; default all)
+                    model.lora.targets (of q, k, v, o, gate, up, down; default all), model.lora.quantize
+                    ("" or QLoRA's frozen base in "int8" or "nf4", per output channel)
 model.attention     attention kernel for training and scoring: "auto" (cuDNN flash attention on a
                     CUDA GPU, Pallas splash attention on TPU, else "xla"; one log line says which
                     and why), "xla" (blocked einsum), "cudnn" or "splash" (an error where unusable)
@@ -109,7 +110,7 @@ def base_config() -> ConfigDict:
     c.model = ConfigDict(dict(
         source="gguf:smollm2", tokenizer="", dtype="float32", param_dtype="float32",
         remat=False, scan_layers=False, logps_chunk=64, attention="auto",
-        lora=ConfigDict(dict(rank=0, alpha=16.0, targets=("q", "k", "v", "o", "gate", "up", "down"))),
+        lora=ConfigDict(dict(rank=0, alpha=16.0, targets=("q", "k", "v", "o", "gate", "up", "down"), quantize="")),
         random=ConfigDict(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                tie_word_embeddings=True, rope_theta=10000.0, initializer_range=0.02)),

