@@ -175,8 +175,8 @@ def _configs_importable(monkeypatch):
 
 
 def lora_tiny(tokenizer_dir, data_file, **overrides):
-    config = tiny(tokenizer_dir, data_file, train__mode="dpo", train__max_steps=4, checkpoint__every=2,
-                  **overrides)
+    config = tiny(tokenizer_dir, data_file, **{**dict(train__mode="dpo", train__max_steps=4, checkpoint__every=2),
+                                               **overrides})
     config.model.lora.rank = 4
     config.model.lora.alpha = 8.0
     return config
@@ -272,9 +272,11 @@ def test_qlora_trains_end_to_end(tokenizer_dir, data_file, tmp_path):
     config.model.lora.quantize = "int8"
     summary = train_lib.train(config, tmp_path)
     assert summary["step"] == 2 and np.isfinite(summary["metrics"]["loss"])
-    # the reference is the quantized policy at init: the first step's margins are exactly 0
+    # the reference is the quantized policy at init, so the first step's rewards vanish; not bitwise: the
+    # reference pass and the step are different compiled programs (float32 sums of ~20 token log-probs)
     first = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][0]
-    assert first["rewards/margins"] == 0.0 and first["rewards/chosen"] == 0.0
+    assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/rejected"]) < 1e-5
+    assert abs(first["loss"] - np.log(2)) < 1e-5
 
 
 def test_planner_counts_lora_adapters_only_for_gradients_and_moments():
