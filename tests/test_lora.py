@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+pytest.importorskip("qwix")  # the lora extra (also in the test extra)
 from sgpo_jax import train as train_lib
 from sgpo_jax.core.step import PreferenceBatch, SGPOConfig, TrainState, sgpo_step
 from sgpo_jax.models import from_pretrained, lora

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from sgpo_jax.errors import ConfigError
 from sgpo_jax.models.llama import Decoder
 from sgpo_jax.models.logps import decoder_logps_fn
 
@@ -113,7 +114,10 @@ def lora_model(model: Decoder, lora: LoraConfig) -> Decoder:
     """``model`` with qwix's LoRA on the targeted projections (the same ``cfg``, params and
     methods; applied to params without adapters it would create them, so give it :func:`join`'s
     tree)."""
-    import qwix  # imported here: the LoRA path's only dependency beyond flax
+    try:
+        import qwix  # imported here: the LoRA path's only dependency beyond flax
+    except ImportError as err:
+        raise ConfigError("model.lora.rank > 0 needs qwix", "pip install 'sgpo_jax[lora]' (qwix==0.1.8)") from err
 
     pattern = r".*/(" + "|".join(target_modules(lora)) + r")$"
     provider = qwix.LoraProvider(module_path=pattern, rank=lora.rank, alpha=lora.alpha,
