@@ -206,6 +206,14 @@ def _per_device(tree: Any, sizes: Mapping[str, int]) -> float:
     return total
 
 
+def _flat_names(tree: Any) -> Dict[str, Any]:
+    """``{"params/layers/.../kernel": leaf}`` of a params tree."""
+    import jax
+
+    return {"/".join(str(getattr(key, "key", key)) for key in path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def _sharded_elements(model_cfg, sizes: Mapping[str, int]) -> Tuple[float, float, float]:
     """``(per-device elements of all params, of one layer's params (unsharded / t), the output
     head's elements (unsharded / t))`` under the default rules."""
@@ -277,16 +285,25 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
 
     elements, layer_elements, head_elements = _sharded_elements(c, sizes)
     weights = elements * p
-    trained, trained_elements, lora_per_token = weights, elements, 0.0
+    trained, trained_elements, lora_per_token, notes_quantized = weights, elements, 0.0, ""
     if lora is not None:
         import jax
 
         from sgpo_jax.models.lora import init_adapters, target_modules
 
-        shapes = jax.eval_shape(lambda: init_adapters(_param_shapes(c), lora, jax.random.PRNGKey(0)))
+        base_shapes = _param_shapes(c)
+        shapes = jax.eval_shape(lambda: init_adapters(base_shapes, lora, jax.random.PRNGKey(0)))
         trained_elements = _per_device(shapes, sizes)
         trained = trained_elements * 4
         lora_per_token = s * lora.rank * len(target_modules(lora))
+        if lora.quantize:  # QLoRA: targeted kernels as int8 (1 B) or nf4 (0.5 B) codes + a float32 scale per column
+            targeted = "(" + "|".join(target_modules(lora)) + ")/kernel"
+            quantized = {k: v for k, v in _flat_names(base_shapes).items() if k.endswith("/kernel")
+                         and any(k.endswith(m + "/kernel") for m in target_modules(lora))}
+            q_elements = _per_device(quantized, sizes)
+            scales = sum(float(np.prod(v.shape[:-2])) * v.shape[-1] for v in quantized.values()) * 4
+            weights += q_elements * ((1.0 if lora.quantize == "int8" else 0.5) - p) + scales
+            notes_quantized = f"; {targeted} in {lora.quantize}"
 
     block = int(getattr(c, "attention_block", 0) or 0)
     keys = (seq_len + block) / 2 if 0 < block < seq_len else seq_len  # key slots a query scores, on average
@@ -302,7 +319,7 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
     notes: Dict[str, str] = {}
     comp["parameters"] = low["parameters"] = weights + (trained if lora is not None else 0.0)
     notes["parameters"] = f"{elements:,.0f} elements x {p} B" + (
-        f" (frozen) + {trained_elements:,.0f} LoRA elements x 4 B" if lora is not None else "")
+        f" (frozen{notes_quantized}) + {trained_elements:,.0f} LoRA elements x 4 B" if lora is not None else "")
     what = "LoRA adapters" if lora is not None else "parameters"
     grads = 2 if micro_batches > 1 else 1
     comp["gradients"] = low["gradients"] = grads * trained
@@ -485,6 +502,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     p.add_argument("--logps_chunk", type=int, default=256)
     p.add_argument("--lora_rank", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
     p.add_argument("--lora_alpha", type=float, default=16.0)
+    p.add_argument("--lora_quantize", default="", choices=("", "int8", "nf4"), help="QLoRA's frozen base")
     p.add_argument("--device_gb", type=float, default=None, help="device memory in GB (1e9 bytes), e.g. 80 or 95")
     args = p.parse_args(None if argv is None else list(argv))
     if args.model in MODEL_PRESETS:
@@ -502,7 +520,8 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     plan = estimate(cfg, mesh, batch_size=args.batch_size, micro_batches=args.micro_batches, seq_len=args.seq_len,
                     param_dtype=args.param_dtype, dtype=args.dtype, remat=args.remat, optimizer=args.optimizer,
                     reference=args.reference, logps_chunk=args.logps_chunk, device_bytes=device_bytes,
-                    lora=LoraConfig(args.lora_rank, args.lora_alpha) if args.lora_rank else None)
+                    lora=LoraConfig(args.lora_rank, args.lora_alpha, quantize=args.lora_quantize)
+                    if args.lora_rank else None)
     print(f"{args.model}: {param_count(cfg):,} parameters")
     print(plan)
     if device_bytes is None:
