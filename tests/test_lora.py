@@ -294,3 +294,26 @@ def test_planner_counts_lora_adapters_only_for_gradients_and_moments():
     assert plan.components["gradients"] == adapters * 4 and plan.components["optimizer"] == 2 * adapters * 4
     assert plan.components["parameters"] == full.components["parameters"] + adapters * 4
     assert plan.total < 80e9 * 0.92 < full.lower_bound  # fits one 80 GB GPU; full fine-tuning cannot
+
+
+def test_ssapo_rounds_merge_their_adapters_and_reference_the_previous_policy(tmp_path, monkeypatch):
+    """Round 1's reference weights are round 0's merged policy (adapters off on the new base): the
+    weights the trainer keys its reference cache with are the arrays the previous merge produced."""
+    from sgpo_jax.training import trainer as trainer_lib
+
+    from tiny_run import ssapo_config, write_ssapo_files
+
+    config = ssapo_config(write_ssapo_files(tmp_path), ssapo__pool_sizes=(8,), ssapo__seed_epochs=1, export=False,
+                          eval__tasks="")
+    config.model.lora.rank = 4
+    merged, references = [], []
+    merge, key = lora.merge, trainer_lib.cache_key
+    monkeypatch.setattr(lora, "merge", lambda *a: merged.append(merge(*a)) or merged[-1])
+    monkeypatch.setattr(trainer_lib, "cache_key", lambda ref, fp: references.append(ref) or key(ref, fp))
+    train_lib.train(config, tmp_path / "run")
+    assert len(merged) == 2 and len(references) == 2  # round 0 (seed DPO) and round 1
+    before, after = jax.tree.leaves(references[0]), jax.tree.leaves(merged[0])
+    assert any(np.max(np.abs(np.asarray(a) - np.asarray(b))) > 0 for a, b in zip(before, after))  # round 0 trained
+    assert jax.tree.structure(references[1]) == jax.tree.structure(merged[0])
+    for a, b in zip(jax.tree.leaves(references[1]), after):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
