@@ -41,7 +41,9 @@ With LoRA (``lora=``, :mod:`sgpo_jax.models.lora`) the parameters are the frozen
 p`` plus the float32 adapters ``sum_a P_a * 4`` (``A [in, r]``, ``B [r, out]`` per targeted
 projection, split like their kernel's input resp. output axis); gradients, optimizer moments and
 the update tree cover the adapters only (``sum_a P_a * 4`` each), and every layer keeps each
-projection's ``x A`` (``r`` elements per token) for the backward pass. The reference is the base
+projection's ``x A`` (``r`` elements per token) for the backward pass. With QLoRA the targeted
+kernels take 1 (int8) or 0.5 (nf4) bytes per element plus a float32 scale per output column, held
+whole on every device (qwix's quantized leaves are not split by the rules). The reference is the base
 with the adapters off, so it is never a second copy. The output head is not adapted; its float32
 gradient accumulator in ``log-probs`` is kept in the estimate (the chunked head's backward
 computes it), as before not in the lower bound.
@@ -300,9 +302,10 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
             targeted = "(" + "|".join(target_modules(lora)) + ")/kernel"
             quantized = {k: v for k, v in _flat_names(base_shapes).items() if k.endswith("/kernel")
                          and any(k.endswith(m + "/kernel") for m in target_modules(lora))}
-            q_elements = _per_device(quantized, sizes)
+            # the quantized leaves are not matched by the sharding rules: every device holds them whole
+            q_total = sum(float(np.prod(v.shape)) for v in quantized.values())
             scales = sum(float(np.prod(v.shape[:-2])) * v.shape[-1] for v in quantized.values()) * 4
-            weights += q_elements * ((1.0 if lora.quantize == "int8" else 0.5) - p) + scales
+            weights += q_total * (1.0 if lora.quantize == "int8" else 0.5) + scales - _per_device(quantized, sizes) * p
             notes_quantized = f"; {targeted} in {lora.quantize}"
 
     block = int(getattr(c, "attention_block", 0) or 0)
