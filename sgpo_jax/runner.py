@@ -32,6 +32,7 @@ from sgpo_jax.data.pairs import load_pairs
 from sgpo_jax.errors import UserError
 from sgpo_jax.models.llama import Decoder, DecoderConfig
 from sgpo_jax.models.loading import export_policy, load_model
+from sgpo_jax.models.lora import lora_config
 from sgpo_jax.parallel import distributed
 from sgpo_jax.parallel.mesh import make_mesh
 from sgpo_jax.ssapo import pipeline
@@ -39,7 +40,7 @@ from sgpo_jax.training import memory
 from sgpo_jax.training.checkpoint import latest_saved_step
 from sgpo_jax.training.fingerprint import check_settings
 from sgpo_jax.training.lock import WorkdirLock
-from sgpo_jax.training.trainer import Preempted, fit, total_steps
+from sgpo_jax.training.trainer import FitResult, Preempted, fit, total_steps
 from sgpo_jax.training.workdir import write_json, write_text
 
 __all__ = ["PROGRAMS", "RunPlan", "Setup", "dry_run", "plan", "resume_point", "run", "setup"]
@@ -143,29 +144,31 @@ def _run(config: ConfigDict, workdir: Path, allow_config_change: bool) -> Dict[s
     write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
     ready = setup(config)
     try:
+        adapters = None
         if config.train.mode == "ssapo":
             loop = pipeline.run(config, workdir, mesh=ready.mesh, model=ready.model, initial=ready.params,
                                 tokenizer=ready.tokenizer)
             policy, summary = loop.policy, loop.summary
         else:
-            policy, summary = _train(config, workdir, ready)
+            result = _train(config, workdir, ready)
+            policy, summary, adapters = result.params, result.summary, result.adapters
     except Preempted as stop:
         say(stop)
         summary = stop.summary
     else:
-        if config.export:
-            summary["export"] = export_policy(workdir, ready.cfg, policy, ready.tokenizer)  # every process
+        if config.export:  # every process (a collective); LoRA adapters also in PEFT's layout (dpo/sgpo)
+            summary["export"] = export_policy(workdir, ready.cfg, policy, ready.tokenizer, adapters=adapters,
+                                              lora=lora_config(config.model), base_model=config.model.source)
         if config.train.mode == "ssapo":
             summary["plots"] = pipeline.report(config, workdir, loop)
     write_json(workdir / "summary.json", summary)
     return summary
 
 
-def _train(config: ConfigDict, workdir: Path, ready: Setup) -> Tuple[Any, Dict[str, Any]]:
+def _train(config: ConfigDict, workdir: Path, ready: Setup) -> FitResult:
     """``train.mode`` ``dpo``/``sgpo``: one training run on ``data.source``."""
     pairs, gaps = load_pairs(config.data, ready.tokenizer)
-    result = fit(config, workdir, model=ready.model, params=ready.params, pairs=pairs, mesh=ready.mesh, gaps=gaps)
-    return result.params, result.summary
+    return fit(config, workdir, model=ready.model, params=ready.params, pairs=pairs, mesh=ready.mesh, gaps=gaps)
 
 
 def dry_run(config: ConfigDict, workdir: str | Path) -> List[str]:

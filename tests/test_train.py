@@ -303,5 +303,6 @@ def test_export_refuses_a_non_finite_model(tmp_path):
     params = {"embed": np.ones((4, 2), np.float32), "norm": np.asarray([1.0, np.nan], np.float32)}
     with pytest.raises(DivergenceError, match=r"not exporting to .*export: 1 parameters hold NaN or infinite values "
                                               r"\(first: \['norm'\]\)"):
-        export_policy(tmp_path, DecoderConfig(), params, None)
+        export_policy(tmp_path, DecoderConfig(vocab_size=4, hidden_size=2, intermediate_size=4, num_hidden_layers=1,
+                                              num_attention_heads=1, num_key_value_heads=1, head_dim=2), params, None)
     assert not (tmp_path / "export").exists()

@@ -38,6 +38,7 @@ from sgpo_jax.core.step import TrainState, make_sgpo_step
 from sgpo_jax.data.batching import PairBatcher, ordered_batches, preference_batch
 from sgpo_jax.data.tokenize import TokenizedPairs
 from sgpo_jax.errors import CheckpointError, DataError, DeviceMemoryError, DivergenceError
+from sgpo_jax.models import lora as lora_lib
 from sgpo_jax.models.llama import Decoder
 from sgpo_jax.models.logps import decoder_logps_fn
 from sgpo_jax.parallel import distributed, sharding
@@ -92,10 +93,13 @@ def run_step(step_fn, state, batch, config: ConfigDict):
 @dataclasses.dataclass
 class FitResult:
     """What :func:`fit` returns: the final policy parameters (sharded like the state) and the run
-    summary (steps, last step's metrics, the epochs' follower metrics, mean loss, workdir)."""
+    summary (steps, last step's metrics, the epochs' follower metrics, mean loss, workdir). With
+    ``model.lora``, ``params`` are the base with the adapters merged in and ``adapters`` the
+    trained adapters themselves (:mod:`sgpo_jax.models.lora`); else ``adapters`` is None."""
 
     params: Any
     summary: Dict[str, Any]
+    adapters: Any = None
 
 
 class Trainer:
@@ -123,20 +127,32 @@ class Trainer:
                             "name the score columns with --config.data.score_columns, "
                             "or set --config.sgpo.follower=step")
         self.logps_fn = decoder_logps_fn(model, chunk_size=config.model.logps_chunk)
+        self.lora = lora_lib.lora_config(config.model)
         self.buckets = tuple(config.data.buckets) or None
         self.batcher = PairBatcher(pairs, t.batch_size, buckets=self.buckets, seed=t.seed, **self._hosts())
         self.steps_per_epoch = self.batcher.steps_per_epoch
         self.total_steps = total_steps(t, self.steps_per_epoch)
 
         memory.check(memory.plan_for_run(config, model.cfg, dict(mesh.shape)), memory.device_memory_bytes())
+        same_reference = reference_params is None or reference_params is params
         params = sharding.shard_params(params, mesh)
-        reference = params if reference_params is None else sharding.shard_params(reference_params, mesh)
+        reference = params if same_reference else sharding.shard_params(reference_params, mesh)
         params = jax.tree.map(jnp.copy, params)  # the step donates its state; the caller's arrays stay valid
+        frozen, self.policy_logps_fn = None, self.logps_fn
+        if self.lora is not None:  # train adapters on the frozen base; the reference is the base, adapters off
+            frozen, params = params, sharding.shard_params(
+                lora_lib.init_adapters(params, self.lora, jax.random.PRNGKey(t.seed)), mesh)
+            self.policy_logps_fn = lora_lib.lora_logps_fn(model, self.lora, chunk_size=config.model.logps_chunk)
+            if self.lora.quantize:  # QLoRA: the policy at init is the quantized base, so is the reference
+                frozen = lora_lib.quantize_base(frozen, model, self.lora)
+                if same_reference:
+                    reference = (frozen, jax.tree.map(jnp.zeros_like, params))
         self.key = cache_key(reference, pairs.fingerprint())
+        reference_fn = self.policy_logps_fn if isinstance(reference, tuple) else self.logps_fn
         batching = f"_b{t.reference_batch_size}_{'-'.join(map(str, self.buckets or ()))}_p{jax.process_count()}"
         try:
             self.reference_logps = cached_reference(self.workdir, self.key, lambda resume: pair_logps(
-                self.logps_fn, reference, self._reference_batches(), len(pairs), mesh=mesh,
+                reference_fn, reference, self._reference_batches(), len(pairs), mesh=mesh,
                 desc="reference log-probs", resume=resume, should_stop=lambda: bool(guard and guard.requested)),
                 batching=batching)
         except PassStopped as stop:
@@ -147,7 +163,7 @@ class Trainer:
 
         self.tx, self.schedule = make_optimizer(t, self.total_steps)
         state = TrainState.create(apply_fn=model.apply, params=params, tx=self.tx, config=self.sgpo,
-                                  rng=jax.random.PRNGKey(t.seed), logps_fn=self.logps_fn)
+                                  rng=jax.random.PRNGKey(t.seed), logps_fn=self.policy_logps_fn, frozen=frozen)
         state_sharding = sharding.param_sharding(state, mesh)
         self.state = jax.device_put(state, state_sharding)
         self.step_fn = make_sgpo_step(mesh, self.state, batch_axes=BATCH_AXES, state_sharding=state_sharding)
@@ -202,7 +218,9 @@ class Trainer:
         else:
             def margins_fn():
                 ref = self.reference_logps
-                policy = pair_logps(self.logps_fn, self.state.params, self._reference_batches(), len(self.pairs),
+                state = self.state
+                weights = state.params if state.frozen is None else (state.frozen, state.params)
+                policy = pair_logps(self.policy_logps_fn, weights, self._reference_batches(), len(self.pairs),
                                     mesh=self.mesh, desc=f"follower scores, epoch {epoch}")
                 return (policy[0] - ref[0]) - (policy[1] - ref[1])
 
@@ -300,7 +318,10 @@ class Trainer:
         if preempted:
             name = guard.signal_name or "a signal on another process"
             raise Preempted(f"{name}: saved step {step} in {self.workdir}; rerun the same command to resume", summary)
-        return FitResult(params=state.params, summary=summary)
+        if self.lora is None:
+            return FitResult(params=state.params, summary=summary)
+        return FitResult(params=lora_lib.merge(state.frozen, state.params, self.lora), summary=summary,
+                         adapters=state.params)
 
 
 def fit(config: ConfigDict, workdir: str | Path, *, model: Decoder, params: Any, pairs: TokenizedPairs,
