@@ -9,7 +9,8 @@ def test_plan_of_a_training_run_lists_its_stages_and_programs():
     c.train.mode, c.checkpoint.every = "dpo", 50
     plan = runner.plan(c)
     assert plan.stages == ("load and tokenize the pairs of data.source",
-                           "reference log-probs (cached in workdir/cache)", "train: DPO steps with checkpoints every 50",
+                           "reference log-probs (cached in workdir/cache)",
+                           "train: DPO steps with checkpoints every 50",
                            "export the final policy (workdir/export, Hugging Face layout)", "summary.json")
     assert plan.programs == ("reference_logps", "train_step")
     assert set(plan.programs) <= set(runner.PROGRAMS)
