@@ -9,6 +9,11 @@ model.random        DecoderConfig fields for source "random" (vocab_size = the t
 model.dtype         compute dtype ("float32" or "bfloat16"); model.param_dtype likewise
 model.remat         rematerialize each layer in the backward pass; model.scan_layers: nn.scan
 model.logps_chunk   sequence positions per chunk of the output-layer log-probs
+model.lora.rank     LoRA adapters of this rank on the projections (0 = off: full fine-tuning); only the
+                    adapters train, the reference is the base with the adapters off, each run ends by
+                    merging them (sgpo_jax/models/lora.py); model.lora.alpha (scale alpha / rank),
+                    model.lora.targets (of q, k, v, o, gate, up, down; default all), model.lora.quantize
+                    ("" or QLoRA's frozen base in "int8" or "nf4", per output channel)
 model.attention     attention kernel for training and scoring: "auto" (cuDNN flash attention on a
                     CUDA GPU, Pallas splash attention on TPU, else "xla"; one log line says which
                     and why), "xla" (blocked einsum), "cudnn" or "splash" (an error where unusable)
@@ -30,6 +35,11 @@ data.shards         data shards (0 = one per process): each host reads and token
                     mid-epoch) only with the same number; set it to resume on another host count
 train.mode          "dpo", "sgpo" (one run on data.source) or "ssapo" (the self-annotation loop)
 train.beta, train.label_smoothing (dpo)
+train.loss_type     the dpo loss (TRL's names): "sigmoid" (DPO; cDPO with label_smoothing > 0), "robust"
+                    (rDPO, label_smoothing = the assumed flip rate), "ipo" (TRL's length-averaged
+                    IPO, beta = tau) or "dr_dpo" (Dr. DPO over each batch, exact with micro_batches);
+                    applies to train.mode=dpo and SSAPO's DPO rounds (seed, ssapo.round_mode=dpo)
+train.dr_dpo_beta   Dr. DPO's temperature beta' (train.loss_type=dr_dpo)
 train.learning_rate, train.warmup_ratio (linear warmup, then cosine decay to 0)
 train.epochs, train.max_steps (-1 = epochs decide), train.batch_size (pairs per optimizer step)
 train.micro_batches (gradient accumulation, exact), train.max_grad_norm, train.weight_decay
@@ -41,7 +51,7 @@ sgpo.preset         "" (choose every field below yourself), "consistent" (the ex
                     bounds on groups of 100 annotated pairs, leader -log p with the 1e-6 floor,
                     annotation atoms). A preset sets loss, num_tangents, leader_loss, variant,
                     group_size (and follower for "authors"); setting one of those to another
-                    value than the preset's is an error. README: "The paper, the authors' code
+                    value than the preset's is an error. docs/method.md: "The paper, the authors' code
                     and this library" says what each does to the hardest pairs.
 sgpo.epsilon, sgpo.loss, sgpo.space, sgpo.num_tangents, sgpo.variant, sgpo.window_tau
 sgpo.group_size     0 = one global ball over all pairs; G = consecutive groups of G pairs (the
@@ -71,14 +81,15 @@ ssapo.*             the self-annotation loop (train.mode="ssapo", see sgpo_jax/s
 eval.tasks          "heldout" (bundled verifiable-instruction tasks), a task JSONL, or "" (none)
 eval.limit, eval.max_new_tokens, eval.batch_size   held-out evaluation after every round (greedy)
 mesh.data, mesh.fsdp, mesh.tensor   device mesh sizes (one may be -1)
-checkpoint.every    save every N steps (also at the end and on SIGTERM); checkpoint.keep
+checkpoint.every    save every N steps (also at the end, on SIGTERM and Ctrl-C); checkpoint.keep
 checkpoint.directory  "" = workdir/checkpoints; else a shared path or gs:// URL every host sees
                     (train.mode=ssapo puts round t's checkpoints under DIRECTORY/round_t)
 export              write the final policy as a Hugging Face checkpoint (workdir/export)
 """
 
+import difflib
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import jax
 from ml_collections import ConfigDict
@@ -87,10 +98,12 @@ from sgpo_jax.core.step import SGPOConfig
 from sgpo_jax.data.pairs import data_shards
 from sgpo_jax.data.split import SELECTIONS
 from sgpo_jax.errors import ConfigError
+from sgpo_jax.models.lora import lora_config
+from sgpo_jax.parallel.mesh import mesh_sizes, split_mesh_shape
 from sgpo_jax.ssapo.annotate import STRATEGIES
 
-__all__ = ["FOLLOWERS", "MODES", "PRESETS", "SSAPO_REFERENCES", "base_config", "follower_of", "replaced",
-           "seven_to_eight_b", "sgpo_config", "validate"]
+__all__ = ["FOLLOWERS", "MODES", "PRESETS", "SSAPO_REFERENCES", "base_config", "check_devices", "check_keys",
+           "follower_of", "replaced", "seven_to_eight_b", "sgpo_config", "validate"]
 
 MODES = ("dpo", "sgpo", "ssapo")
 FOLLOWERS = ("step", "epoch", "annotation")
@@ -108,6 +121,7 @@ def base_config() -> ConfigDict:
     c.model = ConfigDict(dict(
         source="gguf:smollm2", tokenizer="", dtype="float32", param_dtype="float32",
         remat=False, scan_layers=False, logps_chunk=64, attention="auto",
+        lora=ConfigDict(dict(rank=0, alpha=16.0, targets=("q", "k", "v", "o", "gate", "up", "down"), quantize="")),
         random=ConfigDict(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                tie_word_embeddings=True, rope_theta=10000.0, initializer_range=0.02)),
@@ -122,6 +136,7 @@ def base_config() -> ConfigDict:
         mode="sgpo", beta=0.1, label_smoothing=0.0, learning_rate=5e-7, warmup_ratio=0.1,
         epochs=1, max_steps=-1, batch_size=32, micro_batches=1, max_grad_norm=1.0,
         weight_decay=0.0, seed=42, reference_batch_size=16,
+        loss_type="sigmoid", dr_dpo_beta=1.0,
     ))
     c.sgpo = ConfigDict(dict(
         epsilon=0.01, loss="tangents", space="probability", num_tangents=6, variant="ball",
@@ -167,7 +182,7 @@ def seven_to_eight_b(c: ConfigDict) -> ConfigDict:
     c.ssapo.pool_sizes = (8000, 20000, 30000)
     c.ssapo.generation_batch_size = 64
     # The authors' pairing: K=6 tangent follower with their per-entry bounds on groups of 100
-    # annotated pairs, leader -log p with the 1e-6 floor (README: "The paper, the authors' code
+    # annotated pairs, leader -log p with the 1e-6 floor (docs/method.md: "The paper, the authors' code
     # and this library"); --config.sgpo.preset=consistent plays the exact game instead.
     c.sgpo.preset = "authors"
     return c
@@ -192,7 +207,8 @@ def sgpo_config(config: ConfigDict, mode: Optional[str] = None) -> SGPOConfig:
     (``mode`` overrides ``train.mode``, e.g. ``"dpo"`` for SSAPO's seed round)."""
     t, s = config.train, _sgpo_fields(config)
     return SGPOConfig(
-        mode=mode or t.mode, beta=t.beta, label_smoothing=t.label_smoothing, space=s["space"], loss=s["loss"],
+        mode=mode or t.mode, beta=t.beta, label_smoothing=t.label_smoothing, loss_type=t.loss_type,
+        dr_dpo_beta=t.dr_dpo_beta, space=s["space"], loss=s["loss"],
         leader_loss=s["leader_loss"] or None, num_tangents=s["num_tangents"], epsilon=s["epsilon"],
         window_tau=s["window_tau"], variant=s["variant"], micro_batches=t.micro_batches,
         group_size=s["group_size"] or None,
@@ -230,6 +246,9 @@ def _train_problems(config: ConfigDict) -> List[str]:
     t, d = config.train, config.data
     if t.mode not in MODES:
         problems.append(f"train.mode must be 'dpo', 'sgpo' or 'ssapo', got {t.mode!r}")
+    if t.mode == "sgpo" and t.loss_type != "sigmoid":
+        problems.append(f"train.loss_type={t.loss_type!r} applies to train.mode=dpo (and SSAPO's DPO rounds); "
+                        "train.mode=sgpo trains on sgpo.loss")
     if not config.data.source and t.mode != "ssapo":
         problems.append("data.source is empty: give a hub dataset name or local .json/.jsonl/.parquet file")
     if t.batch_size < 1 or t.batch_size % t.micro_batches:
@@ -275,8 +294,16 @@ def _train_problems(config: ConfigDict) -> List[str]:
     if not isinstance(config.sgpo.group_size, int) or config.sgpo.group_size < 0:
         problems.append(f"sgpo.group_size must be 0 (one global ball) or a positive int, "
                         f"got {config.sgpo.group_size!r}")
+    elif config.sgpo.group_size > t.batch_size and t.mode != "dpo" and follower_of(config) == "step":
+        problems.append(f"sgpo.group_size ({config.sgpo.group_size}) is larger than train.batch_size ({t.batch_size}): "
+                        "the step follower sees one batch, so every batch would be one group, the same as "
+                        "sgpo.group_size=0; use a group size <= the batch, 0, or sgpo.follower=epoch")
     if not config.sgpo.annotation_scale > 0:
         problems.append(f"sgpo.annotation_scale must be > 0, got {config.sgpo.annotation_scale}")
+    try:
+        lora_config(config.model)
+    except ValueError as err:
+        problems.append(str(err))
     if config.checkpoint.every < 1:
         problems.append(f"checkpoint.every must be >= 1, got {config.checkpoint.every}")
     return problems
@@ -313,3 +340,47 @@ def _ssapo_problems(config: ConfigDict) -> List[str]:
     if s.prompts and not Path(s.prompts).is_file():
         problems.append(f"ssapo.prompts: {s.prompts}: no such file")
     return problems
+
+
+def check_devices(config: ConfigDict, device_count: int, process_count: int = 1) -> None:
+    """Checks, before any pass, that ``device_count`` devices (over ``process_count`` hosts) can
+    form the ``mesh`` and split the batches: ``train.batch_size`` and
+    ``train.reference_batch_size`` rows are split over the ``mesh.data * mesh.fsdp`` devices (a
+    size they do not divide fails at its first batch). Raises :class:`ConfigError` listing every
+    problem at once."""
+    m, t, problems = config.mesh, config.train, []
+    try:
+        data, fsdp, tensor = mesh_sizes(m.data, m.fsdp, m.tensor, device_count)
+        if process_count > 1:
+            split_mesh_shape((data, fsdp, tensor), device_count // process_count, process_count)
+    except ValueError as err:
+        problems.append(str(err))
+    else:
+        ways = data * fsdp
+        for name in ("batch_size", "reference_batch_size"):
+            if t[name] % ways:
+                problems.append(f"train.{name} ({t[name]}) must be a multiple of mesh.data * mesh.fsdp = {data} * "
+                                f"{fsdp} = {ways}, the devices that split a batch ({device_count} devices, "
+                                f"mesh.tensor={tensor})")
+    if problems:
+        raise ConfigError("the devices do not fit the config:\n  - " + "\n  - ".join(problems))
+
+
+def check_keys(config: ConfigDict, keys: Sequence[str]) -> None:
+    """Raises :class:`ConfigError` for the first of the dotted ``keys`` (command-line overrides,
+    ``"sgpo.epsilon"``) that names no field of ``config``: the key with its unknown name replaced
+    by the closest name of its group (:func:`difflib.get_close_matches`) or, when none is close,
+    the group's fields."""
+    for key in keys:
+        node, parts = config, key.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, ConfigDict):
+                break  # a leaf's own syntax (e.g. an index): ml_collections parses it
+            name = part.split("[")[0]
+            if name not in node:
+                close = difflib.get_close_matches(name, list(node.keys()), n=1)
+                group = ".".join(parts[:depth]) or "the config"
+                where = (f"did you mean {'.'.join(parts[:depth] + close + parts[depth + 1:])}?" if close
+                         else f"{group} has: {', '.join(node.keys())}")
+                raise ConfigError(f"unknown config key {key} (--config.{key}): {where}")
+            node = node[name]

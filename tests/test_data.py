@@ -362,6 +362,96 @@ def test_annotated_rewards_stay_aligned_with_rows_past_a_bad_line(tmp_path, toke
     assert reward_gaps([str(path)], "train", pairs.rows).tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
+def json_lookalikes(tmp_path):
+    """16 JSON lines whose strings look like JSON ("\\"Yes\\"", "[1, 2, 3]", "42"); line 8 is cut
+    short. Returns the path, the rows as written and the broken line."""
+    rows = [{"prompt": text(k), "chosen": text(k + 1), "rejected": text(k + 2)} for k in range(16)]
+    rows[1].update(chosen='"Yes"', rejected="Yes")
+    rows[2]["chosen"] = "[1, 2, 3]"
+    rows[3]["rejected"] = "42"
+    rows[4]["prompt"] = "null"
+    lines = [json.dumps(row) for row in rows]
+    lines[7] = lines[7][:-9]
+    path = tmp_path / "lookalikes.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, rows, lines[7]
+
+
+def test_one_broken_line_costs_that_line_only_and_no_string_is_parsed_again(tmp_path, tokenizer):
+    path, rows, broken = json_lookalikes(tmp_path)
+    with pytest.raises(json.JSONDecodeError) as parsed:  # the standard parser's own message is the oracle
+        json.loads(broken)
+    dataset = load_preferences(path, cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError) as err:
+        tokenize_preferences(dataset, tokenizer, max_length=16, max_prompt_length=8, source_name=str(path))
+    assert str(err.value) == (f"{path}: bad line 8: not valid JSON ({parsed.value.msg}: column "
+                              f"{parsed.value.colno}). {SKIP}")
+    kept = [row for row in dataset if row["bad_field"] is None]
+    assert [row["row"] for row in kept] == [k for k in range(16) if k != 7]
+    assert [(row["prompt"][0]["content"], row["chosen"], row["rejected"]) for row in kept] == [
+        (row["prompt"], row["chosen"], row["rejected"]) for k, row in enumerate(rows) if k != 7]
+    pairs, report = tokenize_preferences(dataset, tokenizer, max_length=16, max_prompt_length=8, on_bad_row="skip",
+                                         source_name="lookalikes.jsonl")
+    assert pairs.rows.tolist() == [k for k in range(16) if k != 7]
+    assert str(report).splitlines() == [
+        "lookalikes.jsonl: skipped 1 of 16 rows (not valid JSON: 1); first:",
+        f"  line 8: not valid JSON ({parsed.value.msg}: column {parsed.value.colno})"]
+
+
+def test_a_byte_that_is_not_utf8_names_file_line_and_offset(tmp_path, tokenizer):
+    lines = [pair_line(k).encode() for k in range(4)]
+    lines[2] = lines[2].replace(b"w3", b"w\xe93")  # Latin-1 e-acute inside a string, at byte 30 of the line
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(UnicodeDecodeError) as decoded:  # Python's UTF-8 decoder places the byte (0-based)
+        lines[2].decode("utf-8")
+    dataset = load_preferences(path, cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError) as err:
+        tokenize_preferences(dataset, tokenizer, max_length=16, max_prompt_length=8, source_name=str(path))
+    assert str(err.value) == f"{path}: bad line 3: not UTF-8 text (byte {decoded.value.start + 1} of the line). {SKIP}"
+    pairs, report = tokenize_preferences(dataset, tokenizer, max_length=16, max_prompt_length=8, on_bad_row="skip")
+    assert pairs.rows.tolist() == [0, 1, 3]
+    array = tmp_path / "latin1.json"  # one JSON array: nothing can be skipped, the line and byte are named
+    array.write_bytes(b"[" + b",\n".join(lines) + b"]")
+    offset = array.read_bytes().index(b"\xe9") + 1
+    with pytest.raises(DataError) as err:
+        load_preferences(array, cache_dir=tmp_path / "cache")
+    assert str(err.value) == (f"{array}, line 3: not UTF-8 text (byte {offset} of the file); a JSON array file must "
+                              "be UTF-8")
+
+
+def test_a_lone_surrogate_escape_is_a_bad_line(tmp_path, tokenizer):
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text(pair_line(1) + "\n" + '{"prompt": "w1", "chosen": "w2\\ud83d", "rejected": "w3"}\n'
+                    + '{"prompt": "w1", "chosen": "w2 \\ud83d\\ude00", "rejected": "w3"}\n')  # a pair: fine
+    dataset = load_preferences(path, cache_dir=tmp_path / "cache")
+    assert [(row["bad_field"], row["bad_reason"]) for row in dataset] == [
+        (None, None), ("line 2", "not UTF-8 text: a lone surrogate escape \\ud83d in a string"), (None, None)]
+    assert dataset[2]["chosen"] == "w2 \U0001F600"
+
+
+def test_columns_of_mixed_json_types_keep_every_value(tmp_path, tokenizer):
+    from sgpo_jax.data.pairs import reward_gaps
+
+    rewards = [0.1 + 0.2, 1.2345678901234567e-300, "n/a", 2**70, 7.000000000000001]
+    rows = [{"prompt": "w1", "chosen": text(k + 2), "rejected": "w9", "chosen_reward": r, "rejected_reward": 0.0}
+            for k, r in enumerate(rewards)]
+    rows[1]["chosen"] = 42
+    rows[2]["prompt"] = [user("w1"), {"role": "user", "content": "w2", "name": "x"}]
+    path = write(tmp_path / "mixed.jsonl", rows)
+    dataset = load_preferences(path, cache_dir=tmp_path / "cache")
+    assert [(row["bad_field"], row["bad_reason"]) for row in dataset] == [
+        (None, None), ("chosen", loading.NOT_TEXT), (None, None), (None, None), (None, None)]
+    assert dataset[2]["prompt"] == [user("w1"), user("w2")]
+    raw = loading.load_split(path)
+    assert loading.column_values(raw, "prompt") == [row["prompt"] for row in rows]  # no key added
+    # Every number exactly as Python's json reads it (datasets' own JSON decoder rounds some floats).
+    assert loading.column_values(raw, "chosen_reward") == rewards
+    gaps = reward_gaps([str(path)], "train", np.arange(5))
+    assert gaps.tolist()[:2] == [0.1 + 0.2, 1.2345678901234567e-300] and np.isnan(gaps[2])
+    assert gaps.tolist()[3:] == [float(2**70), 7.000000000000001]
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("empty.jsonl", "", "{path} is empty; {expected}"),
     ("blank.json", " \n\n", "{path} is empty; {expected}"),

@@ -71,11 +71,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from sgpo_jax.core import preference_losses
+
 Array = jax.Array
 ArrayLike = Union[Array, np.ndarray, float, Sequence[float]]
 
-LOSSES = ("tangents", "neg_log", "neg_log_sigmoid", "neg_log_sigmoid_tangents")
-PIECEWISE_LOSSES = ("tangents", "neg_log_sigmoid_tangents")
+LOSSES = preference_losses.FOLLOWER_LOSSES  # the registry's follower losses (docstring above)
+PIECEWISE_LOSSES = preference_losses.PIECEWISE_LOSSES
 VARIANTS = ("ball", "per_entry")
 
 __all__ = [
@@ -110,15 +112,11 @@ class ConvexLoss:
 
     @property
     def piecewise(self) -> bool:
-        return self.name in PIECEWISE_LOSSES
+        return preference_losses.follower_loss(self.name).piecewise
 
     def __call__(self, v: Array) -> Array:
         """Loss value, elementwise (any shape)."""
-        if self.piecewise:
-            return jnp.max(v[..., None] * self.slopes + self.intercepts, axis=-1)
-        if self.name == "neg_log":
-            return -jnp.log(v)
-        return jax.nn.softplus(-v)  # neg_log_sigmoid
+        return preference_losses.follower_loss(self.name).value(self, v)
 
     def piece(self, v: Array) -> Array:
         """Index of the active tangent piece at ``v`` (piecewise losses only), int32."""
@@ -145,29 +143,7 @@ class ConvexLoss:
         large tie class of the authors' tangents (every :math:`x \le 2\ln 2 / K` has slope
         exactly :math:`K`) is never split by rounding. Smooth losses use cancellation-free forms.
         """
-        d = x - lower
-        safe_d = jnp.where(d > 0, d, 1)
-        if self.piecewise:
-            # The chord from ``lower`` never beats the slope of the piece active at ``lower``
-            # (convexity); it equals it exactly when that piece is also active at ``x``. Decide
-            # "active" up to a few ulps, so centers at the edge of the tie class (where the two
-            # pieces agree to rounding) are not split off by argmax noise.
-            p = self.piece(lower)
-            own = -self.slopes[p]
-            l_x = self(x)
-            on_p = self.slopes[p] * x + self.intercepts[p]
-            ulp = jnp.finfo(l_x.dtype).eps
-            tol = 8 * ulp * (jnp.abs(self.slopes[p] * x) + jnp.abs(self.intercepts[p]) + jnp.abs(l_x))
-            same = on_p >= l_x - tol
-            chord = jnp.minimum((self(lower) - l_x) / safe_d, own)
-            return jnp.where(same | (d <= 0), own, chord)
-        if self.name == "neg_log":
-            return jnp.where(d > 0, jnp.log1p(d / lower) / safe_d, 1 / x)
-        # -log sigmoid: l(lo) - l(x) = log1p(sigmoid(-x) * expm1(d)), stable for small d.
-        small = jnp.minimum(d, 20.0)
-        stable = jnp.log1p(jax.nn.sigmoid(-x) * jnp.expm1(small)) / safe_d
-        direct = (jax.nn.softplus(-lower) - jax.nn.softplus(-x)) / safe_d
-        return jnp.where(d <= 0, jax.nn.sigmoid(-x), jnp.where(d < 20.0, stable, direct))
+        return preference_losses.follower_loss(self.name).chord_slope(self, x, lower)
 
 
 def make_loss(
@@ -183,22 +159,7 @@ def make_loss(
     ``"neg_log_sigmoid_tangents"``: tangents of :math:`-\log\sigma` at ``linspace(lo, hi, K)``.
     """
     _check_name(name, num_tangents)
-    if name == "tangents":
-        k = jnp.arange(1, num_tangents + 1, dtype=dtype)
-        # -1 / (k / K) is not exactly -K in floating point (K = 7 in float32, 49 in float64), which
-        # would split the tie class below; K / k is correctly rounded, exact for k = 1.
-        ratio = num_tangents / k
-        slopes = -ratio
-        intercepts = 1 + jnp.log(ratio)
-    elif name == "neg_log_sigmoid_tangents":
-        lower = jnp.asarray(support[0], dtype)
-        upper = jnp.asarray(support[1], dtype)
-        frac = jnp.arange(num_tangents, dtype=dtype) / max(num_tangents - 1, 1)
-        knots = lower + (upper - lower) * frac
-        slopes = -jax.nn.sigmoid(-knots)
-        intercepts = jax.nn.softplus(-knots) - slopes * knots
-    else:
-        slopes = intercepts = jnp.zeros((0,), dtype)
+    slopes, intercepts = preference_losses.follower_loss(name).pieces(num_tangents, support, dtype)
     return ConvexLoss(name=name, slopes=slopes, intercepts=intercepts)
 
 
@@ -528,7 +489,7 @@ def worst_case(
     _check_name(loss, num_tangents)
     if variant not in VARIANTS:
         raise ValueError(f"worst_case: variant must be one of {VARIANTS}, got {variant!r}")
-    if variant == "per_entry" and loss not in PIECEWISE_LOSSES:
+    if variant == "per_entry" and not preference_losses.follower_loss(loss).piecewise:
         raise ValueError(
             f"worst_case: variant 'per_entry' is defined on tangent pieces; loss must be one of "
             f"{PIECEWISE_LOSSES}, got {loss!r}"
@@ -773,9 +734,8 @@ def entropic_worst_case(
 
 
 def _check_name(name: str, num_tangents: int) -> None:
-    if name not in LOSSES:
-        raise ValueError(f"unknown follower loss {name!r}; choose one of {LOSSES}")
-    if name in PIECEWISE_LOSSES and (not isinstance(num_tangents, (int, np.integer)) or num_tangents < 1):
+    bad_k = not isinstance(num_tangents, (int, np.integer)) or num_tangents < 1
+    if preference_losses.follower_loss(name).piecewise and bad_k:
         raise ValueError(f"num_tangents must be a positive int for loss {name!r}, got {num_tangents!r}")
 
 
@@ -812,11 +772,9 @@ def _validate(centers, weights, epsilon, lower, upper, loss: str) -> None:
                 f"support must be finite with lo < hi, got ({lo}, {hi}); in margin space build a "
                 "window with margin_window(centers, tau=...)"
             )
-        if loss == "neg_log" and lo <= 0:
-            raise ValueError(
-                f"loss 'neg_log' (exact -log p) needs support lower end > 0, got {lo}: any mass at "
-                "p = 0 makes the worst case infinite; use a floor p_min > 0 or loss='tangents'"
-            )
+        problem = preference_losses.follower_loss(loss).support_problem(lo)
+        if problem:
+            raise ValueError(problem)
     if _concrete(weights):
         wn = np.asarray(weights, dtype=np.float64)
         bad = np.flatnonzero(~np.isfinite(wn) | (wn < 0))

@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from sgpo_jax.core import preference_losses
 from sgpo_jax.core.follower import make_loss
+from sgpo_jax.core.preference_losses import SPACES, LogRatios
 
 Array = jax.Array
-SPACES = ("probability", "margin")
 
 __all__ = [
     "SPACES",
@@ -26,6 +27,7 @@ __all__ = [
     "preference_centers",
     "reward_metrics",
     "dpo_loss",
+    "pair_loss",
     "sgpo_loss",
     "authors_weighted_loss",
 ]
@@ -113,8 +115,38 @@ def dpo_loss(
 
     Returns ``(losses [B], metrics)``; metrics use TRL's names and are weighted means.
     """
-    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    losses = (1 - label_smoothing) * jax.nn.softplus(-beta * h) + label_smoothing * jax.nn.softplus(beta * h)
+    return pair_loss(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+        loss_type="sigmoid", beta=beta, label_smoothing=label_smoothing, weights=weights,
+    )
+
+
+def pair_loss(
+    policy_chosen_logps: Array,
+    policy_rejected_logps: Array,
+    ref_chosen_logps: Array,
+    ref_rejected_logps: Array,
+    *,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    chosen_tokens: Optional[Array] = None,
+    rejected_tokens: Optional[Array] = None,
+    weights: Optional[Array] = None,
+) -> Tuple[Array, Dict[str, Array]]:
+    r"""The per-pair terms ``[B]`` of a ``train.loss_type`` (:mod:`sgpo_jax.core.preference_losses`:
+    ``sigmoid``, ``robust``, ``ipo``, ``dr_dpo``) and TRL's reward metrics (weighted means).
+
+    ``chosen_tokens``/``rejected_tokens`` ``[B]``: the responses' scored token counts (``ipo``
+    averages its log-ratios over them, at least 1 each); None = 1. For the coupled ``dr_dpo``
+    these are its per-pair DPO terms; the batch value is
+    :meth:`~sgpo_jax.core.preference_losses.base.CoupledPairLoss.couple`'s.
+    """
+    ones = jnp.ones_like(policy_chosen_logps)
+    count = lambda n: ones if n is None else jnp.maximum(jnp.asarray(n, ones.dtype), 1)
+    ratios = LogRatios(policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps,
+                       count(chosen_tokens), count(rejected_tokens))
+    losses = preference_losses.pair_loss(loss_type).per_pair(ratios, beta=beta, label_smoothing=label_smoothing)
     metrics = reward_metrics(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
         beta=beta, weights=weights,
@@ -148,9 +180,10 @@ def sgpo_loss(
     (:func:`preference_centers`). Pairs with zero total mass (padding) contribute nothing.
 
     ``loss`` is the follower's loss name (``"tangents"``, ``"neg_log"``, ``"neg_log_sigmoid"``,
-    ``"neg_log_sigmoid_tangents"``); ``support`` gives the margin window for
-    ``"neg_log_sigmoid_tangents"`` knots. ``"neg_log"`` is evaluated as
-    :math:`-\log\max(v, p_{min})` because atoms can fall below 0 when the policy has moved.
+    ``"neg_log_sigmoid_tangents"``), evaluated in its leader form
+    (:meth:`~sgpo_jax.core.preference_losses.base.FollowerLoss.leader_value`: ``"neg_log"`` as
+    :math:`-\log\max(v, p_{min})` because atoms can fall below 0 when the policy has moved);
+    ``support`` gives the margin window for ``"neg_log_sigmoid_tangents"`` knots.
     With ``epsilon = 0`` atoms (shift 0, unit mass) and an exact loss this equals DPO.
 
     Returns ``(LeaderLoss, metrics)`` (TRL reward metrics weighted by pair mass).
@@ -161,9 +194,7 @@ def sgpo_loss(
     shift = jax.lax.stop_gradient(atom_shift).astype(xi.dtype)
     mass = jax.lax.stop_gradient(atom_mass).astype(xi.dtype)
     v = xi[:, None] - shift
-    if loss == "neg_log":
-        v = jnp.maximum(v, p_min)
-    per_pair = jnp.sum(mass * ell(v), axis=1)
+    per_pair = jnp.sum(mass * preference_losses.follower_loss(loss).leader_value(ell, v, p_min), axis=1)
     pair_mass = jnp.sum(mass, axis=1)
     metrics = reward_metrics(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,

@@ -6,7 +6,12 @@ any optax transformation. Both, and the :class:`SGPOConfig`, are static fields o
 
 Per step, with :math:`h_i` the pair margins under the current policy:
 
-* ``mode="dpo"``: sigmoid DPO averaged over the pairs' masses.
+* ``mode="dpo"``: the ``loss_type`` (:mod:`sgpo_jax.core.preference_losses`: ``sigmoid`` DPO /
+  cDPO, ``robust``, ``ipo``) averaged over the pairs' masses; ``dr_dpo`` couples the batch: a
+  forward pass gives every pair's DPO loss :math:`\ell_i`, the batch value :math:`L` and weights
+  :math:`q_i = \partial L / \partial \ell_i`, then the leader minimizes
+  :math:`\sum_i W q_i (\ell_i(\theta) - \ell_i + L) / W` (:math:`W` = the batch's mass): value
+  :math:`L`, gradient :math:`\sum_i q_i \nabla\ell_i`, exact under micro-batching.
 * ``mode="sgpo"``: if the batch carries follower atoms (computed per round over all pairs) they
   are used; otherwise the exact follower runs on-device on the batch's centers
   :math:`\xi = \text{stop\_gradient}(\sigma(\beta h))` (or :math:`\beta h` in margin space,
@@ -27,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sgpo_jax.core import follower as follower_lib
-from sgpo_jax.core import losses
+from sgpo_jax.core import losses, preference_losses
 from sgpo_jax.core.follow import follow
 from sgpo_jax.models.logps import chosen_rejected_logps
 from sgpo_jax.models.packed import PackedPairs
@@ -49,7 +54,11 @@ class SGPOConfig:
     Attributes:
       mode: ``"dpo"`` or ``"sgpo"``.
       beta: DPO temperature; centers are ``sigmoid(beta h)`` or ``beta h``.
-      label_smoothing: DPO label smoothing (``mode="dpo"`` only).
+      label_smoothing: DPO label smoothing (``mode="dpo"`` only): cDPO for ``loss_type="sigmoid"``,
+        the assumed flip rate for ``"robust"``.
+      loss_type: the ``mode="dpo"`` loss, one of
+        :data:`sgpo_jax.core.preference_losses.LOSS_TYPES` (TRL's names).
+      dr_dpo_beta: Dr. DPO's temperature :math:`\beta'` (``loss_type="dr_dpo"``).
       space: ``"probability"`` (authors' code) or ``"margin"`` (paper's main text).
       loss: follower loss, one of :data:`sgpo_jax.core.follower.LOSSES`; it must suit the space.
       leader_loss: loss the policy minimizes at the atoms; ``None`` = ``loss`` (consistent
@@ -69,6 +78,8 @@ class SGPOConfig:
     mode: str = "sgpo"
     beta: float = 0.1
     label_smoothing: float = 0.0
+    loss_type: str = "sigmoid"
+    dr_dpo_beta: float = 1.0
     space: str = "probability"
     loss: str = "tangents"
     leader_loss: Optional[str] = None
@@ -89,16 +100,22 @@ class SGPOConfig:
             problems.append(f"beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             problems.append(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.loss_type not in preference_losses.LOSS_TYPES:
+            problems.append(f"loss_type must be one of {preference_losses.LOSS_TYPES}, got {self.loss_type!r}")
+        elif self.label_smoothing and not preference_losses.pair_loss(self.loss_type).uses_label_smoothing:
+            problems.append(f"loss_type {self.loss_type!r} does not use label_smoothing "
+                            f"(got {self.label_smoothing}); set it to 0")
+        if not self.dr_dpo_beta > 0:
+            problems.append(f"dr_dpo_beta must be > 0, got {self.dr_dpo_beta}")
         if self.space not in losses.SPACES:
             problems.append(f"space must be one of {losses.SPACES}, got {self.space!r}")
-        margin_losses = ("neg_log_sigmoid", "neg_log_sigmoid_tangents")
         for field in ("loss", "leader_loss"):
             name = getattr(self, field)
             if name is None and field == "leader_loss":
                 continue
             if name not in follower_lib.LOSSES:
                 problems.append(f"{field} must be one of {follower_lib.LOSSES}, got {name!r}")
-            elif (name in margin_losses) != (self.space == "margin"):
+            elif preference_losses.follower_loss(name).space != self.space:
                 problems.append(f"{field} {name!r} does not suit space {self.space!r}")
         if not isinstance(self.num_tangents, int) or self.num_tangents < 1:
             problems.append(f"num_tangents must be a positive int, got {self.num_tangents!r}")
@@ -107,8 +124,10 @@ class SGPOConfig:
         lo, hi = self.support
         if self.space == "probability" and not 0 <= lo < hi <= 1:
             problems.append(f"support must satisfy 0 <= lo < hi <= 1 in probability space, got {self.support}")
-        if self.space == "probability" and self.loss == "neg_log" and lo <= 0:
-            problems.append("loss 'neg_log' needs support lower end > 0 (e.g. support=(1e-3, 1.0))")
+        support_problem = (self.space == "probability" and self.loss in follower_lib.LOSSES
+                           and preference_losses.follower_loss(self.loss).support_problem(lo))
+        if support_problem:
+            problems.append(support_problem)
         if not self.window_tau >= 0:
             problems.append(f"window_tau must be >= 0, got {self.window_tau}")
         if self.variant not in follower_lib.VARIANTS:
@@ -158,7 +177,10 @@ class TrainState:
     """Training state; ``rng`` is split every step and handed to nothing else yet (kept so
     stochastic models and in-step sampling resume deterministically). ``logps_fn(params, ids,
     attention, loss_mask) -> [rows]``, when given, replaces ``sequence_logps(apply_fn(...))``
-    (e.g. the decoder's chunked log-probs, which never hold the full ``[rows, T, V]`` logits)."""
+    (e.g. the decoder's chunked log-probs, which never hold the full ``[rows, T, V]`` logits).
+    ``frozen``: weights the forward pass reads but the step never updates (LoRA's base model,
+    :mod:`sgpo_jax.models.lora`); when given, ``params`` are the trainable rest and the model
+    functions receive ``(frozen, params)``."""
 
     step: Array
     params: Any
@@ -168,9 +190,11 @@ class TrainState:
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     config: SGPOConfig = struct.field(pytree_node=False)
     logps_fn: Optional[Callable[[Any, Array, Array, Array], Array]] = struct.field(pytree_node=False, default=None)
+    frozen: Any = None
 
     @classmethod
-    def create(cls, *, apply_fn, params, tx, config: SGPOConfig, rng: Array, logps_fn=None) -> "TrainState":
+    def create(cls, *, apply_fn, params, tx, config: SGPOConfig, rng: Array, logps_fn=None,
+               frozen: Any = None) -> "TrainState":
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -180,6 +204,7 @@ class TrainState:
             tx=tx,
             config=config,
             logps_fn=logps_fn,
+            frozen=frozen,
         )
 
 
@@ -188,7 +213,7 @@ def _policy_logps(state: "TrainState", params, batch: PreferenceBatch) -> Tuple[
     logps_fn = state.logps_fn
     if logps_fn is None:
         logps_fn = lambda p, ids, attention, mask: losses.sequence_logps(state.apply_fn(p, ids, attention), ids, mask)
-    return chosen_rejected_logps(logps_fn, params, batch)
+    return chosen_rejected_logps(logps_fn, params if state.frozen is None else (state.frozen, params), batch)
 
 
 def _in_step_follower(config: SGPOConfig, batch: PreferenceBatch, pc: Array, pr: Array):
@@ -199,14 +224,37 @@ def _in_step_follower(config: SGPOConfig, batch: PreferenceBatch, pc: Array, pr:
     return batch.replace(atom_shift=f.shift, atom_mass=f.mass), f.support, f.metrics
 
 
-def _numerator(config: SGPOConfig, support, pc: Array, pr: Array, mb: PreferenceBatch):
-    """``(sum of mass * loss, (mass, metrics))`` of a (micro-)batch from its policy log-probs ``pc, pr``."""
+def _pair_terms(config: SGPOConfig, pc: Array, pr: Array, mb: PreferenceBatch):
+    """The ``loss_type``'s per-pair terms ``[B]`` and TRL metrics of a (micro-)batch."""
+    tokens = lambda mask: jnp.sum(mask[:, 1:].astype(pc.dtype), axis=1)  # the scored positions
+    return losses.pair_loss(
+        pc, pr, mb.ref_chosen_logps, mb.ref_rejected_logps, loss_type=config.loss_type, beta=config.beta,
+        label_smoothing=config.label_smoothing, chosen_tokens=tokens(mb.chosen_loss_mask),
+        rejected_tokens=tokens(mb.rejected_loss_mask), weights=mb.weight,
+    )
+
+
+def _coupling(config: SGPOConfig, batch: PreferenceBatch, pc: Array, pr: Array):
+    r"""A coupled ``loss_type`` on the whole batch's policy log-probs ``pc, pr [B]`` (held
+    constant): ``(mass [B], offset [B])`` with mass :math:`W q_i` and offset :math:`L - \ell_i`,
+    so that :math:`\sum_i \text{mass}_i (\ell_i(\theta) + \text{offset}_i)` has value :math:`W L`
+    and gradient :math:`W \sum_i q_i \nabla \ell_i` (see the module docstring)."""
+    pc, pr = jax.lax.stop_gradient(pc), jax.lax.stop_gradient(pr)
+    terms, _ = _pair_terms(config, pc, pr, batch)
+    value, q = preference_losses.pair_loss(config.loss_type).couple(terms, batch.weight, temperature=config.dr_dpo_beta)
+    return jnp.sum(batch.weight) * q, value - terms
+
+
+def _numerator(config: SGPOConfig, support, pc: Array, pr: Array, mb: PreferenceBatch, coupling=None):
+    """``(sum of mass * loss, (mass, metrics))`` of a (micro-)batch from its policy log-probs ``pc, pr``
+    (``coupling``: the micro-batch's rows of :func:`_coupling` for a coupled ``loss_type``)."""
     rc, rr = mb.ref_chosen_logps, mb.ref_rejected_logps
     if config.mode == "dpo":
-        per_pair, metrics = losses.dpo_loss(
-            pc, pr, rc, rr, beta=config.beta, label_smoothing=config.label_smoothing, weights=mb.weight
-        )
-        return jnp.sum(per_pair * mb.weight), (jnp.sum(mb.weight), metrics)
+        per_pair, metrics = _pair_terms(config, pc, pr, mb)
+        if coupling is None:
+            return jnp.sum(per_pair * mb.weight), (jnp.sum(mb.weight), metrics)
+        mass, offset = coupling
+        return jnp.sum(mass * (per_pair + offset)), (jnp.sum(mb.weight), metrics)
     terms, metrics = losses.sgpo_loss(
         pc, pr, rc, rr, mb.atom_shift, mb.atom_mass * mb.weight[:, None],
         beta=config.beta, space=config.space, loss=config.leader_loss or config.loss,
@@ -240,8 +288,9 @@ def sgpo_step(state: TrainState, batch: PreferenceBatch) -> Tuple[TrainState, Di
     :math:`a = F(\mathrm{stop\_gradient}(\ell))` (in-step follower only), and
     :math:`\nabla_\theta N = J_\ell(\theta)^\top \nabla_\ell N(\ell; a)` = ``pullback(grad N(pc, pr))``:
     the loss depends on the parameters only through :math:`\ell`, the atoms are constants. With
-    several micro-batches and the in-step follower, a forward pass computes all margins first
-    (the follower needs the whole batch), then each micro-batch runs ``value_and_grad``.
+    several micro-batches and the in-step follower (or a coupled ``loss_type``), a forward pass
+    computes all margins first (the follower and the coupling need the whole batch), then each
+    micro-batch runs ``value_and_grad``.
     """
     config = state.config
     parts = config.micro_batches
@@ -253,6 +302,8 @@ def sgpo_step(state: TrainState, batch: PreferenceBatch) -> Tuple[TrainState, Di
     extra: Dict[str, Array] = {}
     support = config.support
     in_step_follower = config.mode == "sgpo" and batch.atom_shift is None
+    coupled = config.mode == "dpo" and preference_losses.pair_loss(config.loss_type).coupled
+    coupling = None
     if config.mode == "sgpo" and not in_step_follower and config.space == "margin":
         if batch.support is None:
             raise ValueError("margin-space batches with precomputed atoms need batch.support (the window)")
@@ -268,24 +319,32 @@ def sgpo_step(state: TrainState, batch: PreferenceBatch) -> Tuple[TrainState, Di
         (pc, pr), pullback = jax.vjp(lambda p: _policy_logps(state, p, batch), state.params)
         if in_step_follower:
             batch, support, extra = _in_step_follower(config, batch, pc, pr)
+        if coupled:
+            coupling = _coupling(config, batch, pc, pr)
         (t, (m, metrics)), cotangents = jax.value_and_grad(
-            lambda c, r: _numerator(config, support, c, r, batch), argnums=(0, 1), has_aux=True)(pc, pr)
+            lambda c, r: _numerator(config, support, c, r, batch, coupling), argnums=(0, 1), has_aux=True)(pc, pr)
         (grads,) = pullback(cotangents)
         total, mass, sums = weighted(t, m, metrics)
     else:
-        if in_step_follower:
+        if in_step_follower or coupled:
             logps = jax.lax.map(lambda mb: _policy_logps(state, state.params, mb), _split(batch, parts))
-            batch, support, extra = _in_step_follower(config, batch, *(x.reshape(-1) for x in logps))
+            pc, pr = (x.reshape(-1) for x in logps)
+            if in_step_follower:
+                batch, support, extra = _in_step_follower(config, batch, pc, pr)
+            if coupled:
+                coupling = _coupling(config, batch, pc, pr)
 
-        def accumulate(carry, mb):
+        def accumulate(carry, xs):
             grads, total, mass, sums = carry
+            mb, mb_coupling = xs
             (t, (m, metrics)), g = jax.value_and_grad(
-                lambda p: _numerator(config, support, *_policy_logps(state, p, mb), mb), has_aux=True)(state.params)
+                lambda p: _numerator(config, support, *_policy_logps(state, p, mb), mb, mb_coupling),
+                has_aux=True)(state.params)
             t, m, s = weighted(t, m, metrics)
             return (jax.tree.map(jnp.add, grads, g), total + t, mass + m, {k: sums[k] + s[k] for k in _METRICS}), None
 
         carry = (jax.tree.map(jnp.zeros_like, state.params), zero, zero, {k: zero for k in _METRICS})
-        (grads, total, mass, sums), _ = jax.lax.scan(accumulate, carry, _split(batch, parts))
+        (grads, total, mass, sums), _ = jax.lax.scan(accumulate, carry, _split((batch, coupling), parts))
     mass = jnp.maximum(mass, jnp.finfo(mass.dtype).tiny)
     grads = jax.tree.map(lambda g: g / mass.astype(g.dtype), grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)

@@ -20,12 +20,15 @@ console (``data: prefs.jsonl: conversational, implicit prompt``). Score columns
 (:data:`REWARD_COLUMNS`, else ``score_columns``, default :data:`SCORE_COLUMNS`) are not part of
 the normalized rows; :func:`sgpo_jax.data.pairs.reward_gaps` reads them as the pairs' rewards.
 
-Local JSON/JSONL files are read by ``datasets``; when it cannot (a line that is not JSON, not an
-object, not UTF-8) they are read line by line instead: such a line becomes a bad row of its own
-(``bad_field`` ``"line N"``, or ``"line N of FILE"`` when several files are read; ``bad_reason``
-:data:`NOT_JSON`, :data:`NOT_OBJECT` or :data:`NOT_UTF8`, then ``": "`` and the parser's
-message), so that ``on_bad_row`` raises on it or skips and reports it like any bad row. Data that
-cannot be used at all (an empty file, a malformed JSON array, a missing column) raises
+Local JSON/JSONL files (a JSON array, or one object per line; a UTF-8 BOM and CRLF line ends are
+fine) are read here, not by ``datasets``: each line is parsed once by :func:`json.loads`, and every
+value is kept exactly as parsed (a string is never parsed again, see :func:`column_values`). A
+line that is not JSON, not an object or not UTF-8 becomes a bad row of its own (``bad_field``
+``"line N"``, or ``"line N of FILE"`` when several files are read; ``bad_reason``
+:data:`NOT_JSON`, :data:`NOT_OBJECT` or :data:`NOT_UTF8`, then ``": "`` and the parser's message
+or the byte offset), so that ``on_bad_row`` raises on it naming the file and line, or skips only
+that line and reports it like any bad row; every other line keeps its row. Data that cannot be
+used at all (an empty file, a malformed JSON array, a missing column) raises
 :class:`sgpo_jax.errors.DataError` naming the file, what was found and what was expected.
 
 Every row becomes (:data:`NORMALIZED_FEATURES`):
@@ -54,10 +57,12 @@ import contextlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import datasets
+import pyarrow as pa
 
 from sgpo_jax.console import say
 from sgpo_jax.errors import DataError
@@ -65,7 +70,7 @@ from sgpo_jax.errors import DataError
 __all__ = [
     "BAD_CONVERSATION", "EMPTY", "EXPECTED", "IDENTICAL", "MISSING", "NORMALIZED_FEATURES", "NOT_JSON", "NOT_OBJECT",
     "NOT_ONE_ASSISTANT", "NOT_TEXT", "NOT_UTF8", "NO_COMMON_PROMPT", "NO_PROMPT_PREFIX", "REWARD_COLUMNS",
-    "ROW_PROBLEMS", "SCORE_COLUMNS", "TRUNCATED", "describe_layout", "load_preferences", "load_split",
+    "ROW_PROBLEMS", "SCORE_COLUMNS", "TRUNCATED", "column_values", "describe_layout", "load_preferences", "load_split",
     "normalize_preferences", "reward_columns", "split_reason",
 ]
 
@@ -169,8 +174,9 @@ def load_split(
     cache_dir: Optional[Union[str, os.PathLike]] = None,
 ) -> datasets.Dataset:
     """The split of ``source`` as stored, before normalization (arguments and errors as in
-    :func:`load_preferences`): every column, rows in the order that ``row`` counts. Lines of local
-    JSON files that ``datasets`` cannot read are rows of a hidden column (see the module docstring)."""
+    :func:`load_preferences`): every column, rows in the order that ``row`` counts. Bad lines of
+    local JSON files are rows of a hidden column (see the module docstring); read a column's values
+    with :func:`column_values`."""
     return _load_split(source, split, data_files, cache_dir)[0]
 
 
@@ -226,17 +232,16 @@ def _load_files(name: str, paths: List[Path], split: str, cache_dir: Optional[st
     builders = {builder} if builder else {_BUILDERS[path.suffix.lower()] for path in paths}
     if len(builders) != 1:
         raise DataError(f"{name}: give one or more files of one format (JSON/JSONL or parquet)")
-    builder = builders.pop()
+    if builders.pop() == "json":
+        return _select_split(_read_json_files(paths), split, name)
     try:
-        with _quiet(builder):
-            return datasets.load_dataset(builder, data_files=[str(p) for p in paths], split=split,
+        with _quiet("parquet"):
+            return datasets.load_dataset("parquet", data_files=[str(p) for p in paths], split=split,
                                          cache_dir=cache_dir)
     except Exception as err:  # noqa: BLE001 - diagnosed below: datasets' own errors name no file or line
         if _is_split_error(err):
             raise DataError(f"{name}: {err} (local files hold one split, 'train')") from err
-        if builder == "parquet":
-            _diagnose_parquet(name, paths, err)
-        return _select_split(_read_json_files(paths), split, name)
+        raise _parquet_error(name, paths, err) from err
 
 
 @contextlib.contextmanager
@@ -251,21 +256,21 @@ def _quiet(builder: str):
         logger.setLevel(level)
 
 
-def _diagnose_parquet(name: str, paths: List[Path], err: Exception) -> None:
-    """Raises the ``DataError`` that says why ``datasets`` could not read parquet ``paths``."""
+def _parquet_error(name: str, paths: List[Path], err: Exception) -> DataError:
+    """The ``DataError`` that says why ``datasets`` could not read parquet ``paths``."""
     import pyarrow.parquet as pq
 
     rows = 0
     for path in paths:
         if path.stat().st_size == 0:
-            raise DataError(f"{path} is empty; {EXPECTED}") from err
+            return DataError(f"{path} is empty; {EXPECTED}")
         try:
             rows += pq.read_metadata(path).num_rows
         except Exception as problem:  # noqa: BLE001 - reported
-            raise DataError(f"{path}: not a readable parquet file ({type(problem).__name__}: {problem})") from err
+            return DataError(f"{path}: not a readable parquet file ({type(problem).__name__}: {problem})")
     if not rows:
-        raise DataError(f"{name}: no rows; {EXPECTED}") from err
-    raise DataError(f"{name}: could not be read as parquet ({_last_line(err)})") from err
+        return DataError(f"{name}: no rows; {EXPECTED}")
+    return DataError(f"{name}: could not be read as parquet ({_last_line(err)})")
 
 
 def _last_line(err: BaseException) -> str:
@@ -290,7 +295,8 @@ def _select_split(dataset: datasets.Dataset, split: str, name: str) -> datasets.
     return dataset if indices == list(range(len(dataset))) else dataset.select(indices)
 
 
-_BAD_LINE = "__sgpo_bad_line__"  # hidden column of rows read line by line: [field, reason] of a bad line
+_BAD_LINE = "__sgpo_bad_line__"  # hidden column of JSON files: [field, reason] of a bad line, else null
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a \\uD800-\\uDFFF escape: maybe a lone surrogate
 
 
 def _kind(value: Any) -> str:
@@ -298,9 +304,12 @@ def _kind(value: Any) -> str:
 
 
 def _read_json_files(paths: List[Path]) -> datasets.Dataset:
-    """JSON arrays or JSON lines read line by line (when ``datasets`` cannot): one row per
-    object; a line that is not a JSON object is a row flagged in the hidden :data:`_BAD_LINE`
-    column. Every value is kept as read (``datasets.Json`` columns)."""
+    """Local JSON arrays or JSON lines, each line parsed once by :func:`json.loads`: one row per
+    object (rows of several files in order); a line that is not a JSON object is a row flagged in
+    the hidden :data:`_BAD_LINE` column. Every value is kept exactly as parsed: a column is an
+    Arrow column when Arrow holds its values unchanged, else (values of different JSON types,
+    integers past 64 bits, NaN...) a ``datasets.Json(decode=False)`` column of each value's JSON
+    text, decoded by :func:`column_values` (a string value is never parsed again)."""
     records: List[Dict[str, Any]] = []
     for path in paths:
         where = "" if len(paths) == 1 else f" of {path}"
@@ -309,9 +318,37 @@ def _read_json_files(paths: List[Path]) -> datasets.Dataset:
     for record in records:
         columns.update(dict.fromkeys(record))
     columns.pop(_BAD_LINE, None)
-    names = list(columns) + [_BAD_LINE]
-    return datasets.Dataset.from_dict({c: [r.get(c) for r in records] for c in names},
-                                      features=datasets.Features({c: datasets.Json() for c in names}))
+    arrays, features = {}, {}
+    for column in list(columns) + [_BAD_LINE]:
+        arrays[column], features[column] = _arrow_column([record.get(column) for record in records])
+    return datasets.Dataset(pa.table(arrays), info=datasets.DatasetInfo(features=datasets.Features(features)))
+
+
+def _arrow_column(values: List[Any]) -> Tuple[pa.Array, Any]:
+    """``(array, feature)`` holding ``values`` unchanged: Arrow's own type when converting back
+    gives the same values, else JSON texts (see :func:`_read_json_files`)."""
+    try:
+        array = pa.array(values)
+        if array.to_pylist() == values:  # e.g. not when objects have different keys (Arrow adds nulls)
+            return array, datasets.Features.from_arrow_schema(pa.schema([("value", array.type)]))["value"]
+    except (pa.ArrowException, OverflowError):  # values of different JSON types, integers past 64 bits
+        pass
+    texts = pa.array([None if value is None else json.dumps(value) for value in values], pa.string())
+    return pa.ExtensionArray.from_storage(pa.json_(), texts), datasets.Json(decode=False)
+
+
+def column_values(dataset: datasets.Dataset, column: str) -> List[Any]:
+    """The values of ``column`` of a split from :func:`load_split` (a JSON file's column of
+    values of different types is stored as JSON texts, decoded here)."""
+    return _decoded(dataset.select_columns([column])[column], _is_json(dataset, column))
+
+
+def _is_json(dataset: datasets.Dataset, column: str) -> bool:
+    return isinstance(dataset.features.get(column), datasets.Json)
+
+
+def _decoded(values: Sequence[Any], is_json: bool) -> List[Any]:
+    return [None if v is None else json.loads(v) for v in values] if is_json else list(values)
 
 
 def _read_json_file(path: Path, where: str) -> List[Dict[str, Any]]:
@@ -324,13 +361,19 @@ def _read_json_file(path: Path, where: str) -> List[Dict[str, Any]]:
         try:
             items = json.loads(data.decode("utf-8"))
         except UnicodeDecodeError as err:
-            raise DataError(f"{path}: {NOT_UTF8} (byte {err.start + 1}); a JSON array file must be UTF-8") from err
+            line = data.count(b"\n", 0, err.start) + 1
+            raise DataError(f"{path}, line {line}: {NOT_UTF8} (byte {err.start + 1} of the file); a JSON array file "
+                            "must be UTF-8") from err
         except json.JSONDecodeError as err:
             raise DataError(f"{path}, line {err.lineno}: {NOT_JSON} ({err.msg}: column {err.colno}); the file is one "
                             "JSON array, so no line can be skipped: fix it, or write one object per line "
                             "(JSON lines)") from err
         if not items:
             raise DataError(f"{path} holds an empty JSON array; {EXPECTED}")
+        surrogate = _SURROGATE.search(data) and _lone_surrogate(items)
+        if surrogate:
+            raise DataError(f"{path}: {NOT_UTF8} (a lone surrogate escape {surrogate} in a string); a JSON array "
+                            "file must be UTF-8")
         records = [item if isinstance(item, dict) else {_BAD_LINE: [f"item {i}{where}", f"{NOT_OBJECT}: {_kind(item)}"]}
                    for i, item in enumerate(items)]
         usable = any(isinstance(item, dict) for item in items)
@@ -349,6 +392,8 @@ def _read_json_file(path: Path, where: str) -> List[Dict[str, Any]]:
             else:
                 if not isinstance(value, dict):
                     problem = f"{NOT_OBJECT}: {_kind(value)}"
+                elif _SURROGATE.search(line) and _lone_surrogate(value):
+                    problem = f"{NOT_UTF8}: a lone surrogate escape {_lone_surrogate(value)} in a string"
             if problem:
                 records.append({_BAD_LINE: [f"line {number}{where}", problem]})
             else:
@@ -360,6 +405,24 @@ def _read_json_file(path: Path, where: str) -> List[Dict[str, Any]]:
         raise DataError(f"{path}: no line is a JSON object (first: {field}, {problem}: {detail}); {EXPECTED}, one "
                         "JSON object per line")
     return records
+
+
+def _lone_surrogate(value: Any) -> Optional[str]:
+    """The first ``\\uD800``-``\\uDFFF`` escape in the strings (keys included) of a parsed JSON
+    value that pairs with no other (JSON allows it; it is no UTF-8 text) as ``"\\udxxx"``, or ``None``."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return f"\\u{ord(value[err.start]):04x}"
+        return None
+    if isinstance(value, dict):
+        value = [*value, *value.values()]
+    for item in value if isinstance(value, list) else ():
+        found = _lone_surrogate(item)
+        if found:
+            return found
+    return None
 
 
 def split_reason(reason: str) -> Tuple[str, str]:
@@ -385,7 +448,8 @@ def _sample(dataset: datasets.Dataset, column: str, n: int = 100) -> List[Any]:
     """The first non-null values of ``column`` among the first ``n`` rows."""
     if column not in dataset.column_names:
         return []
-    return [v for v in dataset.select_columns([column])[:n][column] if v is not None]
+    return [v for v in _decoded(dataset.select_columns([column])[:n][column], _is_json(dataset, column))
+            if v is not None]
 
 
 def _is_conversation(values: List[Any]) -> bool:
@@ -460,7 +524,8 @@ def normalize_preferences(
         batched=True,
         with_indices=True,
         fn_kwargs={"columns": columns, "first": index, "stride": count, "implicit": implicit,
-                   "bad_lines": _BAD_LINE in dataset.column_names},
+                   "bad_lines": _BAD_LINE in dataset.column_names,
+                   "as_json": tuple(_is_json(dataset, column) for column in columns)},
         remove_columns=dataset.column_names,
         features=NORMALIZED_FEATURES,
         desc=f"normalizing {source_name}" + (f" (shard {index} of {count})" if count > 1 else ""),
@@ -468,10 +533,11 @@ def normalize_preferences(
 
 
 def _normalize_batch(batch: Dict[str, list], indices: List[int], *, columns: Tuple[str, str, str], first: int,
-                     stride: int, implicit: bool = False, bad_lines: bool = False) -> Dict[str, list]:
+                     stride: int, implicit: bool = False, bad_lines: bool = False,
+                     as_json: Tuple[bool, bool, bool] = (False, False, False)) -> Dict[str, list]:
     out: Dict[str, list] = {name: [] for name in NORMALIZED_FEATURES}
-    chosen, rejected = batch[columns[1]], batch[columns[2]]
-    prompts = [None] * len(indices) if implicit else batch[columns[0]]
+    chosen, rejected = _decoded(batch[columns[1]], as_json[1]), _decoded(batch[columns[2]], as_json[2])
+    prompts = [None] * len(indices) if implicit else _decoded(batch[columns[0]], as_json[0])
     flags = batch[_BAD_LINE] if bad_lines else [None] * len(indices)
     for index, prompt, chosen_value, rejected_value, flag in zip(indices, prompts, chosen, rejected, flags):
         if flag:

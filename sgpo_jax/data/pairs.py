@@ -10,7 +10,7 @@ from ml_collections import ConfigDict
 
 from sgpo_jax.console import say
 from sgpo_jax.data.batching import held_shards
-from sgpo_jax.data.loading import SCORE_COLUMNS, load_preferences, load_split, reward_columns
+from sgpo_jax.data.loading import SCORE_COLUMNS, column_values, load_preferences, load_split, reward_columns
 from sgpo_jax.data.tokenize import BadRowReport, TokenizedPairs, tokenize_preferences
 from sgpo_jax.parallel import distributed
 
@@ -78,7 +78,7 @@ def reward_gaps(parts: Sequence[str], split: str, rows: np.ndarray,
     raw = load_split(list(parts) if len(parts) > 1 else parts[0], split=split)
     columns = reward_columns(raw.column_names, score_columns)
     if columns is not None and len(rows):
-        chosen, rejected = (np.array([_number(v) for v in raw.select_columns([c])[c]], np.float64) for c in columns)
+        chosen, rejected = (np.array([_number(v) for v in column_values(raw, c)], np.float64) for c in columns)
         rows = np.asarray(rows, np.int64)
         gaps = chosen[rows] - rejected[rows]
     return gaps

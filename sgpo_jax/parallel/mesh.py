@@ -25,8 +25,8 @@ from jax.sharding import AxisType, Mesh
 
 from sgpo_jax.console import warn
 
-__all__ = ["AXES", "BATCH_AXES", "auto_mesh", "make_mesh", "split_mesh_shape", "device_grid", "host_batch_rows",
-           "check_batch_layout"]
+__all__ = ["AXES", "BATCH_AXES", "auto_mesh", "make_mesh", "mesh_sizes", "split_mesh_shape", "device_grid",
+           "host_batch_rows", "check_batch_layout"]
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -49,22 +49,32 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Option
     """
     topology = devices is None
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
+    grid = device_grid(mesh_sizes(data, fsdp, tensor, len(devices)), devices, topology=topology)
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def mesh_sizes(data: int, fsdp: int, tensor: int, device_count: int) -> Tuple[int, int, int]:
+    """The ``(data, fsdp, tensor)`` sizes of :func:`make_mesh` over ``device_count`` devices,
+    the ``-1`` (at most one) resolved to what the others leave.
+
+    Raises:
+      ValueError: naming the ``mesh.*`` settings and the device count when the sizes are not
+        positive (or -1) or their product is not the device count.
+    """
+    sizes = [int(data), int(fsdp), int(tensor)]
+    given = f"mesh.data={data}, mesh.fsdp={fsdp}, mesh.tensor={tensor}"
     if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"make_mesh: sizes must be positive, at most one -1; got data={data}, fsdp={fsdp}, "
-                         f"tensor={tensor}")
+        raise ValueError(f"{given}: mesh sizes must be positive, at most one -1 (what the others leave)")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"make_mesh: {len(devices)} devices are not divisible by fsdp*tensor*data = {known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(
-            f"make_mesh: data*fsdp*tensor = {sizes[0]}*{sizes[1]}*{sizes[2]} = {int(np.prod(sizes))} "
-            f"but there are {len(devices)} devices"
-        )
-    grid = device_grid(sizes, devices, topology=topology)
-    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * 3)
+        if device_count % known:
+            raise ValueError(f"{given}: the {device_count} devices are not divisible by the product of the other "
+                             f"sizes ({known})")
+        sizes[sizes.index(-1)] = device_count // known
+    if int(np.prod(sizes)) != device_count:
+        raise ValueError(f"{given}: data*fsdp*tensor = {sizes[0]}*{sizes[1]}*{sizes[2]} = {int(np.prod(sizes))} but "
+                         f"there are {device_count} devices")
+    return sizes[0], sizes[1], sizes[2]
 
 
 def split_mesh_shape(sizes: Sequence[int], per_host: int, hosts: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
