@@ -269,6 +269,9 @@ def _train_problems(config: ConfigDict) -> List[str]:
     if (d.prefix_sharing or d.packing_budget) and t.micro_batches > 1:
         problems.append("data.prefix_sharing and data.packing_budget need train.micro_batches=1 (packed rows are not "
                         "split into micro-batches)")
+    if (d.prefix_sharing or d.packing_budget) and config.model.lora.rank > 0:
+        problems.append("data.prefix_sharing and data.packing_budget do not run with LoRA yet (model.lora.rank > 0): "
+                        "turn one of them off")
     if d.shards < 0:
         problems.append(f"data.shards must be >= 0 (0 = one per process), got {d.shards}")
     else:

@@ -226,3 +226,7 @@ def test_training_runs_with_sharing_and_packing_match_the_default_run(tiny_files
                 assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-4), (name, key)
     with pytest.raises(ValueError, match="data.packing_budget \\(50\\) must be 0 \\(off\\) or >= 96"):
         runner.run(tiny(*tiny_files, data__prefix_sharing=True, data__packing_budget=50), tmp_path / "bad")
+    with_lora = tiny(*tiny_files, data__prefix_sharing=True)
+    with_lora.model.lora.rank = 4
+    with pytest.raises(ValueError, match=r"data.prefix_sharing and data.packing_budget do not run with LoRA yet"):
+        runner.run(with_lora, tmp_path / "bad_lora")
