@@ -18,7 +18,7 @@ from sgpo_jax.models.logps import chosen_rejected_logps
 from sgpo_jax.parallel import distributed, sharding
 from sgpo_jax.training.workdir import cached_arrays
 
-__all__ = ["cache_key", "cached_reference", "pair_logps", "weights_fingerprint"]
+__all__ = ["cache_key", "cached_reference", "pair_logps", "scoring_program", "weights_fingerprint"]
 
 
 def weights_fingerprint(params: Any) -> str:
@@ -43,16 +43,24 @@ def cache_key(reference_params: Any, data_fingerprint: str) -> str:
     return hashlib.sha256(f"{weights_fingerprint(reference_params)}{data_fingerprint}".encode()).hexdigest()[:16]
 
 
+def scoring_program(logps_fn, mesh):
+    """The jitted forward-only pass of :func:`pair_logps`: ``(params, PreferenceBatch) ->
+    (chosen_logps [B], rejected_logps [B])``, outputs split over the mesh's data axes, traced under
+    the mesh's activation sharding (so fused attention kernels run per device block)."""
+    data_sharding = sharding.batch_sharding(mesh)
+
+    def logps(params, b: PreferenceBatch):
+        with sharding.activation_sharding(mesh):
+            return chosen_rejected_logps(logps_fn, params, b)
+
+    return jax.jit(logps, out_shardings=(data_sharding, data_sharding))
+
+
 def pair_logps(logps_fn, params, batches: Iterator[Dict[str, np.ndarray]], num_pairs: int, *,
                mesh, desc: str) -> Tuple[np.ndarray, np.ndarray]:
     """Forward-only ``(chosen_logps [N], rejected_logps [N])`` over batches that cover every pair
     (``batch["index"]`` says which; -1 = padding), sharded over the mesh's data axes."""
-    data_sharding = sharding.batch_sharding(mesh)
-
-    def logps(params, b: PreferenceBatch):
-        return chosen_rejected_logps(logps_fn, params, b)
-
-    forward = jax.jit(logps, out_shardings=(data_sharding, data_sharding))
+    forward = scoring_program(logps_fn, mesh)
 
     # Each host reads back only the rows its own devices hold (its batch rows, global rows
     # [p * b, (p + 1) * b)); one all-gather at the end gives every host every pair's scores.
