@@ -60,8 +60,8 @@ from sgpo_jax import compat
 from sgpo_jax.console import say
 from sgpo_jax.errors import ConfigError, UserError
 
-__all__ = ["GPUS", "TPU_CHIPS", "Target", "parse_target", "target_devices", "target_mesh", "model_config_for",
-           "compile_run", "refuse_if_oversized", "ProgramDoesNotFit", "main"]
+__all__ = ["GPUS", "PROGRAMS", "TPU_CHIPS", "Target", "parse_target", "target_devices", "target_mesh",
+           "model_config_for", "compile_run", "refuse_if_oversized", "summary_lines", "ProgramDoesNotFit", "main"]
 
 GIB = 2 ** 30
 # generation -> (topology name prefix, TensorCores per chip in the slice name, HBM bytes per chip)
@@ -75,13 +75,15 @@ TPU_CHIPS = {
 _TPU_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 _TPU_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
                   512: "8x8x8"}
-# name -> (XLA GPU target config asset, HBM bytes, compute capability)
+# name -> (XLA GPU target config in sgpo_jax/assets/gpu_specs, memory bytes as nvidia-smi reports it,
+# compute capability)
 GPUS = {
-    "H100": ("h100_sxm.txtpb", 80 * GIB, (9, 0)),
-    "H200": ("h200_sxm.txtpb", 141 * 10 ** 9, (9, 0)),
-    "A100": ("a100_sxm_80.txtpb", 80 * GIB, (8, 0)),
+    "H100": ("h100_sxm.txtpb", 81559 * 2 ** 20, (9, 0)),
+    "H200": ("h200_sxm.txtpb", 143771 * 2 ** 20, (9, 0)),
+    "A100": ("a100_sxm_80.txtpb", 81920 * 2 ** 20, (8, 0)),
 }
 ASSETS = Path(__file__).resolve().parent / "assets" / "gpu_specs"
+PROGRAMS = ("train_step", "reference_logps", "sample", "eval_generate")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 FUSED_ATTENTION_CALLS = {"tpu_custom_call": "Pallas/Mosaic kernel (splash attention)",
                          "__cudnn$fmha": "cuDNN fused attention"}
@@ -299,7 +301,7 @@ def _step_batch(config: Any, sgpo: Any, follower: str, pairs: int, seq: int) -> 
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), batch)
 
 
-def _programs(config: Any, model_cfg: Any, mesh: Mesh, hbm: int) -> List[Dict[str, Any]]:
+def _programs(config: Any, model_cfg: Any, mesh: Mesh, hbm: int, only: Tuple[str, ...]) -> List[Dict[str, Any]]:
     from sgpo_jax.config import follower_of, sgpo_config
     from sgpo_jax.core.step import TrainState, make_sgpo_step
     from sgpo_jax.data.batching import default_buckets
@@ -352,22 +354,42 @@ def _programs(config: Any, model_cfg: Any, mesh: Mesh, hbm: int) -> List[Dict[st
             programs.append(("eval_generate", lambda: lower_generation(
                 model, params_in, *prompts(int(e.batch_size)), key, max_new_tokens=int(e.max_new_tokens),
                 temperature=0.0)))
-    return [_compile(name, lower, hbm) for name, lower in programs]
+    return [_compile(name, lower, hbm) for name, lower in programs if not only or name in only]
+
+
+def _largest_batch(config: Any, model_cfg: Any, mesh_shape: Dict[str, int], hbm: int) -> int:
+    """The largest ``train.batch_size`` (a power of two times the rows one micro-batch step splits
+    over, up to 4096) whose planner estimate fits ``hbm``; 0 if none does."""
+    from sgpo_jax.training import memory
+
+    unit = mesh_shape["data"] * mesh_shape["fsdp"] * int(config.train.micro_batches)
+    best, size = 0, unit
+    while size <= 4096:
+        probe = config.copy_and_resolve_references()
+        probe.train.batch_size = size
+        if memory.plan_for_run(probe, model_cfg, mesh_shape).total > hbm:
+            break
+        best, size = size, size * 2
+    return best
 
 
 def compile_run(config: Any, target: Any, *, model_cfg: Any = None, model_preset: str = "",
-                vocab_size: Optional[int] = None) -> Dict[str, Any]:
+                vocab_size: Optional[int] = None, programs: Sequence[str] = ()) -> Dict[str, Any]:
     """Compiles every program of the run ``config`` for ``target`` (a :class:`Target` or its
     name) and returns the report (module docstring): ``{"target", "mesh", "model", "settings",
     "planner", "flops", "programs": [...]}``. Nothing is allocated on any device.
 
     ``model_cfg`` (a DecoderConfig) overrides the model; else :func:`model_config_for`.
+    ``programs`` (names of :data:`PROGRAMS`) restricts the compiles; default all the run executes.
     """
     from sgpo_jax.config import validate
     from sgpo_jax.training import memory
     from sgpo_jax.training.flops import model_flops
 
     target = parse_target(target) if isinstance(target, str) else target
+    unknown = sorted(set(programs) - set(PROGRAMS))
+    if unknown:
+        raise ConfigError(f"--programs: {unknown} are not programs of a run; choose from {list(PROGRAMS)}")
     if config.train.mode != "ssapo" and not config.data.source:
         config = config.copy_and_resolve_references()
         config.data.source = "(compile only)"
@@ -383,8 +405,9 @@ def compile_run(config: Any, target: Any, *, model_cfg: Any = None, model_preset
         from sgpo_jax.models.attention import attention_kernel
 
         kernel = attention_kernel(model_cfg, seq)
-        programs = _programs(config, model_cfg, mesh, target.hbm_bytes)
-    step = next(p for p in programs if p["program"] == "train_step")
+        programs = _programs(config, model_cfg, mesh, target.hbm_bytes, tuple(programs))
+    largest = _largest_batch(config, model_cfg, dict(mesh.shape), target.hbm_bytes)
+    step = next((p for p in programs if p["program"] == "train_step"), {})
     if step.get("memory"):
         step["planner_bytes"] = plan.total
         step["planner_ratio"] = plan.total / step["memory"]["peak"]
@@ -399,22 +422,29 @@ def compile_run(config: Any, target: Any, *, model_cfg: Any = None, model_preset
         "settings": {"mode": config.train.mode, "batch_size": int(config.train.batch_size),
                      "micro_batches": int(config.train.micro_batches), "seq_len": seq,
                      "reference_batch_size": int(config.train.reference_batch_size)},
-        "planner": {"total": plan.total, "lower_bound": plan.lower_bound, "components": plan.components},
+        "planner": {"total": plan.total, "lower_bound": plan.lower_bound, "components": plan.components,
+                    "largest_batch": largest},
         "flops": {"model_flops_per_step": flops["total"], "model_flops_per_step_causal": flops["total_causal"],
                   "tokens_per_step": flops["tokens"], "source": "formula (sgpo_jax.training.flops); "
                   "cost_analysis() is not used: it counts a scanned loop body once and skips Pallas kernels"},
         "programs": programs,
+        "config_values": {k: config[k.split(".")[0]][k.split(".")[1]] for names in _REDUCE.values() for k in names},
     }
 
 
-_REDUCE = {
-    "train_step": "train.micro_batches, model.remat=True with model.scan_layers=True, mesh.fsdp / mesh.tensor, "
-                  "data.max_length, train.batch_size",
-    "reference_logps": "train.reference_batch_size, mesh.fsdp / mesh.tensor, data.max_length",
-    "sample": "ssapo.generation_batch_size, ssapo.num_samples, ssapo.max_new_tokens, data.max_prompt_length, "
-              "mesh.tensor",
-    "eval_generate": "eval.batch_size, eval.max_new_tokens, data.max_prompt_length, mesh.tensor",
+_REDUCE = {  # program -> the settings that reduce its memory
+    "train_step": ("train.micro_batches", "model.remat", "model.scan_layers", "mesh.fsdp", "mesh.tensor",
+                   "data.max_length", "train.batch_size"),
+    "reference_logps": ("train.reference_batch_size", "mesh.fsdp", "mesh.tensor", "data.max_length"),
+    "sample": ("ssapo.generation_batch_size", "ssapo.num_samples", "ssapo.max_new_tokens", "data.max_prompt_length",
+               "mesh.tensor"),
+    "eval_generate": ("eval.batch_size", "eval.max_new_tokens", "data.max_prompt_length", "mesh.tensor"),
 }
+
+
+def _reduce_hint(name: str, settings: Dict[str, Any]) -> str:
+    now = ", ".join(f"{k} (now {settings[k]})" if k in settings else k for k in _REDUCE[name])
+    return f"reduce its memory with {now}"
 
 
 def refuse_if_oversized(report: Dict[str, Any]) -> None:
@@ -426,13 +456,13 @@ def refuse_if_oversized(report: Dict[str, Any]) -> None:
         name = p["program"]
         if not p["ok"] and ("RESOURCE_EXHAUSTED" in p["error"] or "memory" in p["error"].lower()):
             raise ProgramDoesNotFit(f"{name} does not fit {target}: {p['error']}",
-                                    f"reduce its memory with {_REDUCE[name]}")
+                                    _reduce_hint(name, report["config_values"]))
         if not p["ok"]:
             raise ConfigError(f"{name} does not compile for {target}: {p['error']}")
         m = p.get("memory")
         if m and m["peak"] > m["hbm"]:
             raise ProgramDoesNotFit(f"{name} does not fit {target}: XLA peak {m['peak'] / GIB:.2f} GiB per chip > "
-                                    f"{m['hbm'] / GIB:.2f} GiB", f"reduce its memory with {_REDUCE[name]}")
+                                    f"{m['hbm'] / GIB:.2f} GiB", _reduce_hint(name, report["config_values"]))
 
 
 def summary_lines(report: Dict[str, Any]) -> List[str]:
@@ -467,7 +497,7 @@ def main(argv) -> None:
     del argv
     flag = flags.FLAGS
     try:
-        report = compile_run(flag.config, flag.target, model_preset=flag.model_preset)
+        report = compile_run(flag.config, flag.target, model_preset=flag.model_preset, programs=flag.programs)
         for line in summary_lines(report):
             say(line)
         out = Path(flag.json or Path(tempfile.gettempdir()) / f"aot-{report['target']['name']}.json")
@@ -491,7 +521,9 @@ def cli() -> None:
     flags.DEFINE_string("model_preset", "", "a shape from sgpo_jax.training.memory.MODEL_PRESETS instead of "
                         "model.source's config.json (e.g. llama3-8b, mistral-7b, llama3-70b)")
     flags.DEFINE_string("json", "", "where to write the report (default: the temp dir)")
+    flags.DEFINE_list("programs", [], f"compile only these of {list(PROGRAMS)} (default: all the run executes)")
     flags.mark_flags_as_required(["config", "target"])
+    jax.config.update("jax_platforms", "cpu")  # the host only traces; the target's compiler does the rest
     app.run(main)
 
 

@@ -1,0 +1,52 @@
+"""The README's table of ahead-of-time compiles, from the reports in bench/results/aot-*.json.
+
+Each report is what ``python -m sgpo_jax.aot --json=bench/results/aot-<model>-<target>.json``
+writes (``sgpo_jax.aot.compile_run``). Per row: the model and target, the mesh, XLA's verdict on
+the training step (compile time, or its out-of-memory refusal), XLA's per-chip peak against the
+chip's memory, the planner's estimate and its ratio to XLA's peak, the fused attention kernels in
+the compiled step, and the largest ``train.batch_size`` the planner fits on the chip.
+
+    python bench/aot_table.py [bench/results/aot-*.json ...]
+"""
+
+import glob
+import json
+import sys
+from pathlib import Path
+
+GIB = 2 ** 30
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def row(report):
+    t, m, s = report["target"], report["model"], report["settings"]
+    mesh = "x".join(f"{k}{v}" for k, v in report["mesh"].items() if v > 1) or "1"
+    step = next(p for p in report["programs"] if p["program"] == "train_step")
+    model = f"{m['params'] / 1e9:.1f}B, {m['layers']} layers"
+    batch = f"{s['batch_size']} x {s['seq_len']} ({s['micro_batches']} mb)"
+    planner = report["planner"]["total"]
+    if step["ok"]:
+        peak = step["memory"]["peak"]
+        verdict = f"ok ({step['compile_seconds']:.0f} s)" if peak <= t["hbm_bytes"] else "peak > HBM"
+        xla = f"{peak / GIB:.1f} / {t['hbm_bytes'] / GIB:.1f}"
+        ratio = f"{planner / GIB:.1f} ({planner / peak:.2f}x)"
+        calls = ", ".join(f"{v} {k}" for k, v in step["fused_attention_calls"].items()) or "none"
+    else:
+        verdict = f"refused ({step['compile_seconds']:.0f} s): {step['error'][:90]}"
+        xla, ratio, calls = f"- / {t['hbm_bytes'] / GIB:.1f}", f"{planner / GIB:.1f}", "-"
+    largest = report["planner"].get("largest_batch", "")
+    return (f"| {model} | {t['name']} | {mesh} | {batch} | {verdict} | {xla} | {ratio} | {calls} | "
+            f"{largest or 'none'} |")
+
+
+def main(paths):
+    paths = paths or sorted(glob.glob(str(RESULTS / "aot-*.json")))
+    print("| model | target | mesh | step batch | XLA: train step | XLA peak / HBM per chip (GiB) | "
+          "planner GiB (/ XLA) | fused attention in the step | largest batch (planner) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        print(row(json.loads(Path(path).read_text())))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
