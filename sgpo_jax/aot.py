@@ -399,14 +399,14 @@ def compile_run(config: Any, target: Any, *, model_cfg: Any = None, model_preset
     if model_cfg is None:
         model_cfg = model_config_for(config, model_preset, vocab_size)
     seq = max(tuple(config.data.buckets)) if tuple(config.data.buckets) else int(config.data.max_length)
-    plan = memory.plan_for_run(config, model_cfg, dict(mesh.shape), device_bytes=target.hbm_bytes)
     flops = model_flops(model_cfg, int(config.train.batch_size), seq)
-    with compat.compile_target(target.platform, target.cuda_capability):
+    with compat.compile_target(target.platform, target.cuda_capability):  # kernels and planner: the target's
         from sgpo_jax.models.attention import attention_kernel
 
         kernel = attention_kernel(model_cfg, seq)
+        plan = memory.plan_for_run(config, model_cfg, dict(mesh.shape), device_bytes=target.hbm_bytes)
+        largest = _largest_batch(config, model_cfg, dict(mesh.shape), target.hbm_bytes)
         programs = _programs(config, model_cfg, mesh, target.hbm_bytes, tuple(programs))
-    largest = _largest_batch(config, model_cfg, dict(mesh.shape), target.hbm_bytes)
     step = next((p for p in programs if p["program"] == "train_step"), {})
     if step.get("memory"):
         step["planner_bytes"] = plan.total

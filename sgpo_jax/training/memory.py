@@ -29,10 +29,12 @@ activations    no remat: ``L * tok * a``; remat: ``L * tok * H * s`` (the layer 
                ``+ tok * a`` (one layer recomputed in the backward pass), with per token and
                layer ``a = s * (cH*H + cQ*N*D/t + cKV*K*D/t + cI*I/t) + (N/t) * S * cS``;
                ``S`` the key slots a query scores on average: ``(T + blk) / 2`` with the causal
-               query blocks of ``attention_block = blk`` (``0 < blk < T``), else ``T``
+               query blocks of ``attention_block = blk`` (``0 < blk < T``), else ``T``; with a
+               fused kernel (cuDNN, splash) the score term is ``(N/t) * 4`` (a logsumexp per head)
 log-probs      ``tok * (H * s + 4)`` (final hidden states, logsumexp) ``+ 2 * 4 * b * C * V / t``
-               (one chunk's float32 logits and softmax) ``+ 4 * V * H / t`` (the head's
-               float32 gradient accumulator), once more for tied embeddings
+               (one chunk's float32 logits and softmax) ``+ 4 * V * H / (t * fsdp)`` (the
+               head's float32 gradient accumulator, sharded as the head), once more for tied
+               embeddings
 batch          ``2 * batch_size / (data * fsdp) * T * 12`` (ids, attention, loss masks, int32)
 reference      with ``reference="model"``: a frozen copy ``sum_x P_x * p``; ``"cached"``: 0
 ============== =========================================================================
@@ -205,7 +207,7 @@ def _sharded_elements(model_cfg, sizes: Mapping[str, int]) -> Tuple[float, float
 def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int = 1, seq_len: int,
              param_dtype: Any = None, dtype: Any = None, remat: Optional[bool] = None,
              optimizer: str = "adamw", reference: str = "cached", logps_chunk: Optional[int] = None,
-             device_bytes: Optional[float] = None) -> MemoryPlan:
+             device_bytes: Optional[float] = None, attention: Optional[str] = None) -> MemoryPlan:
     """Per-device memory of one :func:`sgpo_jax.core.step.sgpo_step` (see the module docstring).
 
     Args:
@@ -221,6 +223,9 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
         frozen reference copy resident on the devices).
       logps_chunk: sequence positions per chunk of the log-prob head (default: the library's).
       device_bytes: if given, shown in the table.
+      attention: the attention kernel the step runs (``"xla"``, ``"cudnn"``, ``"splash"``); default
+        :func:`sgpo_jax.models.attention.attention_kernel` of ``model_cfg`` on the target platform.
+        The fused kernels hold no ``[T, S]`` score matrix.
 
     Raises:
       ValueError: naming the setting, when the batch does not split over the mesh or a value
@@ -261,10 +266,16 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
     elements, layer_elements, head_elements = _sharded_elements(c, sizes)
     weights = elements * p
 
+    if attention is None:
+        from sgpo_jax.models.attention import attention_kernel
+
+        attention = attention_kernel(c, seq_len)
     block = int(getattr(c, "attention_block", 0) or 0)
     keys = (seq_len + block) / 2 if 0 < block < seq_len else seq_len  # key slots a query scores, on average
 
     def per_token(k: Mapping[str, float]) -> float:
+        if attention != "xla":  # fused kernels keep no score matrix, only a float32 logsumexp per query head
+            return s * (k["h"] * H + k["q"] * ND / t + k["kv"] * KD / t + k["i"] * I / t) + N / t * 4
         return (s * (k["h"] * H + k["q"] * ND / t + k["kv"] * KD / t + k["i"] * I / t)
                 + N / t * keys * (4 * k["score_f32"] + s * k["score_compute"]))
 
@@ -296,7 +307,8 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
         comp["activations"] = L * tok * per_token(_CENTRAL)
         low["activations"] = L * tok * per_token(_MINIMAL)
         notes["activations"] = f"{L} layers x {tok:g} tok x {per_token(_CENTRAL):,.0f} B/tok"
-    head_grad = 4 * V * H / t * (2 if c.tie_word_embeddings else 1)
+    # the head's float32 gradient accumulator is sharded like the head (fsdp and tensor)
+    head_grad = 4 * V * H / (t * sizes["fsdp"]) * (2 if c.tie_word_embeddings else 1)
     comp["log-probs"] = tok * (H * s + 4) + 2 * 4 * b * chunk * V / t + head_grad
     low["log-probs"] = tok * (H * s + 4) + 4 * b * chunk * V / t
     notes["log-probs"] = f"hidden + lse, chunk {chunk}: 2 x 4 x {b:g} x {chunk} x V/t, head grad"
@@ -309,7 +321,7 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
                                                                  else c.param_dtype)),
                     dtype=str(jnp.dtype(dtype if dtype is not None else c.dtype)), remat=remat,
                     optimizer=optimizer, reference=reference, logps_chunk=chunk, device_bytes=device_bytes,
-                    model_cfg=c)
+                    attention=attention, model_cfg=c)
     return MemoryPlan(comp, low, notes, settings)
 
 
@@ -318,7 +330,8 @@ def _replan(plan: MemoryPlan, **changes) -> MemoryPlan:
     mesh = dict(s["mesh"], **changes.pop("mesh", {}))
     kwargs = dict(batch_size=s["batch_size"], micro_batches=s["micro_batches"], seq_len=s["seq_len"],
                   param_dtype=s["param_dtype"], dtype=s["dtype"], remat=s["remat"], optimizer=s["optimizer"],
-                  reference=s["reference"], logps_chunk=s["logps_chunk"])
+                  reference=s["reference"], logps_chunk=s["logps_chunk"],
+                  attention=None if "seq_len" in changes else s["attention"])  # another length: choose again
     kwargs.update(changes)
     return estimate(s["model_cfg"], mesh, **kwargs)
 
