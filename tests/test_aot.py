@@ -17,15 +17,19 @@ import pytest
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # xdist workers may each load libtpu
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no pod metadata here: one host, quietly
 
-libtpu = pytest.importorskip("libtpu", reason="libtpu is not installed (pip install -e '.[aot]')")
+import importlib.util  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs.tiny import get_config  # noqa: E402
 from sgpo_jax import aot  # noqa: E402
+from sgpo_jax.errors import ConfigError  # noqa: E402
 from sgpo_jax.models import Decoder, DecoderConfig  # noqa: E402
 from sgpo_jax.train import user_error_lines  # noqa: E402
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed (pip install -e '.[aot]')")
 
 LAYERS = 2
 # XLA:TPU lays arrays out in tiles of 128 lanes (and 8 sublanes) and allocates at least 512 bytes
@@ -54,6 +58,22 @@ def _model(config, vocab):
                          scan_layers=False, remat=False, attention="auto")
 
 
+def test_target_names():
+    """Cloud TPU slice names count TensorCores on v4/v5p (2 per chip) and chips on v5e/v6e; several
+    slices multiply; GPUs by count and kind with their memory; anything else is one clear error."""
+    assert (aot.parse_target("v5p-8").topology, aot.parse_target("v5p-8").chips) == ("v5p:2x2x1", 4)
+    assert (aot.parse_target("v5p-32").topology, aot.parse_target("v5p-32").chips) == ("v5p:2x2x4", 16)
+    assert (aot.parse_target("v5e-16").topology, aot.parse_target("v6e-8").topology) == ("v5e:4x4", "v6e:2x4")
+    two = aot.parse_target("2xv5e-16")
+    assert (two.num_slices, two.chips, two.topology) == (2, 32, "v5e:4x4")
+    h100 = aot.parse_target("8xH100")
+    assert (h100.platform, h100.topology, h100.cuda_capability, h100.hbm_bytes) == ("cuda", "1x1x8", (9, 0),
+                                                                                     81559 * 2 ** 20)
+    for bad in ("v5p-6", "tpu", "8xB300"):
+        with pytest.raises(ConfigError, match="--target="):
+            aot.parse_target(bad)
+
+
 @pytest.fixture(scope="module")
 def report():
     config = _config()
@@ -64,6 +84,7 @@ def _tpu_bytes(shape, dtype):
     return max(MIN_BUFFER, math.prod(shape) * np.dtype(dtype).itemsize)
 
 
+@needs_libtpu
 def test_programs_compile_with_splash_on_a_sharded_mesh(report):
     """``attention=auto`` resolves to splash for the TPU target; the train step, the reference pass
     and the sampler compile on a data=1, fsdp=2, tensor=2 mesh of 4 v5p chips; the step holds
@@ -80,6 +101,7 @@ def test_programs_compile_with_splash_on_a_sharded_mesh(report):
     assert programs["train_step"]["collectives"].get("all-gather", 0) > 0  # fsdp gathers the weights
 
 
+@needs_libtpu
 def test_step_arguments_are_the_sharded_state_exactly(report):
     """XLA's per-chip argument bytes of the step = the state's (params, AdamW moments, step, rng)
     and the batch's per-chip shards, each from its global shape, dtype and jax's shard shape under
@@ -111,6 +133,7 @@ def test_step_arguments_are_the_sharded_state_exactly(report):
     assert step["memory"]["argument"] == state_bytes + batch_bytes
 
 
+@needs_libtpu
 def test_oversized_run_is_refused_in_one_line():
     """The tiny model with 32768 pairs of 128 tokens per step on a 4-chip v5e slice (16 GiB each):
     16384 sequences per chip whose layer inputs alone (2 layers x 2M tokens x 256 x 4 B) take 4 GiB

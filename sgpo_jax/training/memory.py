@@ -51,7 +51,10 @@ chunk's logits, no update tree and only the weight copies a single layer needs. 
 fuse more than the CPU, so expect the compiled peak between ``lower_bound`` and ``total``: on
 one H100 (jax 0.11.2, ``bench/mfu.py``, TinyLlama-1.1B shape, bf16 compute, fp32 parameters) the
 compiled peak was 0.74x (remat, 8 x 1024 tokens), 0.73x (remat, 16 x 1024) and 0.90x (no remat,
-4 x 1024) of ``total``, and above ``lower_bound`` each time. :func:`check` refuses a plan only
+4 x 1024) of ``total``, and above ``lower_bound`` each time (einsum attention, before the fused
+kernels' and the sharded head gradient's terms). Against XLA:TPU and XLA:GPU's compiled peaks of
+the 7-8B recipes (:mod:`sgpo_jax.aot`, ``bench/results/aot-*.json``; fused attention) ``total``
+is within 15% (README table). :func:`check` refuses a plan only
 when even the lower bound exceeds the device ("clearly impossible"), and warns when the estimate
 does.
 
