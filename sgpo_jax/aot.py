@@ -47,6 +47,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -373,6 +374,34 @@ def _largest_batch(config: Any, model_cfg: Any, mesh_shape: Dict[str, int], hbm:
     return best
 
 
+def _smallest_fit(config: Any, model_cfg: Any, target: Target) -> str:
+    """The smallest slice (or GPU count) of the target's kind whose planner estimate fits the
+    chip, with ``mesh.*`` as configured (a -1 axis takes the extra chips, else ``fsdp`` grows); ""
+    if none up to 512 chips does."""
+    from sgpo_jax.training import memory
+
+    if target.platform == "tpu":
+        generation = target.topology.split(":")[0]
+        per_chip = TPU_CHIPS[generation][1]
+        sizes = sorted(_TPU_SHAPES_3D if generation in ("v4", "v5p") else _TPU_SHAPES_2D)
+        names = [(c, f"{generation}-{c * per_chip}") for c in sizes]
+    else:
+        names = [(c, f"{c}x{target.gpu}") for c in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)]
+    axes = {"data": int(config.mesh.data), "fsdp": int(config.mesh.fsdp), "tensor": int(config.mesh.tensor)}
+    grow = next((a for a, v in axes.items() if v == -1), "fsdp")
+    others = math.prod(v for a, v in axes.items() if a != grow)
+    for chips, name in names:
+        if chips % others:
+            continue
+        mesh = dict(axes, **{grow: chips // others})
+        try:
+            if memory.plan_for_run(config, model_cfg, mesh).total <= target.hbm_bytes:
+                return name
+        except ValueError:
+            continue
+    return ""
+
+
 def compile_run(config: Any, target: Any, *, model_cfg: Any = None, model_preset: str = "",
                 vocab_size: Optional[int] = None, programs: Sequence[str] = ()) -> Dict[str, Any]:
     """Compiles every program of the run ``config`` for ``target`` (a :class:`Target` or its
@@ -405,7 +434,10 @@ def compile_run(config: Any, target: Any, *, model_cfg: Any = None, model_preset
 
         kernel = attention_kernel(model_cfg, seq)
         plan = memory.plan_for_run(config, model_cfg, dict(mesh.shape), device_bytes=target.hbm_bytes)
-        largest = _largest_batch(config, model_cfg, dict(mesh.shape), target.hbm_bytes)
+        with warnings.catch_warnings():  # what-if plans: uneven batch splits are expected, not news
+            warnings.simplefilter("ignore")
+            largest = _largest_batch(config, model_cfg, dict(mesh.shape), target.hbm_bytes)
+            smallest = _smallest_fit(config, model_cfg, target)
         programs = _programs(config, model_cfg, mesh, target.hbm_bytes, tuple(programs))
     step = next((p for p in programs if p["program"] == "train_step"), {})
     if step.get("memory"):
@@ -423,7 +455,7 @@ def compile_run(config: Any, target: Any, *, model_cfg: Any = None, model_preset
                      "micro_batches": int(config.train.micro_batches), "seq_len": seq,
                      "reference_batch_size": int(config.train.reference_batch_size)},
         "planner": {"total": plan.total, "lower_bound": plan.lower_bound, "components": plan.components,
-                    "largest_batch": largest},
+                    "largest_batch": largest, "smallest_target": smallest},
         "flops": {"model_flops_per_step": flops["total"], "model_flops_per_step_causal": flops["total_causal"],
                   "tokens_per_step": flops["tokens"], "source": "formula (sgpo_jax.training.flops); "
                   "cost_analysis() is not used: it counts a scanned loop body once and skips Pallas kernels"},
