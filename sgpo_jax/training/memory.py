@@ -19,7 +19,8 @@ Components:
 parameters     ``sum_x P_x * p`` (exact)
 gradients      ``sum_x P_x * p``, twice with ``micro_batches > 1`` (accumulator + current)
 optimizer      ``m * sum_x P_x * p``; ``m = 2`` for adam/adamw (mu, nu), 1 lion, 0 sgd
-update         ``sum_x P_x * p``: the optimizer's update tree before it is applied
+update         ``sum_x P_x * p``: the optimizer's update tree before it is applied (0 on a CUDA
+               target, where XLA fuses it into the in-place parameter update)
 weight copies  compute-dtype copies of the weights that the forward pass keeps for the
                backward pass: FSDP all-gathers (``fsdp > 1``) or casts (``s != p``);
                ``L`` layers without remat, 2 with remat (re-gathered per layer), plus the
@@ -295,9 +296,16 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
     moments = OPTIMIZER_MOMENTS[optimizer]
     comp["optimizer"] = low["optimizer"] = moments * weights
     notes["optimizer"] = f"{optimizer}: {moments} x parameters"
-    comp["update"] = weights
+    # XLA:GPU fuses the optimizer's elementwise update into the in-place write of the donated
+    # parameters; XLA:TPU and XLA:CPU materialize the update tree (compiled peaks of the same step:
+    # sgpo_jax.aot, bench/results/aot-*.json)
+    from sgpo_jax import compat
+
+    fused_update = compat.target_platform() == "cuda"
+    comp["update"] = 0.0 if fused_update else weights
     low["update"] = 0.0
-    notes["update"] = "1 x parameters (the update tree)"
+    notes["update"] = ("fused into the parameter update (XLA:GPU)" if fused_update
+                       else "1 x parameters (the update tree)")
     comp["weight copies"] = (kept_layers * layer_elements + head_elements) * s if copies else 0.0
     low["weight copies"] = (layer_elements + head_elements) * s if copies else 0.0
     notes["weight copies"] = (f"{kept_layers} layer(s) of {layer_elements:,.0f} + head {head_elements:,.0f} "
