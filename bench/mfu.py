@@ -10,8 +10,9 @@ I=5632, 22 layers, 32 heads, 4 KV heads, head_dim 64, untied; 1,100,048,384 para
 Data: ``--pairs`` random token pairs of ``--seq`` tokens each (no padding), the loss on the
 last ``--response`` positions of each sequence.
 
-Model FLOPs per step (fwd + bwd, the PaLM-paper convention; remat recomputation and the
-chunked head's backward recomputation are *not* counted, so this is MFU, not HFU)::
+Model FLOPs per step (:func:`sgpo_jax.training.flops.model_flops`; fwd + bwd, the PaLM-paper
+convention; remat recomputation and the chunked head's backward recomputation are *not* counted,
+so this is MFU, not HFU)::
 
     tokens      = pairs * 2 * seq                          (chosen + rejected rows)
     N_layers    = L * (H * (N*D + 2*K*D) + N*D * H + 3 * H * I + 2 * H) + H   (non-embedding,
@@ -102,20 +103,6 @@ def parse_args(argv=None):
     return args
 
 
-def model_flops(cfg, pairs: int, seq: int) -> dict:
-    """The documented FLOP count of one step (see the module docstring)."""
-    h, i, v, layers = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
-    nd, kd = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    n_layers = layers * (h * (nd + 2 * kd) + nd * h + 3 * h * i + 2 * h) + h
-    tokens = pairs * 2 * seq
-    dense = 6 * n_layers * tokens
-    head = 6 * h * v * tokens
-    attention = 12 * layers * nd * seq * tokens
-    return dict(tokens=tokens, non_embedding_params=n_layers, dense=dense, head=head, attention=attention,
-                total=dense + head + attention, attention_causal=attention / 2,
-                total_causal=dense + head + attention / 2)
-
-
 def peak_for(kind: str):
     for needle, flops in PEAK_BF16:
         if needle.lower() in kind.lower():
@@ -134,6 +121,7 @@ def main(argv=None):
     from sgpo_jax.models import Decoder, DecoderConfig, decoder_logps_fn
     from sgpo_jax.parallel import mesh as mesh_lib
     from sgpo_jax.parallel import sharding
+    from sgpo_jax.training.flops import model_flops
 
     fields = dict(PRESETS[args.preset])
     if args.layers:

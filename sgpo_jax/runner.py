@@ -45,12 +45,13 @@ from sgpo_jax.training.workdir import write_json, write_text
 
 __all__ = ["PROGRAMS", "RunPlan", "Setup", "dry_run", "plan", "resume_point", "run", "setup"]
 
-# The compiled programs a run can execute, and what each computes.
+# The compiled programs a run can execute, and what each computes (sgpo_jax.aot compiles them for
+# a target the host does not have).
 PROGRAMS = {
     "train_step": "the jitted, sharded optimizer step (policy forward/backward, follower, update)",
     "reference_logps": "the forward-only log-probs of the reference policy (cached once per run or round)",
-    "prefill": "the sampler's prompt pass that fills the KV cache (self-annotation and evaluation)",
-    "decode": "the sampler's one-token step over the KV cache",
+    "sample": "the sampler of the self-annotation: prefill, the samples' repeat and the decode loop",
+    "eval_generate": "the held-out evaluation's greedy generation",
 }
 
 
@@ -76,7 +77,7 @@ def plan(config: ConfigDict) -> RunPlan:
     if t.mode != "ssapo":
         stages = ["load and tokenize the pairs of data.source", "reference log-probs (cached in workdir/cache)",
                   f"train: {t.mode.upper()} steps with checkpoints every {config.checkpoint.every}"]
-        programs = ("reference_logps", "train_step")
+        programs = ("train_step", "reference_logps")
     else:
         stages = ["split: seed pairs and the rounds' prompt pools (split.json)"]
         if evaluate:
@@ -85,7 +86,7 @@ def plan(config: ConfigDict) -> RunPlan:
         for r in range(1, len(s.pool_sizes) + 1):
             stages.append(f"round {r}: generate {s.num_samples} samples for each of {s.pool_sizes[r - 1]} prompts, "
                           f"self-annotate, {s.round_mode.upper()} on the pairs" + (", evaluate" if evaluate else ""))
-        programs = ("reference_logps", "train_step", "prefill", "decode")
+        programs = ("train_step", "reference_logps", "sample") + (("eval_generate",) if evaluate else ())
     if config.export:
         stages.append("export the final policy (workdir/export, Hugging Face layout)")
     stages.append("summary.json" + (", summary.md and plots/" if t.mode == "ssapo" else ""))

@@ -12,7 +12,7 @@ def test_plan_of_a_training_run_lists_its_stages_and_programs():
                            "reference log-probs (cached in workdir/cache)",
                            "train: DPO steps with checkpoints every 50",
                            "export the final policy (workdir/export, Hugging Face layout)", "summary.json")
-    assert plan.programs == ("reference_logps", "train_step")
+    assert plan.programs == ("train_step", "reference_logps")
     assert set(plan.programs) <= set(runner.PROGRAMS)
 
 
@@ -27,7 +27,7 @@ def test_plan_of_the_ssapo_loop_has_one_stage_per_round_and_the_sampler():
         "round 1: generate 2 samples for each of 8 prompts, self-annotate, SGPO on the pairs, evaluate",
         "round 2: generate 2 samples for each of 16 prompts, self-annotate, SGPO on the pairs, evaluate",
         "summary.json, summary.md and plots/")
-    assert plan.programs == ("reference_logps", "train_step", "prefill", "decode")
+    assert plan.programs == ("train_step", "reference_logps", "sample", "eval_generate")
     assert plan.lines()[0] == "plan: train.mode=ssapo, 6 stages"
 
 

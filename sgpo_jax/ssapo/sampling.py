@@ -83,8 +83,8 @@ from sgpo_jax.parallel import distributed, sharding
 
 Array = jax.Array
 
-__all__ = ["GenerationOutput", "SampledBatch", "batch_keys", "decode_text", "generate", "sample_batches",
-           "sample_logits"]
+__all__ = ["GenerationOutput", "SampledBatch", "batch_keys", "decode_text", "generate", "lower_generation",
+           "sample_batches", "sample_logits"]
 
 _BLOCK = 256  # tokens per block of the two-level inverse CDF in :func:`sample_logits`
 
@@ -234,6 +234,20 @@ def _generate(model: Decoder, settings: _Settings, params: Any, prompt_ids: Arra
 
     _, _, tokens, lengths, finished, _ = jax.lax.while_loop(cond, body, state)
     return tokens, lengths, finished
+
+
+def lower_generation(model: Decoder, params: Any, prompt_ids: Any, prompt_mask: Any, rng: Any, *,
+                     max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                     num_samples: int = 1) -> Any:
+    """:func:`generate`'s one program (prefill, repeat and the decode loop) lowered for the given
+    arguments, which may be ``jax.ShapeDtypeStruct`` s with shardings (``prompt_mask`` bool, ``rng``
+    as :func:`batch_keys` makes it), without running it: a ``jax.stages.Lowered`` to compile ahead
+    of time (:mod:`sgpo_jax.aot`)."""
+    settings = _Settings(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+                         top_k=int(top_k), num_samples=int(num_samples))
+    return _generate.lower(model, settings, params, prompt_ids, prompt_mask, rng,
+                           jax.ShapeDtypeStruct((model.cfg.vocab_size,), jnp.bool_),
+                           jax.ShapeDtypeStruct((), jnp.int32))
 
 
 def generate(model: Decoder, params: Any, prompt_ids: Array, prompt_mask: Array, *, rng: Optional[Array],

@@ -19,7 +19,8 @@ Components:
 parameters     ``sum_x P_x * p`` (exact)
 gradients      ``sum_x P_x * p``, twice with ``micro_batches > 1`` (accumulator + current)
 optimizer      ``m * sum_x P_x * p``; ``m = 2`` for adam/adamw (mu, nu), 1 lion, 0 sgd
-update         ``sum_x P_x * p``: the optimizer's update tree before it is applied
+update         ``sum_x P_x * p``: the optimizer's update tree before it is applied (0 on a CUDA
+               target, where XLA fuses it into the in-place parameter update)
 weight copies  compute-dtype copies of the weights that the forward pass keeps for the
                backward pass: FSDP all-gathers (``fsdp > 1``) or casts (``s != p``);
                ``L`` layers without remat, 2 with remat (re-gathered per layer), plus the
@@ -29,10 +30,12 @@ activations    no remat: ``L * tok * a``; remat: ``L * tok * H * s`` (the layer 
                ``+ tok * a`` (one layer recomputed in the backward pass), with per token and
                layer ``a = s * (cH*H + cQ*N*D/t + cKV*K*D/t + cI*I/t) + (N/t) * S * cS``;
                ``S`` the key slots a query scores on average: ``(T + blk) / 2`` with the causal
-               query blocks of ``attention_block = blk`` (``0 < blk < T``), else ``T``
+               query blocks of ``attention_block = blk`` (``0 < blk < T``), else ``T``; with a
+               fused kernel (cuDNN, splash) the score term is ``(N/t) * 4`` (a logsumexp per head)
 log-probs      ``tok * (H * s + 4)`` (final hidden states, logsumexp) ``+ 2 * 4 * b * C * V / t``
-               (one chunk's float32 logits and softmax) ``+ 4 * V * H / t`` (the head's
-               float32 gradient accumulator), once more for tied embeddings
+               (one chunk's float32 logits and softmax) ``+ 4 * V * H / (t * fsdp)`` (the
+               head's float32 gradient accumulator, sharded as the head), once more for tied
+               embeddings
 batch          ``2 * batch_size / (data * fsdp) * T * 12`` (ids, attention, loss masks, int32)
 reference      with ``reference="model"``: a frozen copy ``sum_x P_x * p``; ``"cached"``: 0
 ============== =========================================================================
@@ -60,7 +63,10 @@ chunk's logits, no update tree and only the weight copies a single layer needs. 
 fuse more than the CPU, so expect the compiled peak between ``lower_bound`` and ``total``: on
 one H100 (jax 0.11.2, ``bench/mfu.py``, TinyLlama-1.1B shape, bf16 compute, fp32 parameters) the
 compiled peak was 0.74x (remat, 8 x 1024 tokens), 0.73x (remat, 16 x 1024) and 0.90x (no remat,
-4 x 1024) of ``total``, and above ``lower_bound`` each time. :func:`check` refuses a plan only
+4 x 1024) of ``total``, and above ``lower_bound`` each time (einsum attention, before the fused
+kernels' and the sharded head gradient's terms). Against XLA:TPU and XLA:GPU's compiled peaks of
+the 7-8B recipes (:mod:`sgpo_jax.aot`, ``bench/results/aot-*.json``; fused attention) ``total``
+is within 15% (README table). :func:`check` refuses a plan only
 when even the lower bound exceeds the device ("clearly impossible"), and warns when the estimate
 does.
 
@@ -232,7 +238,8 @@ def _sharded_elements(model_cfg, sizes: Mapping[str, int]) -> Tuple[float, float
 def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int = 1, seq_len: int,
              param_dtype: Any = None, dtype: Any = None, remat: Optional[bool] = None,
              optimizer: str = "adamw", reference: str = "cached", logps_chunk: Optional[int] = None,
-             device_bytes: Optional[float] = None, lora: Any = None) -> MemoryPlan:
+             device_bytes: Optional[float] = None, lora: Any = None,
+             attention: Optional[str] = None) -> MemoryPlan:
     """Per-device memory of one :func:`sgpo_jax.core.step.sgpo_step` (see the module docstring).
 
     Args:
@@ -250,6 +257,9 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
       device_bytes: if given, shown in the table.
       lora: a :class:`sgpo_jax.models.lora.LoraConfig` to train adapters on a frozen base (see
         the module docstring), or None for full fine-tuning.
+      attention: the attention kernel the step runs (``"xla"``, ``"cudnn"``, ``"splash"``); default
+        :func:`sgpo_jax.models.attention.attention_kernel` of ``model_cfg`` on the target platform.
+        The fused kernels hold no ``[T, S]`` score matrix.
 
     Raises:
       ValueError: naming the setting, when the batch does not split over the mesh or a value
@@ -310,10 +320,16 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
             weights += q_total * (1.0 if lora.quantize == "int8" else 0.5) + scales - _per_device(quantized, sizes) * p
             notes_quantized = f"; {targeted} in {lora.quantize}"
 
+    if attention is None:
+        from sgpo_jax.models.attention import attention_kernel
+
+        attention = attention_kernel(c, seq_len)
     block = int(getattr(c, "attention_block", 0) or 0)
     keys = (seq_len + block) / 2 if 0 < block < seq_len else seq_len  # key slots a query scores, on average
 
     def per_token(k: Mapping[str, float]) -> float:
+        if attention != "xla":  # fused kernels keep no score matrix, only a float32 logsumexp per query head
+            return s * (k["h"] * H + k["q"] * ND / t + k["kv"] * KD / t + k["i"] * I / t) + lora_per_token + N / t * 4
         return (s * (k["h"] * H + k["q"] * ND / t + k["kv"] * KD / t + k["i"] * I / t) + lora_per_token
                 + N / t * keys * (4 * k["score_f32"] + s * k["score_compute"]))
 
@@ -332,9 +348,16 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
     moments = OPTIMIZER_MOMENTS[optimizer]
     comp["optimizer"] = low["optimizer"] = moments * trained
     notes["optimizer"] = f"{optimizer}: {moments} x {what}"
-    comp["update"] = trained
+    # XLA:GPU fuses the optimizer's elementwise update into the in-place write of the donated
+    # parameters; XLA:TPU and XLA:CPU materialize the update tree (compiled peaks of the same step:
+    # sgpo_jax.aot, bench/results/aot-*.json)
+    from sgpo_jax import compat
+
+    fused_update = compat.target_platform() == "cuda"
+    comp["update"] = 0.0 if fused_update else trained
     low["update"] = 0.0
-    notes["update"] = f"1 x {what} (the update tree)"
+    notes["update"] = ("fused into the parameter update (XLA:GPU)" if fused_update
+                       else f"1 x {what} (the update tree)")
     comp["weight copies"] = (kept_layers * layer_elements + head_elements) * s if copies else 0.0
     low["weight copies"] = (layer_elements + head_elements) * s if copies else 0.0
     notes["weight copies"] = (f"{kept_layers} layer(s) of {layer_elements:,.0f} + head {head_elements:,.0f} "
@@ -347,7 +370,8 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
         comp["activations"] = L * tok * per_token(_CENTRAL)
         low["activations"] = L * tok * per_token(_MINIMAL)
         notes["activations"] = f"{L} layers x {tok:g} tok x {per_token(_CENTRAL):,.0f} B/tok"
-    head_grad = 4 * V * H / t * (2 if c.tie_word_embeddings else 1)
+    # the head's float32 gradient accumulator is sharded like the head (fsdp and tensor)
+    head_grad = 4 * V * H / (t * sizes["fsdp"]) * (2 if c.tie_word_embeddings else 1)
     comp["log-probs"] = tok * (H * s + 4) + 2 * 4 * b * chunk * V / t + head_grad
     low["log-probs"] = tok * (H * s + 4) + 4 * b * chunk * V / t
     notes["log-probs"] = f"hidden + lse, chunk {chunk}: 2 x 4 x {b:g} x {chunk} x V/t, head grad"
@@ -360,7 +384,7 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
                                                                  else c.param_dtype)),
                     dtype=str(jnp.dtype(dtype if dtype is not None else c.dtype)), remat=remat,
                     optimizer=optimizer, reference=reference, logps_chunk=chunk, device_bytes=device_bytes,
-                    model_cfg=c, lora=lora)
+                    attention=attention, model_cfg=c, lora=lora)
     return MemoryPlan(comp, low, notes, settings)
 
 
@@ -369,7 +393,8 @@ def _replan(plan: MemoryPlan, **changes) -> MemoryPlan:
     mesh = dict(s["mesh"], **changes.pop("mesh", {}))
     kwargs = dict(batch_size=s["batch_size"], micro_batches=s["micro_batches"], seq_len=s["seq_len"],
                   param_dtype=s["param_dtype"], dtype=s["dtype"], remat=s["remat"], optimizer=s["optimizer"],
-                  reference=s["reference"], logps_chunk=s["logps_chunk"], lora=s["lora"])
+                  reference=s["reference"], logps_chunk=s["logps_chunk"], lora=s["lora"],
+                  attention=None if "seq_len" in changes else s["attention"])  # another length: choose again
     kwargs.update(changes)
     return estimate(s["model_cfg"], mesh, **kwargs)
 
@@ -484,6 +509,8 @@ MODEL_PRESETS = {  # DecoderConfig fields of common shapes (for the CLI and quic
                       num_attention_heads=32, num_key_value_heads=8, head_dim=128),
     "mistral-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    "llama3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, head_dim=128),
     "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                            num_attention_heads=32, num_key_value_heads=4, head_dim=64),
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

@@ -21,7 +21,7 @@ from sgpo_jax.models.logps import chosen_rejected_logps
 from sgpo_jax.parallel import distributed, sharding
 from sgpo_jax.training.workdir import as_seen_by_process_0, cached_arrays
 
-__all__ = ["PassStopped", "cache_key", "cached_reference", "pair_logps", "weights_fingerprint"]
+__all__ = ["PassStopped", "cache_key", "cached_reference", "pair_logps", "scoring_program", "weights_fingerprint"]
 
 
 class PassStopped(Exception):
@@ -65,6 +65,19 @@ def _gather_hosts(chosen: np.ndarray, rejected: np.ndarray) -> Tuple[np.ndarray,
     return chosen, rejected
 
 
+def scoring_program(logps_fn, mesh):
+    """The jitted forward-only pass of :func:`pair_logps`: ``(params, PreferenceBatch) ->
+    (chosen_logps [B], rejected_logps [B])``, outputs split over the mesh's data axes, traced under
+    the mesh's activation sharding (so fused attention kernels run per device block)."""
+    data_sharding = sharding.batch_sharding(mesh)
+
+    def logps(params, b: PreferenceBatch):
+        with sharding.activation_sharding(mesh):
+            return chosen_rejected_logps(logps_fn, params, b)
+
+    return jax.jit(logps, out_shardings=(data_sharding, data_sharding))
+
+
 def pair_logps(logps_fn, params, batches: Iterator[Dict[str, np.ndarray]], num_pairs: int, *,
                mesh, desc: str, resume: Optional[PassStopped] = None,
                should_stop: Optional[Callable[[], bool]] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -75,12 +88,7 @@ def pair_logps(logps_fn, params, batches: Iterator[Dict[str, np.ndarray]], num_p
     and skipped. ``should_stop()`` is asked after every batch (on every process: a collective
     when several run); when true on any process, :class:`PassStopped` is raised with what is
     done."""
-    data_sharding = sharding.batch_sharding(mesh)
-
-    def logps(params, b: PreferenceBatch):
-        return chosen_rejected_logps(logps_fn, params, b)
-
-    forward = jax.jit(logps, out_shardings=(data_sharding, data_sharding))
+    forward = scoring_program(logps_fn, mesh)
 
     # Each host reads back only the rows its own devices hold (its batch rows, global rows
     # [p * b, (p + 1) * b)); one all-gather at the end gives every host every pair's scores.
