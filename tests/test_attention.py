@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sgpo_jax import compat
+from sgpo_jax import compat, console
 from sgpo_jax.models import attention
 from sgpo_jax.models.attention import attention_kernel
 from sgpo_jax.models.llama import Decoder, DecoderConfig
@@ -154,8 +154,8 @@ def test_auto_fallback_says_why_once(monkeypatch):
     lines = []
     monkeypatch.setattr(compat, "accelerator", lambda: "cuda")
     monkeypatch.setattr(compat, "cuda_compute_capability", lambda: (9, 0))
-    monkeypatch.setattr(attention, "say", lines.append)
-    monkeypatch.setattr(attention, "_SAID", set())
+    monkeypatch.setattr(console, "say", lines.append)
+    monkeypatch.setattr(console, "_SAID", set())
     cfg = _cfg()
     ids, mask, _ = _batch("left")
     params = Decoder(cfg).init(jax.random.PRNGKey(0), ids, mask)
@@ -186,8 +186,8 @@ def test_kernel_follows_the_compile_target(monkeypatch):
     a TPU target (the einsum, said once, where T is no multiple of 128), cuDNN for a CUDA target
     with bf16 compute; head_dim 256 needs compute capability 9.0."""
     lines = []
-    monkeypatch.setattr(attention, "say", lines.append)
-    monkeypatch.setattr(attention, "_SAID", set())
+    monkeypatch.setattr(console, "say", lines.append)
+    monkeypatch.setattr(console, "_SAID", set())
     with compat.compile_target("tpu"):
         assert compat.target_platform() == "tpu"
         assert attention_kernel(_cfg(), T) == "splash"
