@@ -10,19 +10,9 @@ I=5632, 22 layers, 32 heads, 4 KV heads, head_dim 64, untied; 1,100,048,384 para
 Data: ``--pairs`` random token pairs of ``--seq`` tokens each (no padding), the loss on the
 last ``--response`` positions of each sequence.
 
-Model FLOPs per step (:func:`sgpo_jax.training.flops.model_flops`; fwd + bwd, the PaLM-paper
-convention; remat recomputation and the chunked head's backward recomputation are *not* counted,
-so this is MFU, not HFU)::
-
-    tokens      = pairs * 2 * seq                          (chosen + rejected rows)
-    N_layers    = L * (H * (N*D + 2*K*D) + N*D * H + 3 * H * I + 2 * H) + H   (non-embedding,
-                  without the output head; norms included)
-    dense       = 6 * N_layers * tokens
-    head        = 6 * H * V * tokens                       (the output projection; the embedding
-                                                            lookup is free)
-    attention   = 12 * L * N * D * seq * tokens            (QK^T and PV, full T x T as in PaLM;
-                                                            ``attention_causal`` halves it)
-    model_flops = dense + head + attention
+Model FLOPs per step: :func:`sgpo_jax.training.flops.model_flops` (its docstring has the formula:
+fwd + bwd, the PaLM-paper convention; remat recomputation and the chunked head's backward
+recomputation are *not* counted, so this is MFU, not HFU)::
 
     MFU = model_flops / step_time / (devices * peak_flops)
 

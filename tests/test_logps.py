@@ -18,6 +18,8 @@ from sgpo_jax.models import (
     params_to_hf_state_dict,
 )
 
+from toy import random_params
+
 B, T, H, V = 3, 12, 16, 37  # 11 scored positions: chunk sizes 1 and 11 divide them, 3, 4, 5 do not
 
 
@@ -48,12 +50,6 @@ def small_cfg(**overrides):
     return DecoderConfig(**fields)
 
 
-def random_params(cfg, seed=0):
-    """O(1) random params so that logits are O(1) and the comparisons are not vacuous."""
-    shapes = jax.eval_shape(Decoder(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
-    leaves, treedef = jax.tree.flatten(shapes)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [0.2 * jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves)])
 
 
 def prompt_response_batch(vocab, batch=3, length=T, seed=0):

@@ -24,6 +24,8 @@ from sgpo_jax.models import (
 from sgpo_jax.parallel import mesh as mesh_lib
 from sgpo_jax.parallel import sharding
 
+from toy import random_params
+
 TORCH_REASON = "PyTorch is the parity oracle: pip install torch==2.13.0 (the CPU wheel)"
 VOCAB, LAYERS, BATCH, LENGTH = 97, 2, 3, 12
 LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
@@ -81,13 +83,6 @@ def padded_batch(side, seed=0, batch=BATCH, length=LENGTH, lengths=(LENGTH, 7, 3
     return rng.integers(0, VOCAB, (batch, length)).astype(np.int32), mask.astype(np.int32)
 
 
-def random_params(cfg, seed=0):
-    """Our params for ``cfg`` with O(1) random values (no torch needed)."""
-    model = Decoder(cfg)
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
-    leaves, treedef = jax.tree.flatten(shapes)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [0.2 * jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves)])
 
 
 def small_cfg(**overrides):

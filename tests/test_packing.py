@@ -20,6 +20,7 @@ from sgpo_jax.models.llama import segment_mask
 from sgpo_jax.models.logps import chosen_rejected_logps
 
 from tiny_run import ROOT, tiny, write_pairs, write_tokenizer
+from toy import random_params
 
 VOCAB = 61
 # (prompt, chosen, rejected) lengths; pair 3 is a padding row of the batcher (index -1)
@@ -39,12 +40,6 @@ def small_cfg(**overrides):
     return DecoderConfig(**fields)
 
 
-def random_params(cfg, seed=0):
-    """O(1) random params so that logits are O(1) and the comparisons are not vacuous."""
-    shapes = jax.eval_shape(Decoder(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
-    leaves, treedef = jax.tree.flatten(shapes)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves)])
 
 
 def batch_dict(left: bool, length=16, seed=0):
@@ -97,7 +92,7 @@ def test_packed_logps_and_gradients_equal_the_unpacked_rows(case):
     overrides, left, layouts = CASES[case]
     cfg = small_cfg(**overrides)
     model = Decoder(cfg)
-    params = random_params(cfg)
+    params = random_params(cfg, scale=0.3)
     batch = batch_dict(left)
     logps_fn = decoder_logps_fn(model, chunk_size=4)
     weights = jnp.asarray(np.random.default_rng(1).normal(size=(2, len(LENGTHS))), jnp.float32)
@@ -161,7 +156,7 @@ def test_attention_kernel_fallback_says_once(monkeypatch):
     """An explicit fused kernel cannot express the shared mask: the einsum runs, said once."""
     cfg = small_cfg()
     model = Decoder(cfg)
-    params = random_params(cfg)
+    params = random_params(cfg, scale=0.3)
     packed = preference_batch(pack_batch(batch_dict(False), share_prompt=True)).packed
     want = decoder_logps_fn(model).packed(params, packed)
     monkeypatch.setattr(attention, "_CPU_STANDIN", True)  # cuDNN "runs" on CPU (tests/test_attention.py)
@@ -178,7 +173,7 @@ def test_attention_kernel_fallback_says_once(monkeypatch):
 def test_a_step_on_packed_pairs_equals_the_unpacked_step(mode, layout):
     cfg = small_cfg()
     model = Decoder(cfg)
-    params = random_params(cfg)
+    params = random_params(cfg, scale=0.3)
     batch = batch_dict(False)
     ref = (np.linspace(-30, -20, 4), np.linspace(-25, -28, 4))
     state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(1.0),

@@ -1,4 +1,4 @@
-"""A tiny causal LM and random preference batches for step tests."""
+"""A tiny causal LM, random decoder parameters and random preference batches for tests."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +6,7 @@ import numpy as np
 
 from sgpo_jax.core.step import PreferenceBatch
 from sgpo_jax.demo import PrefixMeanLM
+from sgpo_jax.models.llama import Decoder
 
 
 def init_toy(seed=0, vocab=11, dim=8, dtype=jnp.float32):
@@ -13,6 +14,15 @@ def init_toy(seed=0, vocab=11, dim=8, dtype=jnp.float32):
     params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
     params = jax.tree.map(lambda p: p.astype(dtype), params)
     return model, params
+
+
+def random_params(cfg, seed=0, scale=0.2):
+    """O(1) random :class:`Decoder` params (``scale`` times a standard normal) so that logits are
+    O(1) and the comparisons are not vacuous."""
+    shapes = jax.eval_shape(Decoder(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
+    leaves, treedef = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves)])
 
 
 def random_batch(seed=0, pairs=8, prompt=3, response=4, vocab=11, ref_scale=1.0, pad_rows=0):
