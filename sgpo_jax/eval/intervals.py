@@ -35,7 +35,8 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> Tuple[float, floa
     denom = 1 + z2 / n
     center = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    # at 0 (n) successes the lower (upper) end is exactly 0 (1); rounding would leave 1 - 1e-16
+    return (0.0 if successes == 0 else center - half), (1.0 if successes == n else center + half)
 
 
 # The t distribution's 97.5% quantile by degrees of freedom (standard tables, 3 decimals).

@@ -110,8 +110,9 @@ class Trainer:
 
     def __init__(self, config: ConfigDict, workdir: str | Path, *, model: Decoder, params: Any,
                  pairs: TokenizedPairs, mesh, reference_params: Any = None, gaps: Optional[np.ndarray] = None,
-                 mode: Optional[str] = None, desc: str = "train"):
+                 mode: Optional[str] = None, desc: str = "train", evaluator: Any = None):
         self.config, self.workdir, self.pairs, self.mesh, self.desc = config, Path(workdir), pairs, mesh, desc
+        self.evaluator = evaluator
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.sgpo = sgpo_config(config, mode)
         self.follower, self.gaps = follower_of(config), gaps
@@ -244,6 +245,8 @@ class Trainer:
                         metrics["tokens_per_second"] = tokens * jax.process_count() / (time.perf_counter() - begin)
                         metrics["epoch"] = epoch + (in_epoch + 1) / per_epoch
                         in_epoch += 1
+                        if self.evaluator is not None:
+                            metrics.update(self.evaluator.at_step(state.params, step, total))
                         log.write(step, metrics)
                         last = metrics
                         bar.update(1)
@@ -267,12 +270,14 @@ class Trainer:
                    **distributed.broadcast_object(run_statistics(self.workdir / "metrics.jsonl", step))}
         if preempted:
             raise Preempted(f"SIGTERM: saved step {step} in {self.workdir}; rerun the same command to resume", summary)
+        if self.evaluator is not None:
+            summary["eval"] = self.evaluator.at_end(state.params, step)
         return FitResult(params=state.params, summary=summary)
 
 
 def fit(config: ConfigDict, workdir: str | Path, *, model: Decoder, params: Any, pairs: TokenizedPairs,
         mesh, reference_params: Any = None, gaps: Optional[np.ndarray] = None, mode: Optional[str] = None,
-        desc: str = "train") -> FitResult:
+        desc: str = "train", evaluator: Any = None) -> FitResult:
     """Trains (or resumes, or returns a finished run of) ``params`` on ``pairs`` in ``workdir``.
 
     Args:
@@ -287,8 +292,11 @@ def fit(config: ConfigDict, workdir: str | Path, *, model: Decoder, params: Any,
         (centers ``sigma(sgpo.annotation_scale * gap)``, the authors' per-round follower).
       mode: ``"dpo"`` or ``"sgpo"`` (default ``train.mode``).
       desc: the progress bar's label.
+      evaluator: the held-out evaluation (:class:`sgpo_jax.eval.preference.PreferenceEvaluator`):
+        its figures join the step's metrics every ``train.eval_every`` steps and at the last
+        step, and the summary's ``eval`` holds the last one with its intervals.
     """
     trainer = Trainer(config, workdir, model=model, params=params, pairs=pairs, mesh=mesh,
-                      reference_params=reference_params, gaps=gaps, mode=mode, desc=desc)
+                      reference_params=reference_params, gaps=gaps, mode=mode, desc=desc, evaluator=evaluator)
     trainer.restore()
     return trainer.run()
