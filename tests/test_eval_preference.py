@@ -154,10 +154,35 @@ def numpy_logps(params, cfg, pairs):
 
 
 def test_dpo_run_reports_eval_metrics_with_intervals(files, tmp_path):
+    """A dpo run with held-out pairs and eval.tasks: eval_* figures every 2 steps and at the end
+    (metrics.jsonl, summary.json) against NumPy log-probs of the initial and exported policy, and
+    the pass rate at the end (the plan lists it) against a recount of eval.json's responses."""
+    from sgpo_jax.eval.instructions import instruction_pass_rate
+    from sgpo_jax.ssapo.instructions import load_tasks, make_tasks
+
     tokenizer_dir, data_file, _ = files
+    tasks_file = tmp_path / "tasks.jsonl"
+    tasks_file.write_text("".join(json.dumps(t.to_json()) + "\n" for t in make_tasks(4, seed=0)))
     config = tiny(tokenizer_dir, data_file, train__mode="dpo", train__max_steps=4, train__eval_every=2,
-                  data__eval_fraction=0.25, checkpoint__every=100)
-    summary = runner.run(config, tmp_path)
+                  data__eval_fraction=0.25, checkpoint__every=100, eval__tasks=str(tasks_file),
+                  eval__max_new_tokens=4, eval__batch_size=4)
+    the_plan = runner.plan(config)
+    assert the_plan.programs == ("reference_logps", "train_step", "prefill", "decode")
+    assert the_plan.stages[1:4] == (
+        "hold out data.eval_fraction=0.25 of the pairs (by a hash of the source row)",
+        "reference log-probs (cached in workdir/cache) of the training and held-out pairs",
+        "train: DPO steps with checkpoints every 100, held-out preference metrics (eval_*) every 2 steps and at "
+        "the end")
+    assert the_plan.stages[4] == f"evaluate the final policy on the held-out tasks (eval.tasks={tasks_file})"
+    summary = runner.run(config, tmp_path / "run")
+    tmp_path = tmp_path / "run"
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluation["step"] == summary["step"] == 4 and summary["eval_tasks"] == 4
+    recount = instruction_pass_rate(load_tasks(tasks_file), evaluation["responses"])
+    assert summary["pass_rate_prompt"] == recount["prompt_level_strict_acc"]
+    expected = wilson(recount["num_instructions_passed"], recount["num_instructions"])
+    # the same closed form as SciPy's: equal up to float64 rounding
+    assert summary["pass_rate_instruction_ci95"] == pytest.approx(expected, abs=1e-12)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [sorted(set(EVAL_METRICS) & set(r)) == sorted(EVAL_METRICS) for r in rows] == [False, True, False, True]
     on_disk = json.loads((tmp_path / "summary.json").read_text())
@@ -191,3 +216,4 @@ def test_dpo_run_reports_eval_metrics_with_intervals(files, tmp_path):
     loss = np.log1p(np.exp(-(chosen - rejected)))
     assert result["eval_loss"]["value"] == pytest.approx(loss.mean(), abs=1e-4)
     assert not math.isnan(result["eval_loss"]["ci95"][0])
+
