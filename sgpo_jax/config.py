@@ -334,9 +334,9 @@ def _eval_problems(config: ConfigDict) -> List[str]:
         problems.append(f"data.eval_fraction must be in [0, 1) (0 = none), got {d.eval_fraction}")
     if d.eval_source and d.eval_fraction:
         problems.append("data.eval_source and data.eval_fraction both set: give the held-out pairs one way")
-    if config.train.mode == "ssapo" and (d.eval_source or d.eval_fraction):
-        problems.append("data.eval_source / data.eval_fraction apply to train.mode dpo and sgpo; the SSAPO loop "
-                        "evaluates on eval.tasks")
+    if config.train.mode == "ssapo" and (d.eval_source or d.eval_fraction or config.train.eval_every):
+        problems.append("data.eval_source / data.eval_fraction / train.eval_every apply to train.mode dpo and sgpo; "
+                        "the SSAPO loop evaluates on eval.tasks")
     if config.train.eval_every < 0:
         problems.append(f"train.eval_every must be >= 0 (0 = only at the end), got {config.train.eval_every}")
     return problems
