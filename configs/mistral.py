@@ -6,6 +6,11 @@ with K = 6.
 
     python -m sgpo_jax.train --config=configs/mistral.py --workdir=/ckpt/zephyr \
         --config.model.source=/models/mistral-7b-sft-beta
+
+On one 80 GB GPU: LoRA on a bf16 frozen base, ``--config.model.lora.rank=16
+--config.model.param_dtype=bfloat16`` with a LoRA learning rate (e.g. ``--config.train.learning_rate=5e-5
+--config.ssapo.seed_learning_rate=5e-5``): 39.8 GiB per step (QLoRA nf4: 30.1 GiB) by the memory planner at 8 pairs
+x 2048 tokens per micro-batch; full fine-tuning needs an FSDP slice (README: "LoRA and QLoRA").
 """
 
 from sgpo_jax.config import base_config, seven_to_eight_b

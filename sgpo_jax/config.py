@@ -9,6 +9,11 @@ model.random        DecoderConfig fields for source "random" (vocab_size = the t
 model.dtype         compute dtype ("float32" or "bfloat16"); model.param_dtype likewise
 model.remat         rematerialize each layer in the backward pass; model.scan_layers: nn.scan
 model.logps_chunk   sequence positions per chunk of the output-layer log-probs
+model.lora.rank     LoRA adapters of this rank on the projections (0 = off: full fine-tuning); only the
+                    adapters train, the reference is the base with the adapters off, each run ends by
+                    merging them (sgpo_jax/models/lora.py); model.lora.alpha (scale alpha / rank),
+                    model.lora.targets (of q, k, v, o, gate, up, down; default all), model.lora.quantize
+                    ("" or QLoRA's frozen base in "int8" or "nf4", per output channel)
 model.attention     attention kernel for training and scoring: "auto" (cuDNN flash attention on a
                     CUDA GPU, Pallas splash attention on TPU, else "xla"; one log line says which
                     and why), "xla" (blocked einsum), "cudnn" or "splash" (an error where unusable)
@@ -48,7 +53,7 @@ sgpo.preset         "" (choose every field below yourself), "consistent" (the ex
                     bounds on groups of 100 annotated pairs, leader -log p with the 1e-6 floor,
                     annotation atoms). A preset sets loss, num_tangents, leader_loss, variant,
                     group_size (and follower for "authors"); setting one of those to another
-                    value than the preset's is an error. README: "The paper, the authors' code
+                    value than the preset's is an error. docs/method.md: "The paper, the authors' code
                     and this library" says what each does to the hardest pairs.
 sgpo.epsilon, sgpo.loss, sgpo.space, sgpo.num_tangents, sgpo.variant, sgpo.window_tau
 sgpo.group_size     0 = one global ball over all pairs; G = consecutive groups of G pairs (the
@@ -79,7 +84,7 @@ eval.tasks          "heldout" (bundled verifiable-instruction tasks), a task JSO
 eval.limit, eval.max_new_tokens, eval.batch_size   held-out pass rate (greedy) after every SSAPO
                     round, and at the end of dpo/sgpo runs
 mesh.data, mesh.fsdp, mesh.tensor   device mesh sizes (one may be -1)
-checkpoint.every    save every N steps (also at the end and on SIGTERM); checkpoint.keep
+checkpoint.every    save every N steps (also at the end, on SIGTERM and Ctrl-C); checkpoint.keep
 checkpoint.directory  "" = workdir/checkpoints; else a shared path or gs:// URL every host sees
                     (train.mode=ssapo puts round t's checkpoints under DIRECTORY/round_t)
 export              write the final policy as a Hugging Face checkpoint (workdir/export)
@@ -96,6 +101,7 @@ from sgpo_jax.core.step import SGPOConfig
 from sgpo_jax.data.pairs import data_shards
 from sgpo_jax.data.split import SELECTIONS
 from sgpo_jax.errors import ConfigError
+from sgpo_jax.models.lora import lora_config
 from sgpo_jax.parallel.mesh import mesh_sizes, split_mesh_shape
 from sgpo_jax.ssapo.annotate import STRATEGIES
 
@@ -118,6 +124,7 @@ def base_config() -> ConfigDict:
     c.model = ConfigDict(dict(
         source="gguf:smollm2", tokenizer="", dtype="float32", param_dtype="float32",
         remat=False, scan_layers=False, logps_chunk=64, attention="auto",
+        lora=ConfigDict(dict(rank=0, alpha=16.0, targets=("q", "k", "v", "o", "gate", "up", "down"), quantize="")),
         random=ConfigDict(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                tie_word_embeddings=True, rope_theta=10000.0, initializer_range=0.02)),
@@ -178,7 +185,7 @@ def seven_to_eight_b(c: ConfigDict) -> ConfigDict:
     c.ssapo.pool_sizes = (8000, 20000, 30000)
     c.ssapo.generation_batch_size = 64
     # The authors' pairing: K=6 tangent follower with their per-entry bounds on groups of 100
-    # annotated pairs, leader -log p with the 1e-6 floor (README: "The paper, the authors' code
+    # annotated pairs, leader -log p with the 1e-6 floor (docs/method.md: "The paper, the authors' code
     # and this library"); --config.sgpo.preset=consistent plays the exact game instead.
     c.sgpo.preset = "authors"
     return c
@@ -289,6 +296,10 @@ def _train_problems(config: ConfigDict) -> List[str]:
                         "sgpo.group_size=0; use a group size <= the batch, 0, or sgpo.follower=epoch")
     if not config.sgpo.annotation_scale > 0:
         problems.append(f"sgpo.annotation_scale must be > 0, got {config.sgpo.annotation_scale}")
+    try:
+        lora_config(config.model)
+    except ValueError as err:
+        problems.append(str(err))
     if config.checkpoint.every < 1:
         problems.append(f"checkpoint.every must be >= 1, got {config.checkpoint.every}")
     return problems

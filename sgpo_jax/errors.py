@@ -3,7 +3,8 @@ instead of a traceback; everything else is an internal error and keeps its trace
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "DeviceMemoryError", "ModelError", "UserError"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "DeviceMemoryError", "DivergenceError", "ModelError",
+           "UserError", "WorkdirLocked"]
 
 
 class UserError(Exception):
@@ -35,3 +36,12 @@ class CheckpointError(UserError, ValueError):
 
 class DeviceMemoryError(UserError, MemoryError):
     """The run does not fit the device memory; the message names the settings that reduce it."""
+
+
+class DivergenceError(UserError, FloatingPointError):
+    """Training diverged (non-finite loss or gradients) or died (vanishing gradients, exploding
+    weights): names the step, the last finite checkpoint and the likely cause."""
+
+
+class WorkdirLocked(UserError):
+    """Another live process holds the run directory's lock: names its pid and host."""

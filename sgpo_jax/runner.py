@@ -32,15 +32,20 @@ from sgpo_jax.console import say
 from sgpo_jax.data.batching import PairBatcher
 from sgpo_jax.data.holdout import held_out
 from sgpo_jax.data.pairs import load_pairs
+from sgpo_jax.errors import UserError
 from sgpo_jax.eval.instructions import eval_fields, pass_rate_text, task_evaluator
 from sgpo_jax.eval.preference import PreferenceEvaluator
 from sgpo_jax.models.llama import Decoder, DecoderConfig
 from sgpo_jax.models.loading import export_policy, load_model
+from sgpo_jax.models.lora import lora_config
+from sgpo_jax.parallel import distributed
 from sgpo_jax.parallel.mesh import make_mesh
 from sgpo_jax.ssapo import pipeline
 from sgpo_jax.training import memory
 from sgpo_jax.training.checkpoint import latest_saved_step
-from sgpo_jax.training.trainer import Preempted, fit, total_steps
+from sgpo_jax.training.fingerprint import check_settings
+from sgpo_jax.training.lock import WorkdirLock
+from sgpo_jax.training.trainer import FitResult, Preempted, fit, total_steps
 from sgpo_jax.training.workdir import read_json, write_json, write_text
 
 __all__ = ["PROGRAMS", "RunPlan", "Setup", "dry_run", "plan", "resume_point", "run", "setup"]
@@ -135,40 +140,51 @@ def resume_point(config: ConfigDict, workdir: Path) -> Optional[str]:
     return None if step is None else f"training: continuing after step {step} (checkpoint {directory}/{step})"
 
 
-def run(config: ConfigDict, workdir: str | Path) -> Dict[str, Any]:
+def run(config: ConfigDict, workdir: str | Path, *, allow_config_change: bool = False) -> Dict[str, Any]:
     """Runs (or resumes) ``config`` in ``workdir``; returns the summary (also in
     ``workdir/summary.json``): ``preempted``, ``workdir`` and, by mode, the steps and last
     metrics (``dpo``/``sgpo``) or the per-round rows (``ssapo``), and ``export``.
 
-    A SIGTERM saves a checkpoint and returns with ``preempted=True`` (nothing is exported);
-    rerunning the same call continues."""
+    The workdir is locked for the run (:class:`~sgpo_jax.training.lock.WorkdirLock`); a rerun
+    must have the first run's result-changing settings (:mod:`sgpo_jax.training.fingerprint`)
+    unless ``allow_config_change``. A SIGTERM or Ctrl-C saves and returns with
+    ``preempted=True`` (nothing is exported); rerunning the same call continues."""
     validate(config)
     check_devices(config, jax.device_count(), jax.process_count())
     workdir = Path(workdir)
-    point = resume_point(config, workdir) if jax.process_index() == 0 else None
-    say(f"resuming {workdir}: {point}" if point else f"starting fresh in {workdir}")
+    with WorkdirLock(workdir):
+        return _run(config, workdir, allow_config_change)
+
+
+def _run(config: ConfigDict, workdir: Path, allow_config_change: bool) -> Dict[str, Any]:
+    point = distributed.broadcast_object(resume_point(config, workdir) if jax.process_index() == 0 else None)
+    notes = check_settings(config, workdir, resuming=point is not None, allow_change=allow_config_change)
+    say(f"resuming {workdir}: {'; '.join([point] + notes)}" if point else f"starting fresh in {workdir}")
     write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
     ready = setup(config)
     try:
+        adapters = None
         if config.train.mode == "ssapo":
             loop = pipeline.run(config, workdir, mesh=ready.mesh, model=ready.model, initial=ready.params,
                                 tokenizer=ready.tokenizer)
             policy, summary = loop.policy, loop.summary
         else:
-            policy, summary = _train(config, workdir, ready)
+            result = _train(config, workdir, ready)
+            policy, summary, adapters = result.params, result.summary, result.adapters
     except Preempted as stop:
         say(stop)
         summary = stop.summary
     else:
-        if config.export:
-            summary["export"] = export_policy(workdir, ready.cfg, policy, ready.tokenizer)  # every process
+        if config.export:  # every process (a collective); LoRA adapters also in PEFT's layout (dpo/sgpo)
+            summary["export"] = export_policy(workdir, ready.cfg, policy, ready.tokenizer, adapters=adapters,
+                                              lora=lora_config(config.model), base_model=config.model.source)
         if config.train.mode == "ssapo":
             summary["plots"] = pipeline.report(config, workdir, loop)
     write_json(workdir / "summary.json", summary)
     return summary
 
 
-def _train(config: ConfigDict, workdir: Path, ready: Setup) -> Tuple[Any, Dict[str, Any]]:
+def _train(config: ConfigDict, workdir: Path, ready: Setup) -> FitResult:
     """``train.mode`` ``dpo``/``sgpo``: one training run on ``data.source``, evaluated on the
     held-out pairs (summary ``eval``) and at the end on ``eval.tasks`` (``workdir/eval.json``;
     the summary's ``pass_rate_*`` fields)."""
@@ -177,21 +193,19 @@ def _train(config: ConfigDict, workdir: Path, ready: Setup) -> Tuple[Any, Dict[s
     evaluator = None
     if split.eval is not None:
         say(split.line)
-        evaluator = PreferenceEvaluator(config, ready.model, split.eval, reference=ready.params, mesh=ready.mesh,
-                                        workdir=workdir, held_out=split.line)
+        evaluator = PreferenceEvaluator(config, split.eval, mesh=ready.mesh, held_out=split.line)
     result = fit(config, workdir, model=ready.model, params=ready.params, pairs=split.train, mesh=ready.mesh,
                  gaps=split.gaps, evaluator=evaluator)
-    summary = result.summary
     tasks = task_evaluator(config, ready.model, ready.tokenizer)
     if tasks is not None:
-        path = workdir / "eval.json"
+        step, path = result.summary["step"], workdir / "eval.json"
         evaluation = read_json(path)
-        if evaluation is None or evaluation.get("step") != summary["step"]:
-            evaluation = {"step": summary["step"], **tasks.evaluate(result.params, summary["step"])}
+        if evaluation is None or evaluation.get("step") != step:
+            evaluation = {"step": step, **tasks.evaluate(result.params, step)}
             write_json(path, evaluation)  # every process: it waits for the write
-        summary.update(eval_fields(evaluation))
-        say(f"final policy: {pass_rate_text(summary)}")
-    return result.params, summary
+        result.summary.update(eval_fields(evaluation))
+        say(f"final policy: {pass_rate_text(result.summary)}")
+    return result
 
 
 def dry_run(config: ConfigDict, workdir: str | Path) -> List[str]:
@@ -230,7 +244,11 @@ def dry_run(config: ConfigDict, workdir: str | Path) -> List[str]:
     lines.append(f"memory plan per device ({memory.verdict(memory_plan, memory.device_memory_bytes())}):")
     lines.extend("  " + line for line in str(memory_plan).splitlines())
     point = resume_point(config, workdir)
-    lines.append(f"rerun: {point}" if point else f"rerun: starts fresh in {workdir}")
+    try:
+        notes = check_settings(config, workdir, resuming=point is not None, record=False)
+    except UserError as err:
+        notes = [f"REFUSED: {err}"]
+    lines.append(f"rerun: {'; '.join([point] + notes)}" if point else f"rerun: starts fresh in {workdir}")
     for line in lines:
         say(line)
     return lines

@@ -7,10 +7,21 @@ This module holds the flags and the error formatting; the run itself is
 :func:`sgpo_jax.runner.run` (``--dry_run``: :func:`sgpo_jax.runner.dry_run`). ``train.mode``:
 ``dpo`` / ``sgpo`` train once on ``data.source`` (:mod:`sgpo_jax.training.trainer`), ``ssapo``
 runs the self-annotation loop (:mod:`sgpo_jax.ssapo.pipeline`). Rerunning the same command
-with the same ``--workdir`` resumes exactly. Per step the workdir's ``metrics.jsonl`` and TensorBoard events get: loss,
-TRL's reward metrics, grad norm, learning rate, tokens/s, and the follower's value, dual price
-and moved mass. Run with ``--helpfull`` to list every flag; the config fields are documented in
-``sgpo_jax/config.py``.
+with the same ``--workdir`` resumes exactly. Per step the workdir's ``metrics.jsonl`` and
+TensorBoard events get: loss, TRL's reward metrics, grad norm, learning rate, tokens/s, and the
+follower's value, dual price and moved mass. Run with ``--helpfull`` to list every flag; the
+config fields are documented in ``sgpo_jax/config.py``.
+
+Safety: one run per workdir (``workdir/run.lock``; a second process stops at once with exit
+status 2). A rerun must have the first run's result-changing settings (``workdir/settings.json``;
+else it refuses, listing them: pass ``--allow_config_change`` to continue anyway); raising
+``train.max_steps`` or ``train.epochs`` continues the run. Checkpoints carry sha256 checksums:
+a damaged one is moved aside and the run resumes from the newest sound one. A diverged or dead
+run stops with one line (exit status 2) and nothing non-finite is saved or exported.
+
+Exit status: 0 finished; 2 a user error (one ``error:`` line); 75 (EX_TEMPFAIL) stopped by
+SIGTERM or Ctrl-C after saving (a checkpoint, or the finished batches of the reference pass):
+rerun the same command to resume; 130 a second Ctrl-C (exits at once, keeping what was saved).
 """
 
 from __future__ import annotations
@@ -27,9 +38,10 @@ from sgpo_jax.console import say
 from sgpo_jax.errors import UserError
 from sgpo_jax.parallel import distributed
 
-__all__ = ["cli", "define_flags", "main", "parse_flags", "user_error_lines"]
+__all__ = ["EXIT_PREEMPTED", "cli", "define_flags", "main", "parse_flags", "user_error_lines"]
 
 VERBOSE_ENV = "SGPO_VERBOSE"  # 1 = user errors keep their traceback (same as --verbose)
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM / Ctrl-C after saving; rerun to resume
 
 
 def user_error_lines(err: BaseException) -> List[str]:
@@ -66,6 +78,8 @@ def define_flags() -> None:
                       "all; SLURM with one task per GPU: SLURM_LOCALID).")
     flags.DEFINE_bool("dry_run", False, "Validate the config, read and tokenize the data, print the memory plan, the "
                       "number of steps and what a rerun would resume from; then exit without compiling.")
+    flags.DEFINE_bool("allow_config_change", False, "Resume a workdir although result-changing settings differ "
+                      "from its run's (workdir/settings.json; without it such a rerun refuses, listing them).")
     flags.DEFINE_bool("verbose", False, f"Show the full traceback of user errors (bad config, data, checkpoint, "
                       f"model source, memory) instead of one line; also {VERBOSE_ENV}=1.")
     flags.mark_flags_as_required(["config", "workdir"])
@@ -76,7 +90,8 @@ def main(argv) -> None:
     ``jax.distributed`` when the flags or the environment describe several processes (SLURM, TPU
     pod, ``SGPO_*`` variables; see :mod:`sgpo_jax.parallel.distributed`), before anything touches
     a device, then trains. Every process of a multi-host run runs this same command; process 0
-    writes the metrics, caches and export, all write their checkpoint shards."""
+    writes the metrics, caches and export, all write their checkpoint shards. Exits with
+    :data:`EXIT_PREEMPTED` (75) when a signal stopped the run after saving, 2 on a user error."""
     from absl import flags, logging
 
     del argv
@@ -91,7 +106,10 @@ def main(argv) -> None:
         say(f"jax.distributed: {jax.process_count()} processes ({spec.source}), {jax.device_count()} devices "
             f"({jax.local_device_count()} per process)")
     try:
-        (runner.dry_run if flag.dry_run else runner.run)(flag.config, flag.workdir)
+        if flag.dry_run:
+            runner.dry_run(flag.config, flag.workdir)
+        elif runner.run(flag.config, flag.workdir, allow_config_change=flag.allow_config_change).get("preempted"):
+            sys.exit(EXIT_PREEMPTED)
     except (UserError, FileNotFoundError) as err:
         if flag.verbose or os.environ.get(VERBOSE_ENV, "") not in ("", "0"):
             raise

@@ -82,3 +82,29 @@ def test_the_dry_run_refuses_a_mesh_the_devices_cannot_form(files, tmp_path):
         "error: the devices do not fit the config: mesh.data=3, mesh.fsdp=1, mesh.tensor=1: data*fsdp*tensor = "
         "3*1*1 = 3 but there are 8 devices"], out.stderr
     assert "config: valid" not in out.stdout and not (tmp_path / "config.json").exists()
+
+
+def test_an_interrupted_run_saves_and_exits_75_then_resumes(files, tmp_path):
+    """Ctrl-C (SIGINT) after step 1: the CLI saves step 1 and exits with EX_TEMPFAIL (75), so a
+    scheduler tells it from a finished run; the rerun continues after step 1."""
+    hook = ("import os, signal, sys\n"
+            "from sgpo_jax.training.metrics import MetricsLog\n"
+            "write = MetricsLog.write\n"
+            "def interrupt(self, step, metrics):\n"
+            "    write(self, step, metrics)\n"
+            "    if step == 1:\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "MetricsLog.write = interrupt\n"
+            "from sgpo_jax.train import cli\n"
+            "sys.argv = ['sgpo_jax.train'] + sys.argv[1:]\n"
+            "cli()\n")
+    flags = [f"--workdir={tmp_path}", "--config=configs/tiny.py", f"--config.model.tokenizer={files['tokenizer']}",
+             f"--config.data.source={files['data']}", "--config.train.epochs=1", "--config.checkpoint.every=100"]
+    out = subprocess.run([sys.executable, "-c", hook, *flags], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "SGPO_VERBOSE": ""})
+    assert out.returncode == 75, out.stderr[-3000:]
+    assert f"SIGINT: saved step 1 in {tmp_path}; rerun the same command to resume" in out.stdout
+    assert "Traceback" not in out.stderr
+    second = run(files, tmp_path, "--config.checkpoint.every=100")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming {tmp_path}: training: continuing after step 1" in second.stdout

@@ -13,6 +13,7 @@ import pytest
 from ml_collections import config_flags  # noqa: F401  (the CLI's dependency must import)
 
 from sgpo_jax import runner
+from sgpo_jax.errors import CheckpointError, DivergenceError
 from sgpo_jax.models import from_pretrained
 from sgpo_jax.training import trainer as trainer_lib
 from sgpo_jax.training.metrics import MetricsLog
@@ -61,10 +62,11 @@ def test_sgpo_learns_and_exports(tokenizer_dir, data_file, tmp_path):
     assert jax.tree.structure(exported) is not None
 
 
-def test_preempted_run_resumes_exactly(tokenizer_dir, data_file, tmp_path, monkeypatch):
-    """SIGTERM after step 4 (checkpoint saved on the spot), then the same command again: the
-    final parameters equal an uninterrupted run's. The per-epoch follower is the stateful case:
-    the resumed epoch must keep the atoms computed at its start."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_preempted_run_resumes_exactly(tokenizer_dir, data_file, tmp_path, monkeypatch, signum):
+    """SIGTERM (or Ctrl-C) after step 4 (checkpoint saved on the spot), then the same command
+    again: the final parameters equal an uninterrupted run's. The per-epoch follower is the
+    stateful case: the resumed epoch must keep the atoms computed at its start."""
     config = tiny(tokenizer_dir, data_file, sgpo__follower="epoch", checkpoint__every=100)
     runner.run(config, tmp_path / "straight")
 
@@ -73,7 +75,7 @@ def test_preempted_run_resumes_exactly(tokenizer_dir, data_file, tmp_path, monke
     def write_then_preempt(self, step, metrics):
         write(self, step, metrics)
         if step == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(MetricsLog, "write", write_then_preempt)
     first = runner.run(config, tmp_path / "resumed")
@@ -130,8 +132,12 @@ def test_non_finite_loss_stops_with_a_clear_message(tokenizer_dir, data_file, tm
         return new_state, metrics
 
     monkeypatch.setattr(trainer_lib, "run_step", poisoned)
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 5.*last good checkpoint.*step 4"):
+    with pytest.raises(DivergenceError) as err:
         runner.run(config, tmp_path)
+    assert str(err.value) == (f"training diverged at step 5: non-finite loss; last finite checkpoint: step 4 in "
+                              f"{tmp_path / 'checkpoints'}; likely cause: no warning sign in the steps before: check "
+                              "the data of this batch and the compute dtype (model.dtype)")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]  # step 5 was not saved
 
 
 def test_config_is_validated_up_front(tokenizer_dir, data_file, tmp_path):
@@ -203,10 +209,100 @@ def test_resume_needs_the_same_number_of_data_shards(tokenizer_dir, data_file, t
     config = tiny(tokenizer_dir, data_file, data__shards=2, train__max_steps=2, export=False)
     runner.run(config, tmp_path)
     config.train.max_steps, config.data.shards = 3, 0  # one process: one shard
-    with pytest.raises(ValueError, match=r"trained with 2 data shards and this run has 1 .*--config.data.shards=2"):
+    with pytest.raises(ValueError, match=r"other settings \(data.shards: 2 -> 1\)"):
         runner.run(config, tmp_path)
-    config.data.shards = 2
-    assert runner.run(config, tmp_path)["step"] == 3
+    with pytest.raises(ValueError, match=r"trained with 2 data shards and this run has 1 .*--config.data.shards=2"):
+        runner.run(config, tmp_path, allow_config_change=True)
+    config.data.shards = 2  # the allowed change above was recorded (1): back to 2 is a change again
+    assert runner.run(config, tmp_path, allow_config_change=True)["step"] == 3
     with pytest.raises(ValueError, match=r"train.batch_size \(8\) must be a multiple of the number of data shards "
                                          r"\(3, data.shards=3\)"):
         runner.run(tiny(tokenizer_dir, data_file, data__shards=3), tmp_path / "bad")
+
+
+def test_sigterm_during_the_reference_pass_keeps_the_finished_batches(tokenizer_dir, data_file, tmp_path, monkeypatch):
+    """SIGTERM after 2 of the 5 reference batches: the rerun scores only the other 3, and the
+    log-probs and the final parameters equal an uninterrupted run's."""
+    config = tiny(tokenizer_dir, data_file, train__mode="dpo", export=True)
+    runner.run(config, tmp_path / "straight")
+    pair_logps = trainer_lib.pair_logps
+    scored = []
+
+    def counting(*args, should_stop=None, **kwargs):
+        def stop():
+            scored.append(1)
+            if len(scored) == 2 and kill:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return should_stop()
+        return pair_logps(*args, should_stop=stop, **kwargs)
+
+    monkeypatch.setattr(trainer_lib, "pair_logps", counting)
+    kill = True
+    first = runner.run(config, tmp_path / "resumed")
+    assert first["preempted"] and first["reference_batches_done"] == 2 and len(scored) == 2
+    assert not (tmp_path / "resumed" / "checkpoints").exists()
+    kill, scored[:] = False, []
+    second = runner.run(config, tmp_path / "resumed")
+    assert not second["preempted"] and second["step"] == 10 and len(scored) == 3  # 5 batches of 8 pairs, 2 kept
+    cache = lambda run: np.load(next((tmp_path / run / "cache").glob("reference_logps_*[0-9a-f].npz")))
+    for name in ("chosen", "rejected"):
+        np.testing.assert_array_equal(cache("resumed")[name], cache("straight")[name])  # the same batches, same ops
+    assert not list((tmp_path / "resumed" / "cache").glob("*.partial.npz"))
+    for x, y in zip(jax.tree.leaves(final_params(tmp_path / "straight")),
+                    jax.tree.leaves(final_params(tmp_path / "resumed"))):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6, rtol=0)  # as the test above
+
+
+def test_a_rerun_with_other_settings_refuses_listing_them(tokenizer_dir, data_file, tmp_path, monkeypatch):
+    """The issue's case: a second run with another learning rate and seed used to resume the
+    first run's checkpoint. Settings that change nothing (checkpoint.every) and a raised
+    max_steps continue; the resume line says so."""
+    config = tiny(tokenizer_dir, data_file, train__mode="dpo", train__max_steps=2, export=False)
+    runner.run(config, tmp_path)
+    other = tiny(tokenizer_dir, data_file, train__mode="dpo", train__max_steps=2, export=False,
+                 train__learning_rate=0.1, train__seed=7)
+    with pytest.raises(CheckpointError) as err:
+        runner.run(other, tmp_path)
+    assert str(err.value) == (f"{tmp_path} holds a run with other settings (train.learning_rate: 0.03 -> 0.1; "
+                              "train.seed: 42 -> 7); its checkpoints would continue under the new ones")
+    assert err.value.hint == "use a new --workdir, or pass --allow_config_change to continue anyway"
+    lines = []
+    monkeypatch.setattr(runner, "say", lines.append)
+    longer = tiny(tokenizer_dir, data_file, train__mode="dpo", train__max_steps=3, export=False,
+                  checkpoint__every=1)
+    assert runner.run(longer, tmp_path)["step"] == 3
+    assert lines[0] == (f"resuming {tmp_path}: training: continuing after step 2 (checkpoint {tmp_path}/checkpoints/2)"
+                        "; train.max_steps raised 2 -> 3: continuing to the new length (the learning-rate schedule "
+                        "spans it)")
+    other.train.max_steps = 4
+    assert runner.run(other, tmp_path, allow_config_change=True)["step"] == 4
+    assert "settings changed as allowed (--allow_config_change): train.learning_rate: 0.03 -> 0.1; train.seed: " \
+           "42 -> 7" in lines[-1]
+
+
+def test_a_dead_or_exploding_run_stops_in_one_line_and_exports_nothing(tokenizer_dir, data_file, tmp_path):
+    """The issue's lr = 1e6: the weights explode in the first step (it used to export a dead
+    model with exit 0)."""
+    config = tiny(tokenizer_dir, data_file, train__learning_rate=1e6)
+    with pytest.raises(DivergenceError) as err:
+        runner.run(config, tmp_path)
+    message = str(err.value)
+    assert message.startswith("training diverged at step 1: parameter norm ") and "x its start" in message
+    assert message.endswith("(bound 100 x); last finite checkpoint: none (no checkpoint was saved); likely cause: "
+                            "exploding updates: the parameter norm grew from " + message.split("x its start ")[1]
+                            .split(" ")[0] + " to " + message.split("parameter norm ")[1].split(" ")[0]
+                            + " by step 1 at train.learning_rate=1e+06")
+    assert "lower --config.train.learning_rate (now 1e+06)" in err.value.hint
+    assert not (tmp_path / "export").exists() and not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_export_refuses_a_non_finite_model(tmp_path):
+    from sgpo_jax.models.llama import DecoderConfig
+    from sgpo_jax.models.loading import export_policy
+
+    params = {"embed": np.ones((4, 2), np.float32), "norm": np.asarray([1.0, np.nan], np.float32)}
+    with pytest.raises(DivergenceError, match=r"not exporting to .*export: 1 parameters hold NaN or infinite values "
+                                              r"\(first: \['norm'\]\)"):
+        export_policy(tmp_path, DecoderConfig(vocab_size=4, hidden_size=2, intermediate_size=4, num_hidden_layers=1,
+                                              num_attention_heads=1, num_key_value_heads=1, head_dim=2), params, None)
+    assert not (tmp_path / "export").exists()

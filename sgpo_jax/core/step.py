@@ -172,7 +172,10 @@ class TrainState:
     """Training state; ``rng`` is split every step and handed to nothing else yet (kept so
     stochastic models and in-step sampling resume deterministically). ``logps_fn(params, ids,
     attention, loss_mask) -> [rows]``, when given, replaces ``sequence_logps(apply_fn(...))``
-    (e.g. the decoder's chunked log-probs, which never hold the full ``[rows, T, V]`` logits)."""
+    (e.g. the decoder's chunked log-probs, which never hold the full ``[rows, T, V]`` logits).
+    ``frozen``: weights the forward pass reads but the step never updates (LoRA's base model,
+    :mod:`sgpo_jax.models.lora`); when given, ``params`` are the trainable rest and the model
+    functions receive ``(frozen, params)``."""
 
     step: Array
     params: Any
@@ -182,9 +185,11 @@ class TrainState:
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     config: SGPOConfig = struct.field(pytree_node=False)
     logps_fn: Optional[Callable[[Any, Array, Array, Array], Array]] = struct.field(pytree_node=False, default=None)
+    frozen: Any = None
 
     @classmethod
-    def create(cls, *, apply_fn, params, tx, config: SGPOConfig, rng: Array, logps_fn=None) -> "TrainState":
+    def create(cls, *, apply_fn, params, tx, config: SGPOConfig, rng: Array, logps_fn=None,
+               frozen: Any = None) -> "TrainState":
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -194,6 +199,7 @@ class TrainState:
             tx=tx,
             config=config,
             logps_fn=logps_fn,
+            frozen=frozen,
         )
 
 
@@ -202,7 +208,7 @@ def _policy_logps(state: "TrainState", params, batch: PreferenceBatch) -> Tuple[
     logps_fn = state.logps_fn
     if logps_fn is None:
         logps_fn = lambda p, ids, attention, mask: losses.sequence_logps(state.apply_fn(p, ids, attention), ids, mask)
-    return chosen_rejected_logps(logps_fn, params, batch)
+    return chosen_rejected_logps(logps_fn, params if state.frozen is None else (state.frozen, params), batch)
 
 
 def _in_step_follower(config: SGPOConfig, batch: PreferenceBatch, pc: Array, pr: Array):

@@ -20,8 +20,9 @@ and the figures, over the :math:`N` pairs:
   (:func:`sgpo_jax.eval.intervals.mean_interval`; the pairs are independent draws).
 
 The log-probs come from the forward-only scoring pass the reference log-probs use
-(:func:`sgpo_jax.training.scoring.pair_logps`); the reference's are computed once and cached in
-``workdir/cache`` keyed by its weights and the held-out pairs.
+(:func:`sgpo_jax.training.scoring.pair_logps`) with the training run's log-prob functions and
+reference (the reference's computed once and cached in ``workdir/cache``, keyed by its weights
+and the held-out pairs).
 """
 
 from __future__ import annotations
@@ -38,12 +39,10 @@ from sgpo_jax.data.batching import ordered_batches
 from sgpo_jax.data.tokenize import TokenizedPairs
 from sgpo_jax.eval.evaluator import Evaluator
 from sgpo_jax.eval.intervals import mean_interval, wilson_interval
-from sgpo_jax.models.llama import Decoder
-from sgpo_jax.models.logps import decoder_logps_fn
-from sgpo_jax.parallel import sharding
 from sgpo_jax.training.scoring import cache_key, cached_reference, pair_logps
 
-__all__ = ["ACCURACY", "EVAL_METRICS", "PreferenceEvaluator", "preference_metrics", "response_tokens"]
+__all__ = ["ACCURACY", "EVAL_METRICS", "PreferenceEvaluator", "policy_weights", "preference_metrics",
+           "response_tokens"]
 
 ACCURACY = "eval_rewards/accuracies"
 EVAL_METRICS = ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", ACCURACY, "eval_rewards/margins",
@@ -86,56 +85,71 @@ def preference_metrics(policy: Tuple[np.ndarray, np.ndarray], reference: Tuple[n
 
 class PreferenceEvaluator(Evaluator):
     """The held-out preference pairs' figures (module docstring) for the policy of a
-    ``dpo``/``sgpo`` run; the trainer calls :meth:`at_step` after every optimizer step and
-    :meth:`at_end` when the run ends.
+    ``dpo``/``sgpo`` run. The trainer calls :meth:`start` once its reference is set (so the
+    held-out pairs are scored with the training run's own log-prob functions and weights, LoRA
+    adapters included), :meth:`at_step` after every optimizer step and :meth:`at_end` when the
+    run ends.
 
     Args:
       config: the run config (``train.beta``, ``train.loss_type``, ``train.label_smoothing``,
-        ``train.eval_every``, ``train.reference_batch_size``, ``data.buckets``,
-        ``model.logps_chunk``).
-      model: the policy's :class:`Decoder`.
+        ``train.eval_every``, ``train.reference_batch_size``, ``data.buckets``).
       pairs: the held-out pairs (one shard, every pair held on every process).
-      reference: the reference policy's parameters (the run's initial policy).
       mesh: the device mesh.
-      workdir: the run's workdir (``cache/`` holds the reference log-probs).
       held_out: the line saying what was held out and from where (kept in the result).
     """
 
-    def __init__(self, config: ConfigDict, model: Decoder, pairs: TokenizedPairs, *, reference: Any, mesh,
-                 workdir: str | Path, held_out: str):
+    def __init__(self, config: ConfigDict, pairs: TokenizedPairs, *, mesh, held_out: str):
         t = config.train
         self.pairs, self.mesh, self.held_out, self.every = pairs, mesh, held_out, t.eval_every
         self.settings = dict(beta=t.beta, loss_type=t.loss_type, label_smoothing=t.label_smoothing)
         self.batch_size, self.buckets = t.reference_batch_size, tuple(config.data.buckets) or None
-        self.logps_fn = decoder_logps_fn(model, chunk_size=config.model.logps_chunk)
         self.tokens = response_tokens(pairs)
-        reference = sharding.shard_params(reference, mesh)
-        self.reference = cached_reference(Path(workdir), cache_key(reference, pairs.fingerprint()), lambda: pair_logps(
-            self.logps_fn, reference, self._batches(), len(pairs), mesh=mesh, desc="held-out reference log-probs"))
+        self.policy_fn = self.reference = None
         self.last: Dict[str, Any] = {}
 
     def _batches(self):
         return ordered_batches(self.pairs, self.batch_size, buckets=self.buckets, process_index=jax.process_index(),
                                process_count=jax.process_count())
 
+    def start(self, workdir: str | Path, reference_fn, reference: Any, policy_fn) -> None:
+        """The reference log-probs of the held-out pairs, ``reference_fn(reference, ...)`` (cached
+        in ``workdir/cache``, keyed by the reference weights and the held-out pairs); later
+        evaluations score the policy with ``policy_fn`` (``logps_fn(params, ids, attention,
+        loss_mask) -> [B]``, as :func:`sgpo_jax.models.logps.decoder_logps_fn`)."""
+        self.policy_fn = policy_fn
+        self.reference = cached_reference(Path(workdir), cache_key(reference, self.pairs.fingerprint()),
+                                          lambda resume: pair_logps(reference_fn, reference, self._batches(),
+                                                                    len(self.pairs), mesh=self.mesh, resume=resume,
+                                                                    desc="held-out reference log-probs"))
+
     def evaluate(self, params: Any, step: int) -> Dict[str, Any]:
         """``{"step", "held_out", "pairs", "intervals", name: {"value", "ci95"}}`` for the names of
-        :data:`EVAL_METRICS`; a collective (every process calls it)."""
-        policy = pair_logps(self.logps_fn, params, self._batches(), len(self.pairs), mesh=self.mesh,
+        :data:`EVAL_METRICS`, ``params`` being what the policy's log-prob function takes (with
+        LoRA: ``(base, adapters)``); a collective (every process calls it). Needs :meth:`start`."""
+        if self.reference is None:
+            raise RuntimeError("PreferenceEvaluator.evaluate before start(): the reference log-probs are missing")
+        policy = pair_logps(self.policy_fn, params, self._batches(), len(self.pairs), mesh=self.mesh,
                             desc=f"held-out evaluation, step {step}")
         self.last = {"step": step, "held_out": self.held_out,
                      **preference_metrics(policy, self.reference, self.tokens, **self.settings)}
         return self.last
 
-    def at_step(self, params: Any, step: int, total: int) -> Dict[str, float]:
-        """After optimizer step ``step`` of ``total``: the figures' values (for ``metrics.jsonl``
-        and TensorBoard) every ``train.eval_every`` steps and at ``total``, else ``{}``."""
+    def at_step(self, state: Any, step: int, total: int) -> Dict[str, float]:
+        """After optimizer step ``step`` of ``total`` (``state`` the
+        :class:`~sgpo_jax.core.step.TrainState`): the figures' values (for ``metrics.jsonl`` and
+        TensorBoard) every ``train.eval_every`` steps and at ``total``, else ``{}``."""
         if step != total and not (self.every and step % self.every == 0):
             return {}
-        result = self.evaluate(params, step)
+        result = self.evaluate(policy_weights(state), step)
         return {name: result[name]["value"] for name in EVAL_METRICS}
 
-    def at_end(self, params: Any, step: int) -> Dict[str, Any]:
+    def at_end(self, state: Any, step: int) -> Dict[str, Any]:
         """The run's last evaluation with intervals (for the summary): :meth:`at_step`'s at
         ``step`` when it ran, else a new one (a rerun of a finished run)."""
-        return self.last if self.last.get("step") == step else self.evaluate(params, step)
+        return self.last if self.last.get("step") == step else self.evaluate(policy_weights(state), step)
+
+
+def policy_weights(state: Any) -> Any:
+    """What the policy's log-prob function takes from a :class:`~sgpo_jax.core.step.TrainState`:
+    its ``params``, or ``(frozen, params)`` when it trains LoRA adapters on a frozen base."""
+    return state.params if state.frozen is None else (state.frozen, state.params)

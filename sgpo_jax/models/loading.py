@@ -12,11 +12,14 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from sgpo_jax.errors import ConfigError, ModelError, UserError
+from sgpo_jax.errors import ConfigError, DivergenceError, ModelError, UserError
 from sgpo_jax.models.gguf import load_gguf, smollm2_gguf_path
 from sgpo_jax.models.hf import from_pretrained, save_pretrained
 from sgpo_jax.models.llama import Decoder, DecoderConfig
+from sgpo_jax.models.lora import LoraConfig
+from sgpo_jax.models.peft_export import save_peft_adapters
 from sgpo_jax.parallel import distributed
 
 if TYPE_CHECKING:
@@ -76,11 +79,24 @@ def load_model(model_config: "ConfigDict") -> Tuple[DecoderConfig, Dict[str, Any
     return cfg, params, tokenizer or load_tokenizer(source)
 
 
-def export_policy(workdir: Path, cfg: DecoderConfig, params: Any, tokenizer) -> Optional[str]:
+def export_policy(workdir: Path, cfg: DecoderConfig, params: Any, tokenizer, *, adapters: Any = None,
+                  lora: Optional[LoraConfig] = None, base_model: str = "") -> Optional[str]:
     """Writes the policy in the Hugging Face layout to ``workdir/export`` (process 0 only).
     Every process must call it: parameters sharded across hosts are gathered leaf by leaf first
-    (a collective), then process 0 writes."""
+    (a collective), then process 0 writes. With LoRA ``adapters`` (and their ``lora`` settings),
+    ``params`` is the merged policy and the adapters also go to ``workdir/export_peft`` in PEFT's
+    layout (:func:`sgpo_jax.models.peft_export.save_peft_adapters`; ``base_model`` names the model
+    they apply to). Refuses (:class:`~sgpo_jax.errors.DivergenceError`, writing nothing) when a
+    parameter is NaN or infinite."""
     host_params = distributed.to_host(params)
+    bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(host_params)
+           if jnp.issubdtype(x.dtype, jnp.inexact) and not np.isfinite(x).all()]
+    if bad:
+        raise DivergenceError(f"not exporting to {Path(workdir) / 'export'}: {len(bad)} parameters hold NaN or "
+                              f"infinite values (first: {bad[0]})", "the training diverged: lower the learning rate")
+    host_adapters = None if adapters is None else distributed.to_host(adapters)
     if jax.process_index() != 0:
         return None
+    if host_adapters is not None:
+        save_peft_adapters(Path(workdir) / "export_peft", host_adapters, cfg, lora, base_model)
     return str(save_pretrained(Path(workdir) / "export", cfg, host_params, tokenizer=tokenizer))

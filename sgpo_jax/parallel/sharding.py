@@ -18,6 +18,7 @@ prepended automatically.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import re
@@ -65,8 +66,17 @@ def spec_for(name: str, shape: Tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES)
     """The PartitionSpec of one parameter; checks that every sharded dimension divides.
 
     Unmatched parameters are replicated. A rule with fewer entries than the array's rank is
-    right-aligned (extra leading axes, e.g. scanned layers, stay unsharded).
+    right-aligned (extra leading axes, e.g. scanned layers, stay unsharded). LoRA adapters
+    (``.../kernel_lora_a [.., in, r]``, ``.../kernel_lora_b [.., r, out]``, see
+    :mod:`sgpo_jax.models.lora`) follow their kernel's rule: ``A`` keeps the kernel's input-axis
+    split, ``B`` its output-axis split, the rank axis is never split.
     """
+    adapter = re.search(r"/kernel_lora_(a|b)$", name)
+    if adapter:
+        kernel = spec_for(name[:adapter.start()] + "/kernel", (1, 1), _Unsplit(), rules)
+        kernel = P(*([None] * (2 - len(kernel)) + list(kernel)))
+        spec = P(kernel[0], None) if adapter.group(1) == "a" else P(None, kernel[1])
+        rules = ((re.escape(name) + "$", spec),)
     for pattern, spec in rules:
         if re.search(pattern, name):
             break
@@ -89,6 +99,12 @@ def spec_for(name: str, shape: Tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES)
                 "choose a mesh whose axis sizes divide it, or override the rule"
             )
     return spec
+
+
+class _Unsplit:
+    """A stand-in mesh whose axes all have size 1 (reads a rule without checking divisibility)."""
+
+    shape = collections.defaultdict(lambda: 1)
 
 
 def param_sharding(params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:

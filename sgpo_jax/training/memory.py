@@ -37,6 +37,17 @@ batch          ``2 * batch_size / (data * fsdp) * T * 12`` (ids, attention, loss
 reference      with ``reference="model"``: a frozen copy ``sum_x P_x * p``; ``"cached"``: 0
 ============== =========================================================================
 
+With LoRA (``lora=``, :mod:`sgpo_jax.models.lora`) the parameters are the frozen base ``sum_x P_x *
+p`` plus the float32 adapters ``sum_a P_a * 4`` (``A [in, r]``, ``B [r, out]`` per targeted
+projection, split like their kernel's input resp. output axis); gradients, optimizer moments and
+the update tree cover the adapters only (``sum_a P_a * 4`` each), and every layer keeps each
+projection's ``x A`` (``r`` elements per token) for the backward pass. With QLoRA the targeted
+kernels take 1 (int8) or 0.5 (nf4) bytes per element plus a float32 scale per output column, held
+whole on every device (qwix's quantized leaves are not split by the rules). The reference is the base
+with the adapters off, so it is never a second copy. The output head is not adapted; its float32
+gradient accumulator in ``log-probs`` is kept in the estimate (the chunked head's backward
+computes it), as before not in the lower bound.
+
 The activation coefficients are a least-squares fit to per-layer footprints on XLA:CPU, which
 fuses little (``tests/test_memory.py`` compares whole-step estimates with
 ``compiled.memory_analysis()`` of the real jitted step): ``cH = 4.15, cQ = 3.8, cKV = 1.1, cI =
@@ -180,16 +191,15 @@ def param_count(model_cfg) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(_param_shapes(model_cfg))))
 
 
-def _sharded_elements(model_cfg, sizes: Mapping[str, int]) -> Tuple[float, float, float]:
-    """``(per-device elements of all params, of one layer's params (unsharded / t), the output
-    head's elements (unsharded / t))`` under the default rules."""
+def _per_device(tree: Any, sizes: Mapping[str, int]) -> float:
+    """Per-device elements of a params tree (arrays or shapes) under the default rules."""
     import jax
 
     from sgpo_jax.parallel import sharding
 
     mesh = _MeshShape(sizes)
     total = 0.0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(_param_shapes(model_cfg)):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         name = sharding._path_str(path)
         spec = sharding.spec_for(name, tuple(leaf.shape), mesh)
         split = 1
@@ -197,6 +207,21 @@ def _sharded_elements(model_cfg, sizes: Mapping[str, int]) -> Tuple[float, float
             for axis in (axes if isinstance(axes, tuple) else (axes,)) if axes is not None else ():
                 split *= sizes[axis]
         total += float(np.prod(leaf.shape)) / split
+    return total
+
+
+def _flat_names(tree: Any) -> Dict[str, Any]:
+    """``{"params/layers/.../kernel": leaf}`` of a params tree."""
+    import jax
+
+    return {"/".join(str(getattr(key, "key", key)) for key in path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _sharded_elements(model_cfg, sizes: Mapping[str, int]) -> Tuple[float, float, float]:
+    """``(per-device elements of all params, of one layer's params (unsharded / t), the output
+    head's elements (unsharded / t))`` under the default rules."""
+    total = _per_device(_param_shapes(model_cfg), sizes)
     c = model_cfg
     h, i = c.hidden_size, c.intermediate_size
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
@@ -207,7 +232,7 @@ def _sharded_elements(model_cfg, sizes: Mapping[str, int]) -> Tuple[float, float
 def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int = 1, seq_len: int,
              param_dtype: Any = None, dtype: Any = None, remat: Optional[bool] = None,
              optimizer: str = "adamw", reference: str = "cached", logps_chunk: Optional[int] = None,
-             device_bytes: Optional[float] = None) -> MemoryPlan:
+             device_bytes: Optional[float] = None, lora: Any = None) -> MemoryPlan:
     """Per-device memory of one :func:`sgpo_jax.core.step.sgpo_step` (see the module docstring).
 
     Args:
@@ -223,6 +248,8 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
         frozen reference copy resident on the devices).
       logps_chunk: sequence positions per chunk of the log-prob head (default: the library's).
       device_bytes: if given, shown in the table.
+      lora: a :class:`sgpo_jax.models.lora.LoraConfig` to train adapters on a frozen base (see
+        the module docstring), or None for full fine-tuning.
 
     Raises:
       ValueError: naming the setting, when the batch does not split over the mesh or a value
@@ -262,12 +289,32 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
 
     elements, layer_elements, head_elements = _sharded_elements(c, sizes)
     weights = elements * p
+    trained, trained_elements, lora_per_token, notes_quantized = weights, elements, 0.0, ""
+    if lora is not None:
+        import jax
+
+        from sgpo_jax.models.lora import init_adapters, target_modules
+
+        base_shapes = _param_shapes(c)
+        shapes = jax.eval_shape(lambda: init_adapters(base_shapes, lora, jax.random.PRNGKey(0)))
+        trained_elements = _per_device(shapes, sizes)
+        trained = trained_elements * 4
+        lora_per_token = s * lora.rank * len(target_modules(lora))
+        if lora.quantize:  # QLoRA: targeted kernels as int8 (1 B) or nf4 (0.5 B) codes + a float32 scale per column
+            targeted = "(" + "|".join(target_modules(lora)) + ")/kernel"
+            quantized = {k: v for k, v in _flat_names(base_shapes).items() if k.endswith("/kernel")
+                         and any(k.endswith(m + "/kernel") for m in target_modules(lora))}
+            # the quantized leaves are not matched by the sharding rules: every device holds them whole
+            q_total = sum(float(np.prod(v.shape)) for v in quantized.values())
+            scales = sum(float(np.prod(v.shape[:-2])) * v.shape[-1] for v in quantized.values()) * 4
+            weights += q_total * (1.0 if lora.quantize == "int8" else 0.5) + scales - _per_device(quantized, sizes) * p
+            notes_quantized = f"; {targeted} in {lora.quantize}"
 
     block = int(getattr(c, "attention_block", 0) or 0)
     keys = (seq_len + block) / 2 if 0 < block < seq_len else seq_len  # key slots a query scores, on average
 
     def per_token(k: Mapping[str, float]) -> float:
-        return (s * (k["h"] * H + k["q"] * ND / t + k["kv"] * KD / t + k["i"] * I / t)
+        return (s * (k["h"] * H + k["q"] * ND / t + k["kv"] * KD / t + k["i"] * I / t) + lora_per_token
                 + N / t * keys * (4 * k["score_f32"] + s * k["score_compute"]))
 
     copies = sizes["fsdp"] > 1 or s != p
@@ -275,17 +322,19 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
     comp: Dict[str, float] = {}
     low: Dict[str, float] = {}
     notes: Dict[str, str] = {}
-    comp["parameters"] = low["parameters"] = weights
-    notes["parameters"] = f"{elements:,.0f} elements x {p} B"
+    comp["parameters"] = low["parameters"] = weights + (trained if lora is not None else 0.0)
+    notes["parameters"] = f"{elements:,.0f} elements x {p} B" + (
+        f" (frozen{notes_quantized}) + {trained_elements:,.0f} LoRA elements x 4 B" if lora is not None else "")
+    what = "LoRA adapters" if lora is not None else "parameters"
     grads = 2 if micro_batches > 1 else 1
-    comp["gradients"] = low["gradients"] = grads * weights
-    notes["gradients"] = f"{grads} x parameters" + (" (accumulator + micro-batch)" if grads == 2 else "")
+    comp["gradients"] = low["gradients"] = grads * trained
+    notes["gradients"] = f"{grads} x {what}" + (" (accumulator + micro-batch)" if grads == 2 else "")
     moments = OPTIMIZER_MOMENTS[optimizer]
-    comp["optimizer"] = low["optimizer"] = moments * weights
-    notes["optimizer"] = f"{optimizer}: {moments} x parameters"
-    comp["update"] = weights
+    comp["optimizer"] = low["optimizer"] = moments * trained
+    notes["optimizer"] = f"{optimizer}: {moments} x {what}"
+    comp["update"] = trained
     low["update"] = 0.0
-    notes["update"] = "1 x parameters (the update tree)"
+    notes["update"] = f"1 x {what} (the update tree)"
     comp["weight copies"] = (kept_layers * layer_elements + head_elements) * s if copies else 0.0
     low["weight copies"] = (layer_elements + head_elements) * s if copies else 0.0
     notes["weight copies"] = (f"{kept_layers} layer(s) of {layer_elements:,.0f} + head {head_elements:,.0f} "
@@ -311,7 +360,7 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
                                                                  else c.param_dtype)),
                     dtype=str(jnp.dtype(dtype if dtype is not None else c.dtype)), remat=remat,
                     optimizer=optimizer, reference=reference, logps_chunk=chunk, device_bytes=device_bytes,
-                    model_cfg=c)
+                    model_cfg=c, lora=lora)
     return MemoryPlan(comp, low, notes, settings)
 
 
@@ -320,7 +369,7 @@ def _replan(plan: MemoryPlan, **changes) -> MemoryPlan:
     mesh = dict(s["mesh"], **changes.pop("mesh", {}))
     kwargs = dict(batch_size=s["batch_size"], micro_batches=s["micro_batches"], seq_len=s["seq_len"],
                   param_dtype=s["param_dtype"], dtype=s["dtype"], remat=s["remat"], optimizer=s["optimizer"],
-                  reference=s["reference"], logps_chunk=s["logps_chunk"])
+                  reference=s["reference"], logps_chunk=s["logps_chunk"], lora=s["lora"])
     kwargs.update(changes)
     return estimate(s["model_cfg"], mesh, **kwargs)
 
@@ -418,14 +467,16 @@ def device_memory_bytes(device: Any = None) -> Optional[int]:
 def plan_for_run(config: Any, model_cfg, mesh_shape: Any, *, device_bytes: Optional[float] = None) -> MemoryPlan:
     """:func:`estimate` for a training config (``sgpo_jax/config.py`` fields): batch, micro-batches,
     ``data.max_length`` (or the largest bucket), dtypes, remat, log-prob chunk; the trainer's
-    optimizer (AdamW) and cached reference log-probs."""
+    optimizer (AdamW), cached reference log-probs and ``model.lora``."""
+    from sgpo_jax.models.lora import lora_config
+
     buckets = tuple(config.data.buckets)
     seq_len = max(buckets) if buckets else int(config.data.max_length)
     return estimate(model_cfg, mesh_shape, batch_size=int(config.train.batch_size),
                     micro_batches=int(config.train.micro_batches), seq_len=seq_len,
                     param_dtype=config.model.param_dtype, dtype=config.model.dtype, remat=bool(config.model.remat),
                     optimizer="adamw", reference="cached", logps_chunk=int(config.model.logps_chunk),
-                    device_bytes=device_bytes)
+                    device_bytes=device_bytes, lora=lora_config(config.model))
 
 
 MODEL_PRESETS = {  # DecoderConfig fields of common shapes (for the CLI and quick what-ifs)
@@ -449,6 +500,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     from pathlib import Path
 
     from sgpo_jax.models import DecoderConfig
+    from sgpo_jax.models.lora import LoraConfig
 
     p = argparse.ArgumentParser(prog="python -m sgpo_jax.training.memory", description=main.__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama3-8b", help=f"one of {sorted(MODEL_PRESETS)} or a config.json path")
@@ -462,6 +514,9 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     p.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZER_MOMENTS))
     p.add_argument("--reference", default="cached", choices=REFERENCE_SOURCES)
     p.add_argument("--logps_chunk", type=int, default=256)
+    p.add_argument("--lora_rank", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
+    p.add_argument("--lora_alpha", type=float, default=16.0)
+    p.add_argument("--lora_quantize", default="", choices=("", "int8", "nf4"), help="QLoRA's frozen base")
     p.add_argument("--device_gb", type=float, default=None, help="device memory in GB (1e9 bytes), e.g. 80 or 95")
     args = p.parse_args(None if argv is None else list(argv))
     if args.model in MODEL_PRESETS:
@@ -478,7 +533,9 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     device_bytes = args.device_gb * 1e9 if args.device_gb else None
     plan = estimate(cfg, mesh, batch_size=args.batch_size, micro_batches=args.micro_batches, seq_len=args.seq_len,
                     param_dtype=args.param_dtype, dtype=args.dtype, remat=args.remat, optimizer=args.optimizer,
-                    reference=args.reference, logps_chunk=args.logps_chunk, device_bytes=device_bytes)
+                    reference=args.reference, logps_chunk=args.logps_chunk, device_bytes=device_bytes,
+                    lora=LoraConfig(args.lora_rank, args.lora_alpha, quantize=args.lora_quantize)
+                    if args.lora_rank else None)
     print(f"{args.model}: {param_count(cfg):,} parameters")
     print(plan)
     if device_bytes is None:

@@ -9,8 +9,9 @@ a step's JSON object is an error naming the file and line: nothing else is skipp
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -18,7 +19,23 @@ import numpy as np
 from sgpo_jax.console import say
 from sgpo_jax.errors import CheckpointError
 
-__all__ = ["FOLLOWER_METRICS", "MetricsLog", "read_metrics", "repair_metrics", "run_statistics"]
+__all__ = ["CLOSE_TIMEOUT_S", "FOLLOWER_METRICS", "MetricsLog", "close_within", "read_metrics", "repair_metrics",
+           "run_statistics"]
+
+CLOSE_TIMEOUT_S = 30.0  # TensorBoard's writer may block in close() (seen: over 10 minutes after a Ctrl-C)
+
+
+def close_within(close: Callable[[], None], timeout_s: float, what: str) -> bool:
+    """Runs ``close()`` in a daemon thread and waits at most ``timeout_s`` seconds; returns whether
+    it finished (if not, a line says so and the process may exit anyway: the thread is a daemon)."""
+    thread = threading.Thread(target=close, name=f"close {what}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        say(f"{what} did not close within {timeout_s:g} s; its last events may be missing (metrics.jsonl is "
+            "complete)")
+        return False
+    return True
 
 FOLLOWER_METRICS = ("follower/value", "follower/dual", "follower/moved", "follower/transport")
 
@@ -45,9 +62,10 @@ class MetricsLog:
             self._tb.add_scalar(name, value, step)
 
     def close(self) -> None:
+        """Closes ``metrics.jsonl``, then the TensorBoard writer within :data:`CLOSE_TIMEOUT_S`."""
         if self.enabled:
             self._jsonl.close()
-            self._tb.close()
+            close_within(self._tb.close, CLOSE_TIMEOUT_S, "the TensorBoard writer")
 
 
 def run_statistics(metrics_path: Path, last_step: int) -> Dict[str, float]:

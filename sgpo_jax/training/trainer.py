@@ -8,12 +8,18 @@ and the tokenized data) -> optimizer steps of the jitted, sharded
 :func:`sgpo_jax.core.step.sgpo_step` -> checkpoints (every ``checkpoint.every`` steps, at the end
 and on SIGTERM). Rerunning with the same workdir resumes exactly where the last checkpoint
 stopped (parameters, optimizer, data order, RNG, the epoch's follower atoms).
+
+SIGTERM or Ctrl-C (:class:`~sgpo_jax.training.checkpoint.PreemptionGuard`) during the steps
+saves a checkpoint after the current step; during the reference pass it keeps the finished
+batches. Either way :class:`Preempted` is raised. Every step is checked for divergence
+(:mod:`sgpo_jax.training.divergence`): a non-finite, dead or exploding run stops with one
+:class:`~sgpo_jax.errors.DivergenceError` line, and no non-finite state is ever saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import math
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -31,15 +37,17 @@ from sgpo_jax.core.follow import follow
 from sgpo_jax.core.step import TrainState, make_sgpo_step
 from sgpo_jax.data.batching import PairBatcher, ordered_batches, preference_batch
 from sgpo_jax.data.tokenize import TokenizedPairs
-from sgpo_jax.errors import CheckpointError, DataError, DeviceMemoryError
+from sgpo_jax.errors import CheckpointError, DataError, DeviceMemoryError, DivergenceError
+from sgpo_jax.models import lora as lora_lib
 from sgpo_jax.models.llama import Decoder
 from sgpo_jax.models.logps import decoder_logps_fn
 from sgpo_jax.parallel import distributed, sharding
 from sgpo_jax.parallel.mesh import BATCH_AXES
 from sgpo_jax.training import memory
-from sgpo_jax.training.checkpoint import Checkpointer, PreemptionGuard
+from sgpo_jax.training.checkpoint import Checkpointer, NonFiniteState, Preempted, PreemptionGuard
+from sgpo_jax.training.divergence import DivergenceMonitor
 from sgpo_jax.training.metrics import FOLLOWER_METRICS, MetricsLog, run_statistics
-from sgpo_jax.training.scoring import cache_key, cached_reference, pair_logps
+from sgpo_jax.training.scoring import PassStopped, cache_key, cached_reference, pair_logps
 from sgpo_jax.training.workdir import cached_arrays
 
 __all__ = ["FitResult", "Preempted", "Trainer", "fit", "make_optimizer", "run_step", "total_steps"]
@@ -85,19 +93,13 @@ def run_step(step_fn, state, batch, config: ConfigDict):
 @dataclasses.dataclass
 class FitResult:
     """What :func:`fit` returns: the final policy parameters (sharded like the state) and the run
-    summary (steps, last step's metrics, the epochs' follower metrics, mean loss, workdir)."""
+    summary (steps, last step's metrics, the epochs' follower metrics, mean loss, workdir). With
+    ``model.lora``, ``params`` are the base with the adapters merged in and ``adapters`` the
+    trained adapters themselves (:mod:`sgpo_jax.models.lora`); else ``adapters`` is None."""
 
     params: Any
     summary: Dict[str, Any]
-
-
-class Preempted(Exception):
-    """SIGTERM arrived; the run saved a checkpoint and stopped (``summary`` as :func:`fit`'s).
-    Rerunning the same command resumes it."""
-
-    def __init__(self, message: str, summary: Dict[str, Any]):
-        super().__init__(message)
-        self.summary = summary
+    adapters: Any = None
 
 
 class Trainer:
@@ -106,13 +108,16 @@ class Trainer:
     Stages: ``__init__`` (memory check, sharding, cached reference log-probs, optimizer, state,
     the jitted step), :meth:`restore` (the latest checkpoint, if any), :meth:`epoch_atoms` (the
     follower's atoms of an epoch, when it does not run inside the step) and :meth:`run` (the
-    step loop with checkpoints and preemption)."""
+    step loop with checkpoints and preemption). ``guard``: an active
+    :class:`~sgpo_jax.training.checkpoint.PreemptionGuard` covering the reference pass too (as
+    :func:`fit` does); without one, only :meth:`run` is guarded."""
 
     def __init__(self, config: ConfigDict, workdir: str | Path, *, model: Decoder, params: Any,
                  pairs: TokenizedPairs, mesh, reference_params: Any = None, gaps: Optional[np.ndarray] = None,
-                 mode: Optional[str] = None, desc: str = "train", evaluator: Any = None):
+                 mode: Optional[str] = None, desc: str = "train", guard: Optional[PreemptionGuard] = None,
+                 evaluator: Any = None):
         self.config, self.workdir, self.pairs, self.mesh, self.desc = config, Path(workdir), pairs, mesh, desc
-        self.evaluator = evaluator
+        self.guard, self.evaluator = guard, evaluator
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.sgpo = sgpo_config(config, mode)
         self.follower, self.gaps = follower_of(config), gaps
@@ -123,30 +128,54 @@ class Trainer:
                             "name the score columns with --config.data.score_columns, "
                             "or set --config.sgpo.follower=step")
         self.logps_fn = decoder_logps_fn(model, chunk_size=config.model.logps_chunk)
+        self.lora = lora_lib.lora_config(config.model)
         self.buckets = tuple(config.data.buckets) or None
         self.batcher = PairBatcher(pairs, t.batch_size, buckets=self.buckets, seed=t.seed, **self._hosts())
         self.steps_per_epoch = self.batcher.steps_per_epoch
         self.total_steps = total_steps(t, self.steps_per_epoch)
 
         memory.check(memory.plan_for_run(config, model.cfg, dict(mesh.shape)), memory.device_memory_bytes())
+        same_reference = reference_params is None or reference_params is params
         params = sharding.shard_params(params, mesh)
-        reference = params if reference_params is None else sharding.shard_params(reference_params, mesh)
+        reference = params if same_reference else sharding.shard_params(reference_params, mesh)
         params = jax.tree.map(jnp.copy, params)  # the step donates its state; the caller's arrays stay valid
+        frozen, self.policy_logps_fn = None, self.logps_fn
+        if self.lora is not None:  # train adapters on the frozen base; the reference is the base, adapters off
+            frozen, params = params, sharding.shard_params(
+                lora_lib.init_adapters(params, self.lora, jax.random.PRNGKey(t.seed)), mesh)
+            self.policy_logps_fn = lora_lib.lora_logps_fn(model, self.lora, chunk_size=config.model.logps_chunk)
+            if self.lora.quantize:  # QLoRA: the policy at init is the quantized base, so is the reference
+                frozen = lora_lib.quantize_base(frozen, model, self.lora)
+                if same_reference:
+                    reference = (frozen, jax.tree.map(jnp.zeros_like, params))
         self.key = cache_key(reference, pairs.fingerprint())
-        self.reference_logps = cached_reference(self.workdir, self.key, lambda: pair_logps(
-            self.logps_fn, reference, self._reference_batches(), len(pairs), mesh=mesh, desc="reference log-probs"))
+        reference_fn = self.policy_logps_fn if isinstance(reference, tuple) else self.logps_fn
+        batching = f"_b{t.reference_batch_size}_{'-'.join(map(str, self.buckets or ()))}_p{jax.process_count()}"
+        try:
+            self.reference_logps = cached_reference(self.workdir, self.key, lambda resume: pair_logps(
+                reference_fn, reference, self._reference_batches(), len(pairs), mesh=mesh,
+                desc="reference log-probs", resume=resume, should_stop=lambda: bool(guard and guard.requested)),
+                batching=batching)
+        except PassStopped as stop:
+            raise Preempted(f"{guard.signal_name}: kept {stop.done} finished batches of the reference pass in "
+                            f"{self.workdir / 'cache'}; rerun the same command to resume",
+                            {"step": 0, "preempted": True, "workdir": str(self.workdir), "pairs": len(pairs),
+                             "reference_batches_done": stop.done}) from None
+        if evaluator is not None:  # the held-out pairs' reference log-probs, with the same function and weights
+            evaluator.start(self.workdir, reference_fn, reference, self.policy_logps_fn)
 
         self.tx, self.schedule = make_optimizer(t, self.total_steps)
         state = TrainState.create(apply_fn=model.apply, params=params, tx=self.tx, config=self.sgpo,
-                                  rng=jax.random.PRNGKey(t.seed), logps_fn=self.logps_fn)
+                                  rng=jax.random.PRNGKey(t.seed), logps_fn=self.policy_logps_fn, frozen=frozen)
         state_sharding = sharding.param_sharding(state, mesh)
         self.state = jax.device_put(state, state_sharding)
         self.step_fn = make_sgpo_step(mesh, self.state, batch_axes=BATCH_AXES, state_sharding=state_sharding)
         self.directory = config.checkpoint.directory or self.workdir / "checkpoints"
         self.checkpointer = Checkpointer(self.directory, save_every=config.checkpoint.every,
                                          max_to_keep=config.checkpoint.keep)
+        self.param_norm = jax.jit(optax.tree.norm)
         self.meta = {"data_fingerprint": pairs.fingerprint(), "steps_per_epoch": self.steps_per_epoch,
-                     "data_shards": pairs.num_shards}
+                     "data_shards": pairs.num_shards, "start_param_norm": float(self.param_norm(self.state.params))}
         self.step = 0
 
     def _hosts(self) -> Dict[str, int]:
@@ -160,7 +189,11 @@ class Trainer:
         """Restores the latest checkpoint, if any; returns the step the run continues from."""
         if self.checkpointer.latest_step() is None:
             return self.step
-        self.state, saved = self.checkpointer.restore(self.state)
+        restored = self.checkpointer.restore(self.state)
+        if restored is None:  # every step was bad and is set aside (each named in a line)
+            return self.step
+        self.state, saved = restored
+        self.meta["start_param_norm"] = saved.get("start_param_norm", self.meta["start_param_norm"])
         pairs, workdir = self.pairs, self.workdir
         if saved.get("data_shards", 1) != pairs.num_shards:
             raise CheckpointError(
@@ -188,7 +221,9 @@ class Trainer:
         else:
             def margins_fn():
                 ref = self.reference_logps
-                policy = pair_logps(self.logps_fn, self.state.params, self._reference_batches(), len(self.pairs),
+                state = self.state
+                weights = state.params if state.frozen is None else (state.frozen, state.params)
+                policy = pair_logps(self.policy_logps_fn, weights, self._reference_batches(), len(self.pairs),
                                     mesh=self.mesh, desc=f"follower scores, epoch {epoch}")
                 return (policy[0] - ref[0]) - (policy[1] - ref[1])
 
@@ -205,17 +240,38 @@ class Trainer:
         support = tuple(float(v) for v in saved["support"]) if saved["support"].size else None
         return (saved["shift"], saved["mass"]), support, dict(zip(FOLLOWER_METRICS, map(float, saved["metrics"])))
 
+    def _diverged(self, step: int, problem: str, monitor: DivergenceMonitor) -> DivergenceError:
+        cause, hint = monitor.cause(step)
+        saved = self.checkpointer.latest_step()
+        where = (f"step {saved} in {self.directory}" if saved is not None
+                 else "none (no checkpoint was saved)")
+        if saved is not None and monitor.zero_since is not None and saved >= monitor.zero_since:
+            where += f" (saved after the gradients vanished at step {monitor.zero_since})"
+        return DivergenceError(f"training diverged at step {step}: {problem}; last finite checkpoint: {where}; "
+                               f"likely cause: {cause}", hint)
+
+    def _save(self, step: int, state, monitor: DivergenceMonitor, *, force: bool = False) -> None:
+        try:
+            self.checkpointer.save(step, state, {**self.meta, "step": step}, force=force)
+        except NonFiniteState:
+            raise self._diverged(step, "non-finite parameters or optimizer state (not saved)", monitor) from None
+
     def run(self) -> FitResult:
-        """The step loop from :attr:`step` to the end (or a SIGTERM); always waits for the
-        checkpoint writes. Raises :class:`Preempted` after a SIGTERM (the state is saved)."""
+        """The step loop from :attr:`step` to the end (or a SIGTERM / Ctrl-C); always waits for
+        the checkpoint writes. Raises :class:`Preempted` after a signal (the state is saved) and
+        :class:`~sgpo_jax.errors.DivergenceError` when the run diverges (nothing non-finite is
+        saved)."""
         log = MetricsLog(self.workdir)
         last: Dict[str, float] = {}
         follower_cache: Dict[int, Any] = {}
         preempted = False
         total, per_epoch, ref = self.total_steps, self.steps_per_epoch, self.reference_logps
         step, state, checkpointer = self.step, self.state, self.checkpointer
+        monitor = DivergenceMonitor(self.meta["start_param_norm"], learning_rate=self.config.train.learning_rate,
+                                    resumed_at=step, set_aside=tuple((s, r) for s, r, _ in checkpointer.set_aside))
+        guarded = contextlib.nullcontext(self.guard) if self.guard is not None else PreemptionGuard()
         try:
-            with PreemptionGuard() as guard, tqdm(total=total, initial=step, desc=self.desc, unit="step") as bar:
+            with guarded as guard, tqdm(total=total, initial=step, desc=self.desc, unit="step") as bar:
                 while step < total:
                     epoch, in_epoch = divmod(step, per_epoch)
                     atoms = support = None
@@ -232,13 +288,9 @@ class Trainer:
                         state, metrics = run_step(self.step_fn, state, device_batch, self.config)
                         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                         step += 1
-                        if not all(math.isfinite(v) for v in metrics.values()):
-                            bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-                            raise FloatingPointError(
-                                f"non-finite {', '.join(bad)} at step {step} (epoch {epoch}); the run stopped and the "
-                                f"last good checkpoint in {self.directory} is kept (step "
-                                f"{checkpointer.latest_step()}); lower train.learning_rate or check the data"
-                            )
+                        problem = monitor.check(step, metrics, float(self.param_norm(state.params)))
+                        if problem:
+                            raise self._diverged(step, problem, monitor)
                         tokens = int(np.sum(batch["chosen_attention"]) + np.sum(batch["rejected_attention"]))
                         metrics.update(epoch_metrics)
                         metrics["learning_rate"] = float(self.schedule(step - 1))
@@ -246,21 +298,21 @@ class Trainer:
                         metrics["epoch"] = epoch + (in_epoch + 1) / per_epoch
                         in_epoch += 1
                         if self.evaluator is not None:
-                            metrics.update(self.evaluator.at_step(state.params, step, total))
+                            metrics.update(self.evaluator.at_step(state, step, total))
                         log.write(step, metrics)
                         last = metrics
                         bar.update(1)
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-                        if distributed.any_process(guard.requested):  # a SIGTERM on any host stops all
-                            checkpointer.save(step, state, {**self.meta, "step": step}, force=True)
+                        if distributed.any_process(guard.requested):  # a signal on any host stops all
+                            self._save(step, state, monitor, force=True)
                             preempted = True
                             break
-                        checkpointer.save(step, state, {**self.meta, "step": step})
+                        self._save(step, state, monitor)
                         if step >= total:
                             break
                     if preempted:
                         break
-            checkpointer.save(step, state, {**self.meta, "step": step}, force=True)
+            self._save(step, state, monitor, force=True)
         finally:
             checkpointer.close()  # waits for in-flight saves, also when a step failed
             log.close()
@@ -269,10 +321,14 @@ class Trainer:
                    "workdir": str(self.workdir), "pairs": len(self.pairs),
                    **distributed.broadcast_object(run_statistics(self.workdir / "metrics.jsonl", step))}
         if preempted:
-            raise Preempted(f"SIGTERM: saved step {step} in {self.workdir}; rerun the same command to resume", summary)
+            name = guard.signal_name or "a signal on another process"
+            raise Preempted(f"{name}: saved step {step} in {self.workdir}; rerun the same command to resume", summary)
         if self.evaluator is not None:
-            summary["eval"] = self.evaluator.at_end(state.params, step)
-        return FitResult(params=state.params, summary=summary)
+            summary["eval"] = self.evaluator.at_end(state, step)
+        if self.lora is None:
+            return FitResult(params=state.params, summary=summary)
+        return FitResult(params=lora_lib.merge(state.frozen, state.params, self.lora), summary=summary,
+                         adapters=state.params)
 
 
 def fit(config: ConfigDict, workdir: str | Path, *, model: Decoder, params: Any, pairs: TokenizedPairs,
@@ -293,10 +349,13 @@ def fit(config: ConfigDict, workdir: str | Path, *, model: Decoder, params: Any,
       mode: ``"dpo"`` or ``"sgpo"`` (default ``train.mode``).
       desc: the progress bar's label.
       evaluator: the held-out evaluation (:class:`sgpo_jax.eval.preference.PreferenceEvaluator`):
-        its figures join the step's metrics every ``train.eval_every`` steps and at the last
-        step, and the summary's ``eval`` holds the last one with its intervals.
+        started with the run's reference, its figures join the step's metrics every
+        ``train.eval_every`` steps and at the last step, and the summary's ``eval`` holds the
+        last one with its intervals.
     """
-    trainer = Trainer(config, workdir, model=model, params=params, pairs=pairs, mesh=mesh,
-                      reference_params=reference_params, gaps=gaps, mode=mode, desc=desc, evaluator=evaluator)
-    trainer.restore()
-    return trainer.run()
+    with PreemptionGuard() as guard:
+        trainer = Trainer(config, workdir, model=model, params=params, pairs=pairs, mesh=mesh,
+                          reference_params=reference_params, gaps=gaps, mode=mode, desc=desc, guard=guard,
+                          evaluator=evaluator)
+        trainer.restore()
+        return trainer.run()
