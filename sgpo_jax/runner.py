@@ -225,11 +225,6 @@ def dry_run(config: ConfigDict, workdir: str | Path) -> List[str]:
     data = replaced(config, **{"data.limit": 0}).data if t.mode == "ssapo" else config.data
     pairs, gaps = load_pairs(data, ready.tokenizer)
     lines.append(f"data: {len(pairs)} usable pairs from {data.source}")
-    if t.mode != "ssapo":
-        split = held_out(config, ready.tokenizer, pairs, gaps)
-        pairs = split.train
-        if split.line:
-            lines.append(split.line)
     if t.mode == "ssapo":
         s = config.ssapo
         seed = min(s.seed_size, len(pairs))
@@ -237,7 +232,10 @@ def dry_run(config: ConfigDict, workdir: str | Path) -> List[str]:
         lines.append(f"steps: round 0: {s.seed_epochs * -(-seed // t.batch_size)}; round t: about "
                      f"{t.epochs} x pairs / {t.batch_size} (prompts without two distinct samples are dropped)")
     else:
-        per_epoch = PairBatcher(pairs, t.batch_size, buckets=tuple(config.data.buckets) or None, seed=t.seed,
+        split = held_out(config, ready.tokenizer, pairs, gaps)
+        if split.line:
+            lines.append(split.line)
+        per_epoch = PairBatcher(split.train, t.batch_size, buckets=tuple(config.data.buckets) or None, seed=t.seed,
                                 process_index=jax.process_index(), process_count=jax.process_count()).steps_per_epoch
         lines.append(f"steps: {total_steps(t, per_epoch)} ({per_epoch} per epoch, batch {t.batch_size})")
     memory_plan = memory.plan_for_run(config, ready.cfg, dict(ready.mesh.shape))
