@@ -241,3 +241,10 @@ def test_lora_run_scores_the_held_out_pairs_with_its_adapters(files, tmp_path):
     # float32 forwards (adapters applied vs merged into the kernels): 1e-4 absolute bounds their rounding
     assert result["eval_rewards/margins"]["value"] == pytest.approx(margins.mean(), abs=1e-4)
     assert result["eval_logps/chosen"]["value"] == pytest.approx(pc.mean(), abs=1e-4)
+
+
+def test_dry_run_reports_the_held_out_pairs_and_counts_steps_on_the_rest(files, tmp_path):
+    tokenizer_dir, data_file, _ = files
+    lines = runner.dry_run(tiny(tokenizer_dir, data_file, train__mode="dpo", data__eval_fraction=0.25), tmp_path)
+    assert any(line.startswith("held-out pairs: 10 of the 40 usable pairs") for line in lines)
+    assert "steps: 8 (4 per epoch, batch 8)" in lines  # 2 epochs of ceil(30 / 8) steps
