@@ -26,7 +26,28 @@ Threads: ``torch.set_num_threads(--threads)`` (one inter-op thread) and XLA's CP
 ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``/``OPENBLAS_NUM_THREADS`` are set to the same value before
 torch or jax is imported, and ``JAX_PLATFORMS=cpu``.
 
-Run from the repository root: ``python bench/sampling.py`` (``--help`` for the options).
+**Roofline** (``--roofline``, instead of the comparison): a decode step at batch ``b`` with ``S``
+real context tokens must read the weights once and every row's KV cache,
+
+.. math::
+
+    \text{bytes} = 4 \left(P_{\text{layers}} + V H\right) + 4 \cdot 2 L b K S D, \qquad
+    \text{FLOPs} = 2 b \left(P_{\text{layers}} + V H\right) + 4 L b N S D
+
+(float32; :math:`P_{\text{layers}}` the parameters of the layers and final norm, :math:`V H`
+the output head, the embedding read only ``b`` rows; attention ``q k^T`` and ``p v``), with
+:math:`S` the mean context over the run, ``prompt + (new_tokens - 1) / 2``. The machine's limits
+are measured in the same process: memory bandwidth by a STREAM-like triad ``a = b + s c`` on
+``--stream-mb`` MB arrays (3 arrays moved per call), the FLOP rate by a ``--matmul-n``-square
+float32 matmul; each the best of ``--probe-iters`` calls. The time of one decode step is
+``(t(new_tokens) - t(1)) / (new_tokens - 1)`` from two ``generate`` calls (so the prefill
+cancels), the median of ``--iters``. The roofline time is ``max(bytes / bandwidth, FLOPs / rate)``
+and the fraction achieved is roofline time / measured time, for each batch of
+``--roofline-batches``. On a shared or loaded machine both the probes and the steps are noisy:
+report only numbers from a quiet one.
+
+Run from the repository root: ``python bench/sampling.py`` (``--help`` for the options), and
+``python bench/sampling.py --roofline`` for the roofline.
 """
 
 from __future__ import annotations
@@ -62,6 +83,12 @@ def parse_args(argv=None):
     p.add_argument("--target", type=float, default=2.0, help="required ratio ours / torch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write all numbers to this JSON file")
+    g = p.add_argument_group("roofline")
+    g.add_argument("--roofline", action="store_true", help="print the decode roofline table instead")
+    g.add_argument("--roofline-batches", default="1,8,32,64", help="comma-separated batch sizes")
+    g.add_argument("--stream-mb", type=int, default=256, help="size of each triad array (MB)")
+    g.add_argument("--matmul-n", type=int, default=2048, help="side of the square matmul probe")
+    g.add_argument("--probe-iters", type=int, default=10, help="calls of each probe (best reported)")
     return p.parse_args(argv)
 
 
@@ -91,7 +118,93 @@ def time_interleaved(calls, warmup, iters):
     return times
 
 
+def probe_bandwidth(megabytes: int, iters: int) -> float:
+    """Bytes/s of the triad ``a = b + s * c`` (read ``b`` and ``c``, write ``a``), best of ``iters``."""
+    n = megabytes * 2 ** 20 // 4
+    b = jnp.arange(n, dtype=jnp.float32)
+    c = jnp.ones(n, jnp.float32)
+    triad = jax.jit(lambda b, c: b + jnp.float32(3.0) * c)
+    jax.block_until_ready(triad(b, c))
+    best = min(_timed(lambda: triad(b, c)) for _ in range(iters))
+    return 3 * 4 * n / best
+
+
+def probe_matmul(n: int, iters: int) -> float:
+    """FLOP/s of an ``[n, n] x [n, n]`` float32 matmul (``2 n^3`` FLOPs), best of ``iters``."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(matmul(x))
+    return 2 * n ** 3 / min(_timed(lambda: matmul(x)) for _ in range(iters))
+
+
+def _timed(call) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    return time.perf_counter() - t0
+
+
+def decode_cost(cfg, params, batch: int, context: float):
+    """``(bytes, FLOPs)`` of one decode step (module docstring), float32."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    total = sum(x.size for _, x in leaves)
+    embed = cfg.vocab_size * cfg.hidden_size
+    head = embed  # the output head reads [H, V] (tied: the embedding itself)
+    layers = total - embed - (0 if cfg.tie_word_embeddings else head)  # layers and final norm
+    weights = layers + head
+    kv = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * context * cfg.head_dim
+    flops = 2 * batch * weights + 4 * cfg.num_hidden_layers * batch * cfg.num_attention_heads * context * cfg.head_dim
+    return 4 * (weights + kv + batch * cfg.hidden_size), flops
+
+
+def roofline(args):
+    """The roofline table (module docstring); returns its results dict."""
+    cfg = model_config(args, args.prompt + args.new_tokens, scan_layers=args.scan_layers)
+    model = Decoder(cfg)
+    params = jax.jit(model.init)(jax.random.PRNGKey(args.seed), jnp.zeros((1, 2), jnp.int32))
+    loadavg = os.getloadavg()
+    bandwidth = probe_bandwidth(args.stream_mb, args.probe_iters)
+    flop_rate = probe_matmul(args.matmul_n, args.probe_iters)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    context = args.prompt + (args.new_tokens - 1) / 2
+    rows = []
+    for b in [int(x) for x in args.roofline_batches.split(",")]:
+        ids = jnp.asarray(np.random.default_rng(args.seed).integers(0, cfg.vocab_size, (b, args.prompt)), jnp.int32)
+        mask = jnp.ones_like(ids)
+
+        def call(new):
+            return generate(model, params, ids, mask, rng=jax.random.key(args.seed), max_new_tokens=new,
+                            **sampling).lengths
+
+        calls = {"one": lambda: _timed(lambda: call(1)), "all": lambda: _timed(lambda: call(args.new_tokens))}
+        times = time_interleaved(calls, args.warmup, args.iters)
+        step_s = (statistics.median(times["all"]) - statistics.median(times["one"])) / (args.new_tokens - 1)
+        nbytes, flops = decode_cost(cfg, params, b, context)
+        bound_s = max(nbytes / bandwidth, flops / flop_rate)
+        rows.append(dict(batch=b, step_s=step_s, bytes=nbytes, flops=flops, roofline_s=bound_s,
+                         bound="memory" if nbytes / bandwidth >= flops / flop_rate else "compute",
+                         fraction=bound_s / step_s if step_s > 0 else float("nan"),
+                         tokens_per_s=b / step_s if step_s > 0 else float("nan")))
+    print(f"\nroofline: Llama V={args.vocab} H={args.hidden} I={args.intermediate} L={args.layers} heads={args.heads}/"
+          f"{args.kv_heads} fp32, prompt {args.prompt}, {args.new_tokens} new tokens (mean context {context:g}); "
+          f"{args.threads} threads; measured bandwidth {bandwidth / 1e9:.1f} GB/s (triad of {args.stream_mb} MB), "
+          f"matmul {flop_rate / 1e9:.1f} GFLOP/s (n={args.matmul_n}); 1-min load average {loadavg[0]:.1f} "
+          f"({os.cpu_count()} CPUs): numbers from a loaded machine are not the machine's limits\n")
+    print("| batch | decode step (ms) | new tokens/s | MB read | MFLOP | bound | roofline step (ms) | fraction |")
+    print("|---:|---:|---:|---:|---:|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['batch']} | {1e3 * r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['bytes'] / 1e6:.2f} | "
+              f"{r['flops'] / 1e6:.1f} | {r['bound']} | {1e3 * r['roofline_s']:.3f} | {r['fraction']:.1%} |")
+    return {"bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": flop_rate, "mean_context": context,
+            "loadavg_before": loadavg, "rows": rows}
+
+
 def main(args):
+    if args.roofline:
+        results = {"config": dict(vars(args), json=str(args.json) if args.json else None), "roofline": roofline(args)}
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2, default=float))
+        return 0
     cfg = model_config(args, args.prompt + args.new_tokens, scan_layers=args.scan_layers)
     model = Decoder(cfg)
     b, new = args.batch, args.new_tokens

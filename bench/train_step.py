@@ -29,6 +29,19 @@ Methods (every one does clip-by-global-norm 1.0 and AdamW, lr 1e-6, betas (0.9, 
   The decoder runs its causal query-block attention (``DecoderConfig.attention_block``,
   ``--attention-block``; the library default unless given).
 
+  Layouts (``--layouts``, each with the ``chunked`` log-probs and cached reference log-probs;
+  the batches are laid out by :func:`sgpo_jax.data.packing.pack_batch`, the same pairs):
+
+  - ``shared``: one row per pair, ``[prompt, chosen, rejected]``, the prompt computed once;
+  - ``packed``: ``[prompt, chosen]`` and ``[prompt, rejected]`` packed into rows of
+    ``--pack-budget`` tokens (default ``2 (prompt + response)``);
+  - ``shared+packed``: shared rows packed into rows of ``--pack-budget`` tokens (default
+    ``2 (prompt + 2 response)``).
+
+  With this benchmark's equal lengths packing removes no padding (there is none); it measures
+  the cost of the segment mask and the chains. Their log-probs are checked against the reference
+  ones (``agreement``).
+
   Each variant runs two ways: **(i) cached**: the batch carries reference log-probs computed
   once before timing (the pipeline's design: they are precomputed per round and cached);
   **(ii) ref fwd**: each timed step first runs a separately jitted forward of the frozen
@@ -93,6 +106,7 @@ OURS_VARIANTS = ("logits", "chunked", "resp-chunked")
 DEFAULT_OURS = ["logits", "chunked", "resp-chunked"]
 TRL_CONFIGS = ("ref", "precompute", "ref-gc")
 TORCH_VARIANTS = ("full", "resp")
+LAYOUTS = ("shared", "packed", "shared+packed")
 
 
 def _csv(choices):
@@ -121,6 +135,9 @@ def parse_args(argv=None):
                    help="decoder_logps_fn chunk (default: sgpo_jax.models.DEFAULT_CHUNK_SIZE)")
     g.add_argument("--resp-chunk-size", type=int, default=None,
                    help="chunk of the response-window variant (default: --chunk-size)")
+    g.add_argument("--layouts", type=_csv(LAYOUTS), default=list(LAYOUTS),
+                   help="ours (chunked, cached ref) on prefix-shared and/or packed rows; '' for none")
+    g.add_argument("--pack-budget", type=int, default=None, help="tokens per packed row (default: two sequences)")
     g.add_argument("--epsilon", type=float, default=0.01)
     g.add_argument("--tangents", type=int, default=6)
     g.add_argument("--beta", type=float, default=0.1)
@@ -172,6 +189,8 @@ import optax  # noqa: E402
 
 from sgpo_jax.core import losses as losses_lib  # noqa: E402
 from sgpo_jax.core.step import PreferenceBatch, SGPOConfig, TrainState, sgpo_step  # noqa: E402
+from sgpo_jax.data.batching import preference_batch  # noqa: E402
+from sgpo_jax.data.packing import pack_batch  # noqa: E402
 from sgpo_jax.models import (  # noqa: E402
     DEFAULT_CHUNK_SIZE,
     Decoder,
@@ -179,6 +198,7 @@ from sgpo_jax.models import (  # noqa: E402
     decoder_logps_fn,
     params_to_hf_state_dict,
 )
+from sgpo_jax.models.logps import chosen_rejected_logps  # noqa: E402
 
 EOS_ID, PAD_ID, UNK_ID = 2, 2, 0  # token ids of the word-level tokenizer built for TRL
 FIRST_WORD_ID = 3
@@ -220,6 +240,17 @@ def ours_logps_fns(model, args, chunk, resp_chunk):
     chunked = decoder_logps_fn(model, chunk_size=chunk)
     resp = decoder_logps_fn(model, chunk_size=resp_chunk, response_length=args.response)
     return {"logits": (None, logits_path), "chunked": (chunked, chunked), "resp-chunked": (resp, resp)}
+
+
+def packed_batch(batch, shared, budget):
+    """A cached-reference :class:`PreferenceBatch` laid out by ``pack_batch`` (same pairs, weights, ref)."""
+    host = {name: np.asarray(getattr(batch, name)) for name in
+            ("chosen_ids", "chosen_attention", "chosen_loss_mask", "rejected_ids", "rejected_attention",
+             "rejected_loss_mask", "weight")}
+    host["index"] = np.arange(len(host["weight"]), dtype=np.int32)
+    ref = (np.asarray(batch.ref_chosen_logps), np.asarray(batch.ref_rejected_logps))
+    return jax.tree.map(jnp.asarray, preference_batch(pack_batch(host, share_prompt=shared, budget=budget,
+                                                                 pad_id=PAD_ID), ref))
 
 
 def make_tx(args):
@@ -518,8 +549,26 @@ def main(args):
                                          ref_logps=pair_logps(eval_fn), ref_in_step=ref_in_step),
                 kind="ours", variant=variant, ref="in step" if ref_in_step else "cached")
 
+    layout_batches = {}
+    for layout in args.layouts:
+        shared = layout.startswith("shared")
+        budget = None
+        if layout.endswith("packed"):
+            budget = args.pack_budget or 2 * (args.prompt + (2 if shared else 1) * args.response)
+        layout_batches[layout] = [packed_batch(b, shared, budget) for b in cached]
+        name = f"ours chunked {layout}, cached ref"
+        add(name, lambda: OursMethod(name, model=model, params=params, ref_params=ref_params,
+                                     batches=layout_batches[layout], config=sgpo, tx=tx, apply_fn=model.apply,
+                                     logps_fn=fns["chunked"][0], ref_logps=pair_logps(fns["chunked"][1]),
+                                     ref_in_step=False),
+            kind="ours", variant=f"chunked {layout}", ref="cached")
+
     # Agreement of every log-prob path with the definition on batch 0 (reference params).
     agreement = {}
+    for layout, batches in layout_batches.items():
+        rc, _ = jax.jit(lambda p, b: chosen_rejected_logps(fns["chunked"][0], p, b))(ref_params, batches[0])
+        agreement[f"ours chunked {layout}"] = float(jnp.max(jnp.abs(rc - batches[0].ref_chosen_logps)
+                                                            / jnp.abs(batches[0].ref_chosen_logps)))
     b0 = cached[0]
     for variant in args.ours:
         rc, rr = jax.jit(pair_logps(fns[variant][1]))(ref_params, b0.chosen_ids, b0.chosen_attention,

@@ -22,6 +22,10 @@ data.split, data.prompt_column, data.chosen_column, data.rejected_column
 data.max_length     prompt + response tokens; data.max_prompt_length: prompts are left-truncated
 data.buckets        padded sequence lengths (bounded recompilation); () = powers of two
 data.on_bad_row     "error" (stop, naming file/row/field) or "skip" (drop and report)
+data.prefix_sharing each pair as one row [prompt, chosen, rejected]: the prompt runs once, chosen and
+                    rejected see it and not each other (same log-probs; off by default)
+data.packing_budget 0 = off; else pack several pairs per row of this many tokens (segment ids, no
+                    attention across pairs); >= max_length, >= 2 * max_length with prefix_sharing
 data.score_columns  (chosen, rejected) per-pair score columns read as chosen_reward /
                     rejected_reward when present (TRL/UltraFeedback "score_chosen", "score_rejected")
 data.limit          use only the first N usable pairs (0 = all), for smoke runs
@@ -133,7 +137,7 @@ def base_config() -> ConfigDict:
         source="", split="train", prompt_column="prompt", chosen_column="chosen",
         rejected_column="rejected", max_length=512, max_prompt_length=256, buckets=(),
         on_bad_row="error", limit=0, shards=0, score_columns=("score_chosen", "score_rejected"),
-        eval_source="", eval_fraction=0.0,
+        prefix_sharing=False, packing_budget=0, eval_source="", eval_fraction=0.0,
     ))
     c.train = ConfigDict(dict(
         mode="sgpo", beta=0.1, label_smoothing=0.0, learning_rate=5e-7, warmup_ratio=0.1,
@@ -265,6 +269,16 @@ def _train_problems(config: ConfigDict) -> List[str]:
         problems.append(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if d.limit < 0:
         problems.append(f"data.limit must be >= 0 (0 = every pair), got {d.limit}")
+    needed = d.max_length * (2 if d.prefix_sharing else 1)
+    if d.packing_budget and d.packing_budget < needed:
+        problems.append(f"data.packing_budget ({d.packing_budget}) must be 0 (off) or >= {needed} (the longest "
+                        f"{'shared pair' if d.prefix_sharing else 'sequence'} of data.max_length {d.max_length})")
+    if (d.prefix_sharing or d.packing_budget) and t.micro_batches > 1:
+        problems.append("data.prefix_sharing and data.packing_budget need train.micro_batches=1 (packed rows are not "
+                        "split into micro-batches)")
+    if (d.prefix_sharing or d.packing_budget) and config.model.lora.rank > 0:
+        problems.append("data.prefix_sharing and data.packing_budget do not run with LoRA yet (model.lora.rank > 0): "
+                        "turn one of them off")
     if d.shards < 0:
         problems.append(f"data.shards must be >= 0 (0 = one per process), got {d.shards}")
     else:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sgpo_jax import train as train_lib
+from sgpo_jax import runner
 from sgpo_jax.models import from_pretrained
 from sgpo_jax.training import checkpoint as checkpoint_lib
 from sgpo_jax.training import trainer as trainer_lib
@@ -40,7 +40,7 @@ def config_of(files):
 def straight(files, tmp_path_factory):
     """The uninterrupted run (10 steps): the oracle every resumed run must equal."""
     workdir = tmp_path_factory.mktemp("straight")
-    train_lib.train(config_of(files), workdir)
+    runner.run(config_of(files), workdir)
     return workdir
 
 
@@ -58,7 +58,7 @@ def crashed(files, tmp_path_factory):
     trainer_lib.run_step = crash_at_step_7
     try:
         with pytest.raises(RuntimeError, match="simulated crash"):
-            train_lib.train(config_of(files), workdir)
+            runner.run(config_of(files), workdir)
     finally:
         trainer_lib.run_step = run
     return workdir
@@ -113,7 +113,7 @@ def test_a_bad_newest_checkpoint_is_set_aside_and_the_run_ends_as_an_uninterrupt
     reason = damage(step6)
     lines = []
     monkeypatch.setattr(checkpoint_lib, "say", lines.append)
-    summary = train_lib.train(config_of(files), workdir)
+    summary = runner.run(config_of(files), workdir)
     assert lines == [f"checkpoint {step6}: {reason}; moved aside to 6.corrupt, falling back to step 4"]
     assert (workdir / "checkpoints" / "6.corrupt").is_dir()  # kept, not deleted
     assert summary["step"] == 10

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("qwix")  # the lora extra (also in the test extra)
-from sgpo_jax import train as train_lib
+from sgpo_jax import runner
 from sgpo_jax.core.step import PreferenceBatch, SGPOConfig, TrainState, sgpo_step
 from sgpo_jax.models import from_pretrained, lora
 from sgpo_jax.models.llama import Decoder, DecoderConfig
@@ -186,8 +186,8 @@ def lora_tiny(tokenizer_dir, data_file, **overrides):
 
 def test_lora_run_references_the_base_checkpoints_adapters_and_exports_both(tokenizer_dir, data_file, tmp_path):
     full = tiny(tokenizer_dir, data_file, train__mode="dpo", train__max_steps=1, export=False)
-    train_lib.train(full, tmp_path / "full")
-    summary = train_lib.train(lora_tiny(tokenizer_dir, data_file), tmp_path / "lora")
+    runner.run(full, tmp_path / "full")
+    summary = runner.run(lora_tiny(tokenizer_dir, data_file), tmp_path / "lora")
     assert summary["step"] == 4
     (full_cache,) = (tmp_path / "full" / "cache").glob("reference_logps_*.npz")
     (lora_cache,) = (tmp_path / "lora" / "cache").glob("reference_logps_*.npz")
@@ -215,7 +215,7 @@ def test_lora_resume_after_a_kill_gives_the_same_adapters(tokenizer_dir, data_fi
     from sgpo_jax.training import trainer as trainer_lib
 
     config = lora_tiny(tokenizer_dir, data_file)
-    train_lib.train(config, tmp_path / "straight")
+    runner.run(config, tmp_path / "straight")
     run = trainer_lib.run_step
 
     def crash_at_step_4(step_fn, state, batch, cfg):
@@ -225,9 +225,9 @@ def test_lora_resume_after_a_kill_gives_the_same_adapters(tokenizer_dir, data_fi
 
     monkeypatch.setattr(trainer_lib, "run_step", crash_at_step_4)
     with pytest.raises(RuntimeError, match="simulated kill"):
-        train_lib.train(config, tmp_path / "resumed")
+        runner.run(config, tmp_path / "resumed")
     monkeypatch.setattr(trainer_lib, "run_step", run)
-    assert train_lib.train(config, tmp_path / "resumed")["step"] == 4  # from the step-2 checkpoint
+    assert runner.run(config, tmp_path / "resumed")["step"] == 4  # from the step-2 checkpoint
     from safetensors.numpy import load_file
 
     a = load_file(Path(tmp_path / "straight" / "export_peft" / "adapter_model.safetensors"))
@@ -272,7 +272,7 @@ def test_qlora_forward_is_the_forward_with_the_dequantized_base(quantize):
 def test_qlora_trains_end_to_end(tokenizer_dir, data_file, tmp_path):
     config = lora_tiny(tokenizer_dir, data_file, train__max_steps=2, export=False)
     config.model.lora.quantize = "int8"
-    summary = train_lib.train(config, tmp_path)
+    summary = runner.run(config, tmp_path)
     assert summary["step"] == 2 and np.isfinite(summary["metrics"]["loss"])
     # the reference is the quantized policy at init, so the first step's rewards vanish; not bitwise: the
     # reference pass and the step are different compiled programs (float32 sums of ~20 token log-probs)
@@ -311,7 +311,7 @@ def test_ssapo_rounds_merge_their_adapters_and_reference_the_previous_policy(tmp
     merge, key = lora.merge, trainer_lib.cache_key
     monkeypatch.setattr(lora, "merge", lambda *a: merged.append(merge(*a)) or merged[-1])
     monkeypatch.setattr(trainer_lib, "cache_key", lambda ref, fp: references.append(ref) or key(ref, fp))
-    train_lib.train(config, tmp_path / "run")
+    runner.run(config, tmp_path / "run")
     assert len(merged) == 2 and len(references) == 2  # round 0 (seed DPO) and round 1
     before, after = jax.tree.leaves(references[0]), jax.tree.leaves(merged[0])
     assert any(np.max(np.abs(np.asarray(a) - np.asarray(b))) > 0 for a, b in zip(before, after))  # round 0 trained

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from sgpo_jax import train as train_lib
+from sgpo_jax import runner
 from sgpo_jax.core import losses, preference_losses
 from sgpo_jax.core.step import SGPOConfig, TrainState, sgpo_step
 
@@ -277,7 +277,7 @@ def test_each_loss_type_trains_from_the_config(loss_type, settings, tiny_files, 
     (all pairs equal), (1 / (2 beta))^2 for IPO. Then the loss falls and the margins grow."""
     config = tiny(*tiny_files, train__mode="dpo", train__loss_type=loss_type, train__max_steps=4,
                   checkpoint__every=100, export=False, **settings)
-    train_lib.train(config, tmp_path)
+    runner.run(config, tmp_path)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 5))
     beta = config.train.beta
@@ -290,7 +290,7 @@ def test_each_loss_type_trains_from_the_config(loss_type, settings, tiny_files, 
 
 def test_loss_type_is_validated_up_front(tiny_files, tmp_path):
     with pytest.raises(ValueError) as err:
-        train_lib.train(tiny(*tiny_files, train__mode="sgpo", train__loss_type="ipo", train__label_smoothing=0.1),
+        runner.run(tiny(*tiny_files, train__mode="sgpo", train__loss_type="ipo", train__label_smoothing=0.1),
                         tmp_path)
     message = str(err.value)
     assert "train.loss_type='ipo' applies to train.mode=dpo" in message

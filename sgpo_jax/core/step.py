@@ -35,6 +35,7 @@ from sgpo_jax.core import follower as follower_lib
 from sgpo_jax.core import losses, preference_losses
 from sgpo_jax.core.follow import follow
 from sgpo_jax.models.logps import chosen_rejected_logps
+from sgpo_jax.models.packed import PackedPairs
 from sgpo_jax.parallel.mesh import auto_mesh
 from sgpo_jax.parallel.sharding import activation_sharding
 
@@ -151,6 +152,9 @@ class PreferenceBatch:
     precomputed follower atoms; ``None`` runs the follower inside the step. ``support``
     (``[B, 2]``, every row the same ``(lo, hi)``) is the margin window the precomputed atoms were
     solved on; margin space needs it (the tangent knots and the atoms live on that window).
+    ``packed``: the same pairs laid out with a shared prompt and/or packed rows
+    (:class:`~sgpo_jax.models.packed.PackedPairs`, from :func:`sgpo_jax.data.packing.pack_batch`);
+    the policy is then scored on it and the ``*_ids``/``*_attention``/``*_loss_mask`` are unused.
     """
 
     chosen_ids: Array
@@ -165,6 +169,7 @@ class PreferenceBatch:
     atom_shift: Optional[Array] = None
     atom_mass: Optional[Array] = None
     support: Optional[Array] = None
+    packed: Optional[PackedPairs] = None
 
 
 @struct.dataclass
@@ -289,6 +294,9 @@ def sgpo_step(state: TrainState, batch: PreferenceBatch) -> Tuple[TrainState, Di
     """
     config = state.config
     parts = config.micro_batches
+    if parts > 1 and batch.packed is not None:
+        raise ValueError("packed batches (prefix sharing, packing) cannot be split into micro-batches; "
+                         "use micro_batches=1")
     if batch.weight.shape[0] % parts:
         raise ValueError(f"batch of {batch.weight.shape[0]} pairs is not divisible into {parts} micro-batches")
     extra: Dict[str, Array] = {}

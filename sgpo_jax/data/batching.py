@@ -26,7 +26,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from sgpo_jax.core.step import PreferenceBatch
+from sgpo_jax.data.packing import PACKED_FIELDS
 from sgpo_jax.data.tokenize import TokenizedPairs
+from sgpo_jax.models.packed import PackedPairs
 
 __all__ = ["PairBatcher", "default_buckets", "held_shards", "ordered_batches", "preference_batch"]
 
@@ -211,6 +213,8 @@ def preference_batch(batch: Dict[str, np.ndarray], ref: Optional[Tuple[np.ndarra
     zeros = np.zeros(index.shape, np.float32)
     tokens = {f.name: batch[f.name] for f in dataclasses.fields(PreferenceBatch) if f.name in batch}
     extra = {}
+    if "packed_ids" in batch:  # a pack_batch dict
+        extra["packed"] = PackedPairs(**{name: batch[f"packed_{name}"] for name in PACKED_FIELDS})
     if atoms is not None:
         shift, mass = atoms
         extra = dict(atom_shift=np.where(real[:, None], shift[rows], 0).astype(np.float32),

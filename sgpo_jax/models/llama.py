@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct, traverse_util
 
+from sgpo_jax.console import say
 from sgpo_jax.models.attention import ATTENTION_KERNELS, attend_block, attend_fused, attention_kernel, query_blocks
 from sgpo_jax.parallel.sharding import constrain_batch
 
@@ -77,6 +78,7 @@ __all__ = [
     "hf_state_dict_to_params",
     "params_to_hf_state_dict",
     "output_head",
+    "segment_mask",
 ]
 
 
@@ -559,7 +561,8 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
                  positions: Optional[Array] = None, cache: Optional[KVCache] = None,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, segment_ids: Optional[Array] = None,
+                 branch_ids: Optional[Array] = None):
         """Logits of every position.
 
         Args:
@@ -574,11 +577,20 @@ class Decoder(nn.Module):
             instead of logits (the output head is skipped; get it with :func:`output_head`), e.g.
             for :func:`sgpo_jax.models.logps.chunked_sequence_logps`. ``init`` creates the same
             params either way.
+          segment_ids, branch_ids: ``None``, or ``[B, T]`` int arrays for rows that hold several
+            sequences (packed pairs, a prompt shared by its two responses; see
+            :func:`segment_mask`), without a cache; ``positions`` is then required and
+            ``attention_mask`` defaults to ``segment_ids > 0``. The fused kernels cannot take
+            this mask, so such calls run the ``"xla"`` einsum (saying so once where the config
+            asked for another kernel).
 
         Returns ``logits [B, T, V]`` (or ``hidden [B, T, H]``) in the compute dtype; with a cache,
         ``(logits or hidden, new_cache)``.
         """
         cfg = self.cfg
+        if segment_ids is not None:
+            attention_mask = _check_segments(cfg, input_ids, attention_mask, positions, cache, segment_ids,
+                                             branch_ids)
         b, t, attention_mask, positions = self._check_inputs(input_ids, attention_mask, positions, cache)
         if cache is None:
             key_valid, q_slot, k_slot, index, kv = attention_mask, jnp.arange(t), jnp.arange(t), None, None
@@ -594,6 +606,10 @@ class Decoder(nn.Module):
         if cfg.sliding_window is not None:
             visible &= k_slot[None, :] > q_slot[:, None] - cfg.sliding_window
         mask = key_valid[:, None, :] & visible[None]  # [B, T, S]
+        layer_cfg = cfg
+        if segment_ids is not None:
+            mask = segment_mask(segment_ids, branch_ids, positions, cfg.sliding_window) & key_valid[:, None, :]
+            layer_cfg = _segment_layer_config(cfg, t)
         cos, sin = _rope_cos_sin(cfg, positions)
 
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
@@ -604,12 +620,12 @@ class Decoder(nn.Module):
             stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                             length=cfg.num_hidden_layers)
-            x, kv = stack(cfg, name="layers")(x, kv, cos, sin, mask, index)
+            x, kv = stack(layer_cfg, name="layers")(x, kv, cos, sin, mask, index)
         else:
             new_kv = []
             for i in range(cfg.num_hidden_layers):
                 layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-                x, layer_kv = layer(cfg, name=f"layers_{i}")(x, layer_kv, cos, sin, mask, index)
+                x, layer_kv = layer(layer_cfg, name=f"layers_{i}")(x, layer_kv, cos, sin, mask, index)
                 new_kv.append(layer_kv)
             if kv is not None:
                 kv = tuple(zip(*new_kv))  # per-layer buffers: (k_0, ..., k_{L-1}), (v_0, ...)
@@ -650,6 +666,63 @@ class Decoder(nn.Module):
             if t > cache.max_length:
                 raise ValueError(f"chunk of {t} tokens does not fit a cache of {cache.max_length} slots")
         return b, t, attention_mask.astype(bool), positions
+
+
+def segment_mask(segment_ids: Array, branch_ids: Optional[Array], positions: Array,
+                 sliding_window: Optional[int]) -> Array:
+    r"""``[B, T, T]`` bool attention mask of rows holding several sequences.
+
+    Query slot ``i`` may attend key slot ``j`` iff ``j <= i`` (causal in slots), ``s_j = s_i``
+    and ``s_j > 0`` (``segment_ids``: the same sequence, 0 = padding), ``c_j = 0`` or ``c_j =
+    c_i`` (``branch_ids``: branch 0 is seen by every branch of its segment, branches ``c > 0`` see
+    only themselves and branch 0; ``None`` = all 0) and, with a sliding window ``w``,
+    ``p_i - p_j < w`` in RoPE ``positions`` (slots would count the tokens of another branch).
+
+    E.g. one pair with its prompt shared, ``[prompt, chosen, rejected]`` with branches
+    ``[0.., 1.., 2..]`` and the rejected positions restarting at the prompt's end: chosen and
+    rejected each see the prompt and themselves, never each other, exactly as in their own rows.
+    """
+    seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
+    t = segment_ids.shape[1]
+    mask = (seg_q == seg_k) & (seg_k > 0) & (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None]
+    if branch_ids is not None:
+        br_q, br_k = branch_ids[:, :, None], branch_ids[:, None, :]
+        mask &= (br_k == 0) | (br_k == br_q)
+    if sliding_window is not None:
+        mask &= positions[:, :, None] - positions[:, None, :] < sliding_window
+    return mask
+
+
+_SEGMENT_FALLBACKS: set = set()
+
+
+def _segment_layer_config(cfg: DecoderConfig, t: int) -> DecoderConfig:
+    """The layers' config for a :func:`segment_mask`: the ``"xla"`` einsum (the fused kernels take
+    a causal or windowed mask plus key padding only; splash's segment ids cannot let two branches
+    see one prompt but not each other) and no slot-based window (the mask holds it in positions,
+    so every query block scores all keys before it). Says once per kernel when it replaces one."""
+    kernel = attention_kernel(cfg, t) if cfg.attention != "xla" else "xla"
+    if kernel != "xla" and kernel not in _SEGMENT_FALLBACKS:
+        _SEGMENT_FALLBACKS.add(kernel)
+        say(f"attention={cfg.attention!r}: using 'xla' instead of {kernel!r} for packed or prefix-shared rows "
+            "(the kernel cannot express their mask)")
+    return dataclasses.replace(cfg, attention="xla", sliding_window=None)
+
+
+def _check_segments(cfg: DecoderConfig, input_ids: Array, attention_mask: Optional[Array],
+                    positions: Optional[Array], cache: Optional[KVCache], segment_ids: Array,
+                    branch_ids: Optional[Array]) -> Array:
+    """Checks the segment arguments of :meth:`Decoder.__call__`; returns the attention mask
+    (``segment_ids > 0`` by default)."""
+    shape = tuple(input_ids.shape)
+    if cache is not None:
+        raise ValueError("segment_ids cannot be used with a KV cache")
+    if positions is None:
+        raise ValueError("segment_ids need explicit positions (they restart per sequence)")
+    for name, value in (("segment_ids", segment_ids), ("branch_ids", branch_ids)):
+        if value is not None and (tuple(value.shape) != shape or not jnp.issubdtype(value.dtype, jnp.integer)):
+            raise ValueError(f"{name} must be an int array of shape {shape}, got {value.dtype}{list(value.shape)}")
+    return segment_ids > 0 if attention_mask is None else attention_mask
 
 
 def output_head(params: Mapping[str, Any], cfg: DecoderConfig) -> Array:

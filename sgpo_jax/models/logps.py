@@ -41,12 +41,14 @@ import jax
 import jax.numpy as jnp
 
 from sgpo_jax.models.llama import Decoder, output_head
+from sgpo_jax.models.packed import PackedPairs
 
 Array = jax.Array
 
 DEFAULT_CHUNK_SIZE = 64
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "METHODS", "chosen_rejected_logps", "chunked_sequence_logps", "decoder_logps_fn"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "METHODS", "chosen_rejected_logps", "chunked_sequence_logps", "decoder_logps_fn",
+           "packed_pair_logps"]
 
 
 METHODS = ("custom_vjp", "checkpoint")
@@ -211,6 +213,11 @@ def decoder_logps_fn(model: Decoder, *, chunk_size: int = DEFAULT_CHUNK_SIZE, me
     too); ``input_ids``/``attention_mask``/``loss_mask`` are ``[B, T]`` as in ``Decoder.__call__``
     and :func:`sgpo_jax.core.losses.sequence_logps`; ``chunk_size`` and ``method`` as in
     :func:`chunked_sequence_logps`. Pure and ``jit``/``grad``/``vmap``-able.
+
+    The returned function also carries ``logps_fn.packed(params, packed) -> (chosen [B],
+    rejected [B])``: :func:`packed_pair_logps` of this model (same ``chunk_size`` and ``method``)
+    for batches laid out as :class:`~sgpo_jax.models.packed.PackedPairs` (prefix sharing,
+    packing), which :func:`chosen_rejected_logps` uses when a batch carries one.
     """
     if response_length is not None and (not isinstance(response_length, int) or isinstance(response_length, bool)
                                         or response_length < 1):
@@ -234,7 +241,35 @@ def decoder_logps_fn(model: Decoder, *, chunk_size: int = DEFAULT_CHUNK_SIZE, me
         return jax.lax.cond(fits, lambda h: score(window(h, start), window(input_ids, start), window(loss_mask, start)),
                             lambda h: score(h, input_ids, loss_mask), hidden)
 
+    logps_fn.packed = functools.partial(packed_pair_logps, model, chunk_size=chunk_size, method=method)
     return logps_fn
+
+
+def packed_pair_logps(model: Decoder, params: Mapping[str, Any], packed: PackedPairs, *,
+                      chunk_size: int = DEFAULT_CHUNK_SIZE, method: str = "custom_vjp") -> Tuple[Array, Array]:
+    r"""``(chosen [B], rejected [B])`` sequence log-probs of pairs packed into rows
+    (:class:`~sgpo_jax.models.packed.PackedPairs`): one decoder pass over its ``[R, T]`` rows
+    (``Decoder.__call__`` with ``segment_ids``, ``branch_ids`` and ``positions``) to the final
+    normed hidden states ``h [R, T, H]``, then per side the chain ``c [B, L]`` of flat slots
+    gathered, :math:`\tilde h_{b,l} = h_{c_{b,l}}`, :math:`\tilde x_{b,l} = x_{c_{b,l}}`, and
+    scored by :func:`chunked_sequence_logps` (``hidden[:, l]`` predicts token ``l + 1``), so
+    :math:`\log p(y_b) = \sum_{l \ge 1} m_{b,l} \log \mathrm{softmax}(\tilde h_{b,l-1} W)_{\tilde x_{b,l}}`.
+    Equal to :func:`chosen_rejected_logps` of the unpacked batch up to float rounding, values and
+    gradients (the gather's transpose adds the gradients of a shared prompt's two uses).
+    ``params`` is ``{"params": ...}`` or the inner dict."""
+    cfg = model.cfg
+    variables = params if set(params) == {"params"} else {"params": params}
+    hidden = model.apply(variables, packed.ids, None, packed.positions, return_hidden=True,
+                         segment_ids=packed.segment_ids, branch_ids=packed.branch_ids)
+    head = output_head(variables, cfg).astype(cfg.dtype)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_ids = packed.ids.reshape(-1)
+
+    def side(index: Array, mask: Array) -> Array:
+        return chunked_sequence_logps(jnp.take(flat_hidden, index, axis=0), head, jnp.take(flat_ids, index), mask,
+                                      chunk_size=chunk_size, tied=cfg.tie_word_embeddings, method=method)
+
+    return side(packed.chosen_index, packed.chosen_mask), side(packed.rejected_index, packed.rejected_mask)
 
 
 def _response_window(loss_mask: Array, width: int) -> Tuple[Array, Array]:
@@ -256,7 +291,17 @@ def chosen_rejected_logps(logps_fn: Callable[[Any, Array, Array, Array], Array],
     """``(chosen [B], rejected [B])`` sequence log-probs of a preference batch (any object with
     ``chosen_ids``/``_attention``/``_loss_mask`` and the ``rejected_*`` likewise, ``[B, T_c]`` and
     ``[B, T_r]``) in one forward pass over ``[2B, T]``: chosen rows then rejected rows, both
-    right-padded to ``T = max(T_c, T_r)``. ``logps_fn(params, ids, attention, loss_mask) -> [2B]``."""
+    right-padded to ``T = max(T_c, T_r)``. ``logps_fn(params, ids, attention, loss_mask) -> [2B]``.
+
+    A batch whose ``packed`` field holds a :class:`~sgpo_jax.models.packed.PackedPairs` is scored
+    by ``logps_fn.packed(params, packed)`` instead (:func:`decoder_logps_fn` provides it; its
+    ``*_ids`` are then unused)."""
+    packed = getattr(batch, "packed", None)
+    if packed is not None:
+        if not hasattr(logps_fn, "packed"):
+            raise ValueError("this batch is packed (prefix sharing or packing) but its logps_fn cannot score packed "
+                             "rows; use sgpo_jax.models.logps.decoder_logps_fn")
+        return logps_fn.packed(params, packed)
     length = max(batch.chosen_ids.shape[1], batch.rejected_ids.shape[1])
     pad = lambda x: jnp.pad(x, ((0, 0), (0, length - x.shape[1])))
     cat = lambda a, b: jnp.concatenate([pad(a), pad(b)])

@@ -36,6 +36,7 @@ from sgpo_jax.console import say
 from sgpo_jax.core.follow import follow
 from sgpo_jax.core.step import TrainState, make_sgpo_step
 from sgpo_jax.data.batching import PairBatcher, ordered_batches, preference_batch
+from sgpo_jax.data.packing import pack_batch
 from sgpo_jax.data.tokenize import TokenizedPairs
 from sgpo_jax.errors import CheckpointError, DataError, DeviceMemoryError, DivergenceError
 from sgpo_jax.models import lora as lora_lib
@@ -182,8 +183,21 @@ class Trainer:
         return dict(process_index=jax.process_index(), process_count=jax.process_count())
 
     def _reference_batches(self):
-        return ordered_batches(self.pairs, self.config.train.reference_batch_size, buckets=self.buckets,
-                               **self._hosts())
+        return map(self._layout, ordered_batches(self.pairs, self.config.train.reference_batch_size,
+                                                 buckets=self.buckets, **self._hosts()))
+
+    def _layout(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """The batch as :func:`~sgpo_jax.data.packing.pack_batch` lays it out under
+        ``data.prefix_sharing`` / ``data.packing_budget`` (the same pairs and weights), else itself."""
+        d = self.config.data
+        if not (d.prefix_sharing or d.packing_budget):
+            return batch
+        if jax.process_count() > 1:
+            raise DataError("data.prefix_sharing and data.packing_budget run on one process only (packed rows "
+                            "index the slots of one host's batch)", "set both off for multi-host runs")
+        ways = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES if a in self.mesh.axis_names]))
+        return pack_batch(batch, share_prompt=bool(d.prefix_sharing), budget=d.packing_budget or None,
+                          buckets=self.buckets or (), pad_id=self.pairs.pad_id, row_multiple=ways)
 
     def restore(self) -> int:
         """Restores the latest checkpoint, if any; returns the step the run continues from."""
@@ -283,7 +297,7 @@ class Trainer:
                         atoms, support, epoch_metrics = follower_cache[epoch]
                     for batch in self.batcher.epoch(epoch, start_step=in_epoch):
                         begin = time.perf_counter()
-                        host_batch = preference_batch(batch, ref, atoms, support)
+                        host_batch = preference_batch(self._layout(batch), ref, atoms, support)
                         device_batch = sharding.place_local_rows(host_batch, self.mesh)
                         state, metrics = run_step(self.step_fn, state, device_batch, self.config)
                         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
