@@ -15,9 +15,10 @@ import sys
 
 import jax
 
-__all__ = ["logger", "say", "warn"]
+__all__ = ["logger", "say", "say_once", "warn"]
 
 logger = logging.getLogger("sgpo_jax")
+_SAID: set = set()  # the messages say_once has printed in this process
 
 
 def _ensure_handler() -> None:
@@ -42,3 +43,11 @@ def warn(message: object) -> None:
     """:func:`say` for something the user should look at that does not stop the run: one line
     starting ``warning:``."""
     say(f"warning: {message}")
+
+
+def say_once(message: str) -> None:
+    """:func:`say` the first time this process sees ``message``; later calls print nothing (for
+    a choice made again on every trace, e.g. which attention kernel runs)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        say(message)

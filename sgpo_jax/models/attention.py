@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from sgpo_jax import compat
-from sgpo_jax.console import say
+from sgpo_jax.console import say_once
 from sgpo_jax.parallel.mesh import BATCH_AXES
 from sgpo_jax.parallel.sharding import current_activation_mesh
 
@@ -40,13 +40,6 @@ __all__ = ["ATTENTION_KERNELS", "attention_kernel", "query_blocks", "attend_bloc
 # ``jax.nn.dot_product_attention(implementation="xla")`` with the same masks, "splash" in Pallas
 # interpret mode, and no platform check. Never set it outside tests.
 _CPU_STANDIN = False
-_SAID: set = set()
-
-
-def _say_once(message: str) -> None:
-    if message not in _SAID:
-        _SAID.add(message)
-        say(message)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,7 +137,7 @@ def attention_kernel(cfg: Any, seq_len: int) -> str:
         return "xla"
     problem = problems[wanted](cfg, seq_len)
     if problem:
-        _say_once(f"attention='auto': using 'xla' instead of {wanted!r} because {problem}")
+        say_once(f"attention='auto': using 'xla' instead of {wanted!r} because {problem}")
         return "xla"
     return wanted
 

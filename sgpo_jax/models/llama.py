@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct, traverse_util
 
-from sgpo_jax.console import say
+from sgpo_jax.console import say_once
 from sgpo_jax.models.attention import ATTENTION_KERNELS, attend_block, attend_fused, attention_kernel, query_blocks
 from sgpo_jax.parallel.sharding import constrain_batch
 
@@ -693,18 +693,14 @@ def segment_mask(segment_ids: Array, branch_ids: Optional[Array], positions: Arr
     return mask
 
 
-_SEGMENT_FALLBACKS: set = set()
-
-
 def _segment_layer_config(cfg: DecoderConfig, t: int) -> DecoderConfig:
     """The layers' config for a :func:`segment_mask`: the ``"xla"`` einsum (the fused kernels take
     a causal or windowed mask plus key padding only; splash's segment ids cannot let two branches
     see one prompt but not each other) and no slot-based window (the mask holds it in positions,
     so every query block scores all keys before it). Says once per kernel when it replaces one."""
     kernel = attention_kernel(cfg, t) if cfg.attention != "xla" else "xla"
-    if kernel != "xla" and kernel not in _SEGMENT_FALLBACKS:
-        _SEGMENT_FALLBACKS.add(kernel)
-        say(f"attention={cfg.attention!r}: using 'xla' instead of {kernel!r} for packed or prefix-shared rows "
+    if kernel != "xla":
+        say_once(f"attention={cfg.attention!r}: using 'xla' instead of {kernel!r} for packed or prefix-shared rows "
             "(the kernel cannot express their mask)")
     return dataclasses.replace(cfg, attention="xla", sliding_window=None)
 
