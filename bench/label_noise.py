@@ -43,10 +43,11 @@ sys.path.insert(0, str(ROOT))
 from configs.smollm2 import get_config  # noqa: E402
 from sgpo_jax.data.batching import ordered_batches  # noqa: E402
 from sgpo_jax.data.pairs import load_pairs  # noqa: E402
+from sgpo_jax.eval.instructions import PROMPT_ACC, evaluate_heldout  # noqa: E402
+from sgpo_jax.eval.intervals import mean_interval  # noqa: E402
 from sgpo_jax.models import Decoder, decoder_logps_fn, load_model  # noqa: E402
 from sgpo_jax.parallel import sharding  # noqa: E402
 from sgpo_jax.parallel.mesh import make_mesh  # noqa: E402
-from sgpo_jax.ssapo.eval import PROMPT_ACC, evaluate_heldout, mean_interval  # noqa: E402
 from sgpo_jax.ssapo.instructions import ASSETS_DIR, load_tasks  # noqa: E402
 from sgpo_jax.training.scoring import pair_logps  # noqa: E402
 from sgpo_jax.training.trainer import fit  # noqa: E402

@@ -54,7 +54,7 @@ python - "$root" "${seeds[*]}" "${noises[*]}" "${epsilons[*]}" <<'PY'
 import json, sys
 from pathlib import Path
 
-from sgpo_jax.ssapo.eval import mean_interval, paired_change
+from sgpo_jax.eval.intervals import mean_interval, paired_change
 
 root, seeds, noises = Path(sys.argv[1]), sys.argv[2].split(), sys.argv[3].split()
 methods = ["dpo"] + [f"sgpo{eps}" for eps in sys.argv[4].split()]

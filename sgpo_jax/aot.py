@@ -12,8 +12,12 @@ with shardings; nothing is allocated), every program the run executes:
   at ``train.reference_batch_size``;
 * with ``train.mode=ssapo``: ``sample``, the sampler's one program (prefill, sample repeat and
   decode loop, :func:`sgpo_jax.ssapo.sampling.lower_generation`) at ``ssapo.generation_batch_size``
-  x ``ssapo.num_samples`` rows, and ``eval_generate``, the evaluation's greedy generation at
-  ``eval.batch_size``. The training step is compiled in the rounds' mode (``ssapo.round_mode``).
+  x ``ssapo.num_samples`` rows; the training step is compiled in the rounds' mode
+  (``ssapo.round_mode``);
+* with ``eval.tasks`` set (any mode): ``eval_generate``, the evaluation's greedy generation at
+  ``eval.batch_size``.
+
+Which of these a run executes is :func:`sgpo_jax.runner.plan`'s ``programs``.
 
 Per program the report holds: compile success or XLA's error in one line; per-chip bytes from
 ``compiled.memory_analysis()`` (arguments, outputs, aliased (donated), temporaries, generated
@@ -333,31 +337,29 @@ def _programs(config: Any, model_cfg: Any, mesh: Mesh, hbm: int, only: Tuple[str
     reference = _step_batch(config, sgpo_config(config, mode="dpo"), "step", int(t.reference_batch_size), seq)
     rows = sharding.batch_sharding(mesh)
     reference = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows), reference)
+    s, e = config.ssapo, config.eval
+    prompt = max(default_buckets(int(config.data.max_prompt_length)))
+    key = jax.eval_shape(lambda: batch_keys(0, 0)[0])
+
+    def prompts(b: int):
+        axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+        ways = math.prod(mesh.shape[a] for a in axes)
+        spec = NamedSharding(mesh, P(axes) if b % ways == 0 else P())  # as sharding.place_rows places them
+        return (jax.ShapeDtypeStruct((b, prompt), jnp.int32, sharding=spec),
+                jax.ShapeDtypeStruct((b, prompt), jnp.bool_, sharding=spec))
+
+    # every program a run can execute; runner.plan(config) says which this run does
     programs = [("train_step", lambda: step_fn.lower(state, batch)),
-                ("reference_logps", lambda: scoring_program(logps_fn, mesh).lower(params_in, reference))]
-    if ssapo:
-        s, e = config.ssapo, config.eval
-        prompt = max(default_buckets(int(config.data.max_prompt_length)))
-        key = jax.eval_shape(lambda: batch_keys(0, 0)[0])
-
-        def prompts(b: int):
-            axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-            ways = math.prod(mesh.shape[a] for a in axes)
-            spec = NamedSharding(mesh, P(axes) if b % ways == 0 else P())  # as sharding.place_rows places them
-            return (jax.ShapeDtypeStruct((b, prompt), jnp.int32, sharding=spec),
-                    jax.ShapeDtypeStruct((b, prompt), jnp.bool_, sharding=spec))
-
-        programs.append(("sample", lambda: lower_generation(
-            model, params_in, *prompts(int(s.generation_batch_size)), key, max_new_tokens=int(s.max_new_tokens),
-            temperature=float(s.temperature), top_p=float(s.top_p), top_k=int(s.top_k),
-            num_samples=int(s.num_samples))))
-        if e.tasks:
-            programs.append(("eval_generate", lambda: lower_generation(
-                model, params_in, *prompts(int(e.batch_size)), key, max_new_tokens=int(e.max_new_tokens),
-                temperature=0.0)))
+                ("reference_logps", lambda: scoring_program(logps_fn, mesh).lower(params_in, reference)),
+                ("sample", lambda: lower_generation(
+                    model, params_in, *prompts(int(s.generation_batch_size)), key,
+                    max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature), top_p=float(s.top_p),
+                    top_k=int(s.top_k), num_samples=int(s.num_samples))),
+                ("eval_generate", lambda: lower_generation(
+                    model, params_in, *prompts(int(e.batch_size)), key, max_new_tokens=int(e.max_new_tokens),
+                    temperature=0.0))]
     lowerers = dict(programs)
-    return [_compile(name, lowerers[name], hbm) for name in runner.plan(config).programs
-            if name in lowerers and (not only or name in only)]
+    return [_compile(name, lowerers[name], hbm) for name in runner.plan(config).programs if not only or name in only]
 
 
 def _largest_batch(config: Any, model_cfg: Any, mesh_shape: Dict[str, int], hbm: int) -> int:

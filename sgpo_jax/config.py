@@ -29,6 +29,11 @@ data.packing_budget 0 = off; else pack several pairs per row of this many tokens
 data.score_columns  (chosen, rejected) per-pair score columns read as chosen_reward /
                     rejected_reward when present (TRL/UltraFeedback "score_chosen", "score_rejected")
 data.limit          use only the first N usable pairs (0 = all), for smoke runs
+data.eval_source    held-out preference pairs (a file or dataset, read with the data.* settings) for
+                    train.mode dpo/sgpo: TRL's eval_* metrics every train.eval_every steps and at the end
+data.eval_fraction  or hold out this fraction of the usable pairs of data.source instead (the
+                    round(fraction * N) pairs whose source row index has the smallest SHA-256; one
+                    data shard); 0 and "" = no held-out pairs
 data.shards         data shards (0 = one per process): each host reads and tokenizes only the
                     shards it feeds, and each global batch takes batch_size / shards pairs from
                     every shard. The pair order depends on it, so runs agree (and a run resumes
@@ -44,7 +49,8 @@ train.learning_rate, train.warmup_ratio (linear warmup, then cosine decay to 0)
 train.epochs, train.max_steps (-1 = epochs decide), train.batch_size (pairs per optimizer step)
 train.micro_batches (gradient accumulation, exact), train.max_grad_norm, train.weight_decay
 train.seed          data order, initialization and RNG
-train.reference_batch_size  pairs per forward-only batch (reference log-probs, follower pass)
+train.reference_batch_size  pairs per forward-only batch (reference log-probs, follower pass, evaluation)
+train.eval_every    held-out preference metrics every N steps (0 = only at the end)
 sgpo.preset         "" (choose every field below yourself), "consistent" (the exact game: the
                     leader minimizes the follower's own loss, one global Wasserstein ball) or
                     "authors" (the authors' script: K=6 tangent follower with their per-entry
@@ -79,7 +85,8 @@ ssapo.*             the self-annotation loop (train.mode="ssapo", see sgpo_jax/s
   strategy          "best_worst" or "max_chosen" (chosen = best, rejected = a random other)
   judge_beta        implicit-reward scale (0 = none, the authors')
 eval.tasks          "heldout" (bundled verifiable-instruction tasks), a task JSONL, or "" (none)
-eval.limit, eval.max_new_tokens, eval.batch_size   held-out evaluation after every round (greedy)
+eval.limit, eval.max_new_tokens, eval.batch_size   held-out pass rate (greedy) after every SSAPO
+                    round, and at the end of dpo/sgpo runs
 mesh.data, mesh.fsdp, mesh.tensor   device mesh sizes (one may be -1)
 checkpoint.every    save every N steps (also at the end, on SIGTERM and Ctrl-C); checkpoint.keep
 checkpoint.directory  "" = workdir/checkpoints; else a shared path or gs:// URL every host sees
@@ -130,13 +137,13 @@ def base_config() -> ConfigDict:
         source="", split="train", prompt_column="prompt", chosen_column="chosen",
         rejected_column="rejected", max_length=512, max_prompt_length=256, buckets=(),
         on_bad_row="error", limit=0, shards=0, score_columns=("score_chosen", "score_rejected"),
-        prefix_sharing=False, packing_budget=0,
+        prefix_sharing=False, packing_budget=0, eval_source="", eval_fraction=0.0,
     ))
     c.train = ConfigDict(dict(
         mode="sgpo", beta=0.1, label_smoothing=0.0, learning_rate=5e-7, warmup_ratio=0.1,
         epochs=1, max_steps=-1, batch_size=32, micro_batches=1, max_grad_norm=1.0,
         weight_decay=0.0, seed=42, reference_batch_size=16,
-        loss_type="sigmoid", dr_dpo_beta=1.0,
+        loss_type="sigmoid", dr_dpo_beta=1.0, eval_every=0,
     ))
     c.sgpo = ConfigDict(dict(
         epsilon=0.01, loss="tangents", space="probability", num_tangents=6, variant="ball",
@@ -230,7 +237,7 @@ def replaced(config: ConfigDict, **changes) -> ConfigDict:
 
 def validate(config: ConfigDict) -> None:
     """Checks the whole config up front; raises ValueError listing every problem at once."""
-    problems = _train_problems(config)
+    problems = _train_problems(config) + _eval_problems(config)
     if config.train.mode == "ssapo":
         problems.extend(_ssapo_problems(config))
     try:
@@ -338,10 +345,25 @@ def _ssapo_problems(config: ConfigDict) -> List[str]:
         problems.append("ssapo.max_new_tokens and ssapo.generation_batch_size must be >= 1")
     if s.seed_epochs < 1:
         problems.append(f"ssapo.seed_epochs must be >= 1, got {s.seed_epochs}")
-    if config.eval.tasks and config.eval.tasks != "heldout" and not Path(config.eval.tasks).is_file():
-        problems.append(f"eval.tasks: {config.eval.tasks}: no such file ('heldout' = the bundled tasks, '' = no eval)")
     if s.prompts and not Path(s.prompts).is_file():
         problems.append(f"ssapo.prompts: {s.prompts}: no such file")
+    return problems
+
+
+def _eval_problems(config: ConfigDict) -> List[str]:
+    """The ``eval`` settings' and the held-out pairs' problems."""
+    d, problems = config.data, []
+    if config.eval.tasks and config.eval.tasks != "heldout" and not Path(config.eval.tasks).is_file():
+        problems.append(f"eval.tasks: {config.eval.tasks}: no such file ('heldout' = the bundled tasks, '' = no eval)")
+    if not 0 <= d.eval_fraction < 1:
+        problems.append(f"data.eval_fraction must be in [0, 1) (0 = none), got {d.eval_fraction}")
+    if d.eval_source and d.eval_fraction:
+        problems.append("data.eval_source and data.eval_fraction both set: give the held-out pairs one way")
+    if config.train.mode == "ssapo" and (d.eval_source or d.eval_fraction or config.train.eval_every):
+        problems.append("data.eval_source / data.eval_fraction / train.eval_every apply to train.mode dpo and sgpo; "
+                        "the SSAPO loop evaluates on eval.tasks")
+    if config.train.eval_every < 0:
+        problems.append(f"train.eval_every must be >= 0 (0 = only at the end), got {config.train.eval_every}")
     return problems
 
 

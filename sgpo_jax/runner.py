@@ -7,9 +7,11 @@ sgpo_jax.train``), the SSAPO loop, the dry run, the tests' rehearsals. A run is
 1. the config validated (every problem at once) and the devices checked against the mesh and
    the batch sizes, before anything is loaded;
 2. the set-up every mode shares (:class:`Setup`): the device mesh, the model and its tokenizer;
-3. the stages of :func:`plan`: for ``train.mode`` ``dpo``/``sgpo``, the training pairs ->
-   cached reference log-probs -> optimizer steps (:func:`sgpo_jax.training.trainer.fit`); for
-   ``ssapo``, the loop of :mod:`sgpo_jax.ssapo.pipeline`;
+3. the stages of :func:`plan`: for ``train.mode`` ``dpo``/``sgpo``, the training pairs (and the
+   held-out pairs, :mod:`sgpo_jax.data.holdout`) -> cached reference log-probs -> optimizer steps
+   (:func:`sgpo_jax.training.trainer.fit`, with the held-out preference metrics of
+   :mod:`sgpo_jax.eval.preference`) -> the held-out pass rate (``eval.tasks``,
+   :mod:`sgpo_jax.eval.instructions`); for ``ssapo``, the loop of :mod:`sgpo_jax.ssapo.pipeline`;
 4. the export of the final policy (``workdir/export``) and ``summary.json``.
 
 The compiled programs a run executes are named in :attr:`RunPlan.programs`; a stage whose
@@ -28,8 +30,11 @@ from ml_collections import ConfigDict
 from sgpo_jax.config import check_devices, replaced, validate
 from sgpo_jax.console import say
 from sgpo_jax.data.batching import PairBatcher
+from sgpo_jax.data.holdout import held_out
 from sgpo_jax.data.pairs import load_pairs
 from sgpo_jax.errors import UserError
+from sgpo_jax.eval.instructions import eval_fields, pass_rate_text, task_evaluator
+from sgpo_jax.eval.preference import PreferenceEvaluator
 from sgpo_jax.models.llama import Decoder, DecoderConfig
 from sgpo_jax.models.loading import export_policy, load_model
 from sgpo_jax.models.lora import lora_config
@@ -41,7 +46,7 @@ from sgpo_jax.training.checkpoint import latest_saved_step
 from sgpo_jax.training.fingerprint import check_settings
 from sgpo_jax.training.lock import WorkdirLock
 from sgpo_jax.training.trainer import FitResult, Preempted, fit, total_steps
-from sgpo_jax.training.workdir import write_json, write_text
+from sgpo_jax.training.workdir import read_json, write_json, write_text
 
 __all__ = ["PROGRAMS", "RunPlan", "Setup", "dry_run", "plan", "resume_point", "run", "setup"]
 
@@ -75,9 +80,23 @@ def plan(config: ConfigDict) -> RunPlan:
     t, s = config.train, config.ssapo
     evaluate = bool(config.eval.tasks)
     if t.mode != "ssapo":
-        stages = ["load and tokenize the pairs of data.source", "reference log-probs (cached in workdir/cache)",
-                  f"train: {t.mode.upper()} steps with checkpoints every {config.checkpoint.every}"]
+        d = config.data
+        stages = ["load and tokenize the pairs of data.source"]
+        if d.eval_source:
+            stages.append(f"load and tokenize the held-out pairs of data.eval_source ({d.eval_source})")
+        elif d.eval_fraction:
+            stages.append(f"hold out data.eval_fraction={d.eval_fraction} of the pairs (by a hash of the source row)")
+        held = bool(d.eval_source or d.eval_fraction)
+        stages.append("reference log-probs (cached in workdir/cache)" + (" of the training and held-out pairs"
+                                                                          if held else ""))
+        stages.append(f"train: {t.mode.upper()} steps with checkpoints every {config.checkpoint.every}"
+                      + (f", held-out preference metrics (eval_*) every {t.eval_every} steps and at the end"
+                         if held and t.eval_every else ", held-out preference metrics (eval_*) at the end"
+                         if held else ""))
         programs = ("train_step", "reference_logps")
+        if evaluate:
+            stages.append(f"evaluate the final policy on the held-out tasks (eval.tasks={config.eval.tasks})")
+            programs += ("eval_generate",)
     else:
         stages = ["split: seed pairs and the rounds' prompt pools (split.json)"]
         if evaluate:
@@ -167,9 +186,27 @@ def _run(config: ConfigDict, workdir: Path, allow_config_change: bool) -> Dict[s
 
 
 def _train(config: ConfigDict, workdir: Path, ready: Setup) -> FitResult:
-    """``train.mode`` ``dpo``/``sgpo``: one training run on ``data.source``."""
+    """``train.mode`` ``dpo``/``sgpo``: one training run on ``data.source``, evaluated on the
+    held-out pairs (summary ``eval``) and at the end on ``eval.tasks`` (``workdir/eval.json``;
+    the summary's ``pass_rate_*`` fields)."""
     pairs, gaps = load_pairs(config.data, ready.tokenizer)
-    return fit(config, workdir, model=ready.model, params=ready.params, pairs=pairs, mesh=ready.mesh, gaps=gaps)
+    split = held_out(config, ready.tokenizer, pairs, gaps)
+    evaluator = None
+    if split.eval is not None:
+        say(split.line)
+        evaluator = PreferenceEvaluator(config, split.eval, mesh=ready.mesh, held_out=split.line)
+    result = fit(config, workdir, model=ready.model, params=ready.params, pairs=split.train, mesh=ready.mesh,
+                 gaps=split.gaps, evaluator=evaluator)
+    tasks = task_evaluator(config, ready.model, ready.tokenizer)
+    if tasks is not None:
+        step, path = result.summary["step"], workdir / "eval.json"
+        evaluation = read_json(path)
+        if evaluation is None or evaluation.get("step") != step:
+            evaluation = {"step": step, **tasks.evaluate(result.params, step)}
+            write_json(path, evaluation)  # every process: it waits for the write
+        result.summary.update(eval_fields(evaluation))
+        say(f"final policy: {pass_rate_text(result.summary)}")
+    return result
 
 
 def dry_run(config: ConfigDict, workdir: str | Path) -> List[str]:
@@ -187,7 +224,7 @@ def dry_run(config: ConfigDict, workdir: str | Path) -> List[str]:
                  f"{ready.cfg.num_hidden_layers} layers)")
     t = config.train
     data = replaced(config, **{"data.limit": 0}).data if t.mode == "ssapo" else config.data
-    pairs, _ = load_pairs(data, ready.tokenizer)
+    pairs, gaps = load_pairs(data, ready.tokenizer)
     lines.append(f"data: {len(pairs)} usable pairs from {data.source}")
     if t.mode == "ssapo":
         s = config.ssapo
@@ -196,7 +233,10 @@ def dry_run(config: ConfigDict, workdir: str | Path) -> List[str]:
         lines.append(f"steps: round 0: {s.seed_epochs * -(-seed // t.batch_size)}; round t: about "
                      f"{t.epochs} x pairs / {t.batch_size} (prompts without two distinct samples are dropped)")
     else:
-        per_epoch = PairBatcher(pairs, t.batch_size, buckets=tuple(config.data.buckets) or None, seed=t.seed,
+        split = held_out(config, ready.tokenizer, pairs, gaps)
+        if split.line:
+            lines.append(split.line)
+        per_epoch = PairBatcher(split.train, t.batch_size, buckets=tuple(config.data.buckets) or None, seed=t.seed,
                                 process_index=jax.process_index(), process_count=jax.process_count()).steps_per_epoch
         lines.append(f"steps: {total_steps(t, per_epoch)} ({per_epoch} per epoch, batch {t.batch_size})")
     memory_plan = memory.plan_for_run(config, ready.cfg, dict(ready.mesh.shape))

@@ -1,4 +1,5 @@
-"""Evaluation (:mod:`sgpo_jax.ssapo.eval`) against hand counts and independent oracles: pass rates on
+"""Evaluation (:mod:`sgpo_jax.eval.instructions`, :mod:`sgpo_jax.eval.intervals`) against hand counts
+and independent oracles: pass rates on
 hand-made tasks and responses, greedy generation against step-by-step argmax of full forward
 passes, the AlpacaEval / FastChat file schemas, and win rates with deterministic fake judges.
 """
@@ -13,23 +14,23 @@ import pytest
 from test_data import EOS, make_tokenizer
 
 from sgpo_jax.data import tokenize_prompts
-from sgpo_jax.models import Decoder, DecoderConfig
-from sgpo_jax.ssapo.eval import (
+from sgpo_jax.eval.instructions import (
     INSTRUCTION_ACC,
     METRIC,
     PROMPT_ACC,
+    eval_fields,
     evaluate_heldout,
     export_alpaca_eval,
     export_mt_bench_answers,
     generate_responses,
     instruction_pass_rate,
-    mean_interval,
-    paired_change,
     pairwise_win_rate,
-    wilson_interval,
+    pass_rate_text,
 )
+from sgpo_jax.eval.intervals import mean_interval, paired_change, t_quantile_975, wilson_interval
+from sgpo_jax.models import Decoder, DecoderConfig
 from sgpo_jax.ssapo.instructions import EndWith, IncludeKeywords, Lowercase, MaxWords, NoCommas, VerifiableTask
-from sgpo_jax.ssapo.report import eval_fields, pass_rate_text, round_table
+from sgpo_jax.ssapo.report import round_table
 
 TOKENIZER = make_tokenizer()
 CFG = DecoderConfig(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -139,18 +140,30 @@ def test_paired_change_hand_values_and_bad_input():
         paired_change([], [])
 
 
-@pytest.mark.parametrize("n", [2, 3, 5, 11, 31, 40])
+@pytest.mark.parametrize("n", [2, 3, 5, 11, 31, 32, 40, 500])
 def test_mean_interval_is_the_student_t_interval(n):
     """Oracle: SciPy's t quantile and NumPy's sample standard deviation. The table holds 3
-    decimals (relative error < 3e-4); beyond 31 values the normal quantile stands in (the bound
-    below is its own: 1.96 against t at 39 degrees of freedom, 2.023)."""
+    decimals (relative error < 3e-4); beyond 31 values the Cornish-Fisher series stands in (its
+    truncation error is below 2e-8 from 31 degrees of freedom on; the bound 1e-7 leaves room for
+    float64 rounding of the standard deviation)."""
     from scipy.stats import t
 
     values = np.random.default_rng(n).normal(0.7, 0.05, n)
     mean, half = mean_interval(list(values))
     expected = t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n)
     assert mean == pytest.approx(values.mean(), rel=1e-12)
-    assert half == pytest.approx(expected, rel=3e-4 if n <= 31 else 0.04)
+    assert half == pytest.approx(expected, rel=3e-4 if n <= 31 else 1e-7)
+
+
+@pytest.mark.parametrize("df", [30, 31, 45, 100, 1000, 10 ** 6])
+def test_t_quantile_975_against_scipy(df):
+    """Oracle: SciPy's t quantile; the series' truncation error is below 2e-8 from 30 degrees of
+    freedom on (1.5e-8 at 30), so 3e-8 bounds it with room for rounding."""
+    from scipy.stats import t
+
+    assert t_quantile_975(df) == pytest.approx(t.ppf(0.975, df), rel=3e-8)
+    with pytest.raises(ValueError, match="df >= 30"):
+        t_quantile_975(29)
 
 
 def test_mean_interval_of_one_value_and_none():

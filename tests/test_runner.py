@@ -11,8 +11,11 @@ def test_plan_of_a_training_run_lists_its_stages_and_programs():
     assert plan.stages == ("load and tokenize the pairs of data.source",
                            "reference log-probs (cached in workdir/cache)",
                            "train: DPO steps with checkpoints every 50",
+                           "evaluate the final policy on the held-out tasks (eval.tasks=heldout)",
                            "export the final policy (workdir/export, Hugging Face layout)", "summary.json")
-    assert plan.programs == ("train_step", "reference_logps")
+    assert plan.programs == ("train_step", "reference_logps", "eval_generate")
+    c.eval.tasks = ""
+    assert runner.plan(c).programs == ("train_step", "reference_logps")
     assert set(plan.programs) <= set(runner.PROGRAMS)
 
 

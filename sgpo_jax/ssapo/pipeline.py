@@ -43,12 +43,11 @@ from sgpo_jax.data.loading import load_preferences
 from sgpo_jax.data.pairs import load_pairs
 from sgpo_jax.data.split import make_split, seed_rows_jsonl
 from sgpo_jax.errors import UserError
+from sgpo_jax.eval.instructions import TaskEvaluator, eval_fields, export_alpaca_eval, pass_rate_text, task_evaluator
 from sgpo_jax.models.llama import Decoder
 from sgpo_jax.parallel import sharding
 from sgpo_jax.ssapo import annotate as annotate_lib
-from sgpo_jax.ssapo import eval as eval_lib
-from sgpo_jax.ssapo.instructions import ASSETS_DIR, load_tasks
-from sgpo_jax.ssapo.report import eval_fields, pass_rate_text, plots, round_table
+from sgpo_jax.ssapo.report import plots, round_table
 from sgpo_jax.training.checkpoint import latest_saved_step
 from sgpo_jax.training.trainer import Preempted, fit
 from sgpo_jax.training.workdir import as_seen_by_process_0, read_json, read_jsonl, write_json, write_jsonl, write_text
@@ -64,20 +63,17 @@ def _seed_for(*parts: Any) -> int:
 # ----------------------------------------------------------------------------------- stages
 
 
-def _evaluate(config: ConfigDict, path: Path, model: Decoder, params: Any, tokenizer, tasks, generator: str):
+def _evaluate(path: Path, evaluator: Optional[TaskEvaluator], params: Any, step: int, generator: str):
     """Held-out pass rate (cached in ``path``); also writes the generations in AlpacaEval's format."""
-    if not tasks:
+    if evaluator is None:
         return None
     done = read_json(path)
     if done is not None:
         return done
-    e = config.eval
-    result = eval_lib.evaluate_heldout(model, params, tokenizer, tasks, max_new_tokens=e.max_new_tokens,
-                                       batch_size=e.batch_size, max_prompt_length=config.data.max_prompt_length,
-                                       seed=config.train.seed)
+    result = evaluator.evaluate(params, step)
     if jax.process_index() == 0:
-        eval_lib.export_alpaca_eval([t.prompt for t in tasks], result["responses"], generator,
-                                    path.with_name(path.stem + "_alpaca_eval.json"))
+        export_alpaca_eval([t.prompt for t in evaluator.tasks], result["responses"], generator,
+                           path.with_name(path.stem + "_alpaca_eval.json"))
     write_json(path, result)  # every process: it waits for the write
     return result
 
@@ -195,10 +191,7 @@ def run(config: ConfigDict, workdir: Path, *, mesh, model: Decoder, initial: Any
     summary) after a SIGTERM."""
     s = config.ssapo
     initial = sharding.shard_params(initial, mesh)
-    tasks = []
-    if config.eval.tasks:
-        tasks = load_tasks(ASSETS_DIR / "heldout.jsonl" if config.eval.tasks == "heldout" else config.eval.tasks)
-        tasks = tasks[: config.eval.limit or None]
+    evaluator = task_evaluator(config, model, tokenizer)
 
     d = config.data
     dataset = load_preferences(d.source, split=d.split, prompt_column=d.prompt_column, chosen_column=d.chosen_column,
@@ -212,7 +205,7 @@ def run(config: ConfigDict, workdir: Path, *, mesh, model: Decoder, initial: Any
     say(f"ssapo: seed {len(split['seed_rows'])} pairs ({sum(split['flipped'])} labels flipped), "
           f"pools {[len(p) for p in split['pools']]}")
 
-    initial_eval = _evaluate(config, workdir / "eval_initial.json", model, initial, tokenizer, tasks, "initial")
+    initial_eval = _evaluate(workdir / "eval_initial.json", evaluator, initial, 0, "initial")
     initial_fields = eval_fields(initial_eval) if initial_eval else None
     if initial_fields:
         say(f"initial model: {pass_rate_text(initial_fields)}")
@@ -251,7 +244,7 @@ def run(config: ConfigDict, workdir: Path, *, mesh, model: Decoder, initial: Any
             stats = result.summary
             row.update(pairs=stats["pairs"], loss=stats.get("mean_loss"), accuracy=stats.get("mean_accuracy"),
                        follower_dual=stats.get("follower/dual"), follower_moved=stats.get("follower/moved"))
-            evaluation = _evaluate(config, directory / "eval.json", model, policy, tokenizer, tasks, f"round_{t}")
+            evaluation = _evaluate(directory / "eval.json", evaluator, policy, stats["step"], f"round_{t}")
             if evaluation:
                 row.update(eval_fields(evaluation, initial_eval))
                 say(f"after round {t}: {pass_rate_text(row)}")

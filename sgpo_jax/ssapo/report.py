@@ -11,45 +11,14 @@ from ml_collections import ConfigDict
 
 from sgpo_jax.config import sgpo_config
 from sgpo_jax.core.follow import follow
-from sgpo_jax.ssapo.eval import INSTRUCTION_ACC, INSTRUCTION_CI, PROMPT_ACC, PROMPT_CI, paired_change
 
-__all__ = ["eval_fields", "pass_rate_text", "plots", "round_table"]
-
-
-def eval_fields(evaluation: Dict[str, Any], initial: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The summary fields of one held-out evaluation (:func:`sgpo_jax.ssapo.eval.instruction_pass_rate`):
-    both pass rates with their 95% intervals and, given the initial model's evaluation on the same
-    tasks, ``vs_initial``: the paired change of the prompt-level rate
-    (:func:`sgpo_jax.ssapo.eval.paired_change`)."""
-    fields = {"pass_rate_prompt": evaluation[PROMPT_ACC], "pass_rate_prompt_ci95": evaluation[PROMPT_CI],
-              "pass_rate_instruction": evaluation[INSTRUCTION_ACC],
-              "pass_rate_instruction_ci95": evaluation[INSTRUCTION_CI], "eval_tasks": evaluation["num_tasks"]}
-    if initial is not None:
-        fields["vs_initial"] = paired_change(initial["passed"], evaluation["passed"])
-    return fields
-
-
-def pass_rate_text(fields: Dict[str, Any]) -> str:
-    """One line for the console: the pass rates with their intervals, and the change against the
-    initial model with its verdict (a change within noise is said to be one)."""
-    lo, hi = fields["pass_rate_prompt_ci95"]
-    ilo, ihi = fields["pass_rate_instruction_ci95"]
-    text = (f"held-out pass rate {fields['pass_rate_prompt']:.3f} [95% CI {lo:.3f}, {hi:.3f}] (prompt), "
-            f"{fields['pass_rate_instruction']:.3f} [{ilo:.3f}, {ihi:.3f}] (instruction), "
-            f"{fields['eval_tasks']} tasks")
-    change = fields.get("vs_initial")
-    if change is not None:
-        verdict = ("a significant " + ("gain" if change["change"] > 0 else "loss") if change["significant"]
-                   else "within noise")
-        text += (f"; vs initial {change['change']:+.3f} (+{change['gained']}/-{change['lost']} prompts, "
-                 f"McNemar p={change['p_value']:.2f}: {verdict})")
-    return text
+__all__ = ["plots", "round_table"]
 
 
 def round_table(rounds: Sequence[Dict[str, Any]], initial: Optional[Dict[str, Any]] = None) -> str:
-    """The per-round summary as a markdown table: ``initial`` (the :func:`eval_fields` of the
-    initial model) is its first row; below the table, which rounds' pass rates differ from the
-    initial model's beyond noise."""
+    """The per-round summary as a markdown table: ``initial`` (the
+    :func:`sgpo_jax.eval.instructions.eval_fields` of the initial model) is its first row; below the
+    table, which rounds' pass rates differ from the initial model's beyond noise."""
     head = ("| round | pairs | mean reward gap | follower dual | moved mass | loss | reward acc | "
             "pass rate (prompt) [95% CI] | pass rate (instr.) [95% CI] | vs initial (prompt) |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -87,7 +56,8 @@ def plots(directory: Path, rounds: Sequence[Dict[str, Any]], gap_sets: Dict[int,
            initial: Optional[Dict[str, Any]]) -> List[str]:
     """``reward_gaps_round_t.png`` (the annotated centers and the follower's worst case) and
     ``eval.png`` (the held-out pass rates per round with their 95% intervals; ``initial``: the
-    :func:`eval_fields` of the initial model); returns the paths written."""
+    :func:`sgpo_jax.eval.instructions.eval_fields` of the initial model); returns the paths
+    written."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -412,7 +412,7 @@ def sample_batches(model: Decoder, params: Any, tokenizer: Any, prompts: Sequenc
                    eos_token_ids: Optional[Sequence[int]] = None, start_batch: int = 0,
                    desc: str = "generating", progress: bool = True) -> Iterator[SampledBatch]:
     """Batched sampling with a progress bar: the generation loop of :func:`annotate` and
-    :func:`sgpo_jax.ssapo.eval.generate_responses` (see the module docstring for batches, buckets,
+    :func:`sgpo_jax.eval.instructions.generate_responses` (see the module docstring for batches, buckets,
     stop strings and keys: batch ``i`` samples with ``batch_keys(seed, i)[0]``).
 
     Args:

@@ -41,6 +41,7 @@ NOT_RESULT_CHANGING = {
     "model.logps_chunk": "chunking of the output-layer log-probs; the same function",
     "train.micro_batches": "gradient accumulation splits the same batch (memory only)",
     "train.reference_batch_size": "forward-only batching; the same log-probs",
+    "train.eval_every": "how often the held-out pairs are scored (evaluation only)",
 }
 # Fields whose increase continues a dpo/sgpo run (to the new length) instead of refusing.
 EXTENDABLE = ("train.max_steps", "train.epochs")

@@ -115,9 +115,10 @@ class Trainer:
 
     def __init__(self, config: ConfigDict, workdir: str | Path, *, model: Decoder, params: Any,
                  pairs: TokenizedPairs, mesh, reference_params: Any = None, gaps: Optional[np.ndarray] = None,
-                 mode: Optional[str] = None, desc: str = "train", guard: Optional[PreemptionGuard] = None):
+                 mode: Optional[str] = None, desc: str = "train", guard: Optional[PreemptionGuard] = None,
+                 evaluator: Any = None):
         self.config, self.workdir, self.pairs, self.mesh, self.desc = config, Path(workdir), pairs, mesh, desc
-        self.guard = guard
+        self.guard, self.evaluator = guard, evaluator
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.sgpo = sgpo_config(config, mode)
         self.follower, self.gaps = follower_of(config), gaps
@@ -161,6 +162,8 @@ class Trainer:
                             f"{self.workdir / 'cache'}; rerun the same command to resume",
                             {"step": 0, "preempted": True, "workdir": str(self.workdir), "pairs": len(pairs),
                              "reference_batches_done": stop.done}) from None
+        if evaluator is not None:  # the held-out pairs' reference log-probs, with the same function and weights
+            evaluator.start(self.workdir, reference_fn, reference, self.policy_logps_fn)
 
         self.tx, self.schedule = make_optimizer(t, self.total_steps)
         state = TrainState.create(apply_fn=model.apply, params=params, tx=self.tx, config=self.sgpo,
@@ -308,6 +311,8 @@ class Trainer:
                         metrics["tokens_per_second"] = tokens * jax.process_count() / (time.perf_counter() - begin)
                         metrics["epoch"] = epoch + (in_epoch + 1) / per_epoch
                         in_epoch += 1
+                        if self.evaluator is not None:
+                            metrics.update(self.evaluator.at_step(state, step, total))
                         log.write(step, metrics)
                         last = metrics
                         bar.update(1)
@@ -332,6 +337,8 @@ class Trainer:
         if preempted:
             name = guard.signal_name or "a signal on another process"
             raise Preempted(f"{name}: saved step {step} in {self.workdir}; rerun the same command to resume", summary)
+        if self.evaluator is not None:
+            summary["eval"] = self.evaluator.at_end(state, step)
         if self.lora is None:
             return FitResult(params=state.params, summary=summary)
         return FitResult(params=lora_lib.merge(state.frozen, state.params, self.lora), summary=summary,
@@ -340,7 +347,7 @@ class Trainer:
 
 def fit(config: ConfigDict, workdir: str | Path, *, model: Decoder, params: Any, pairs: TokenizedPairs,
         mesh, reference_params: Any = None, gaps: Optional[np.ndarray] = None, mode: Optional[str] = None,
-        desc: str = "train") -> FitResult:
+        desc: str = "train", evaluator: Any = None) -> FitResult:
     """Trains (or resumes, or returns a finished run of) ``params`` on ``pairs`` in ``workdir``.
 
     Args:
@@ -355,9 +362,14 @@ def fit(config: ConfigDict, workdir: str | Path, *, model: Decoder, params: Any,
         (centers ``sigma(sgpo.annotation_scale * gap)``, the authors' per-round follower).
       mode: ``"dpo"`` or ``"sgpo"`` (default ``train.mode``).
       desc: the progress bar's label.
+      evaluator: the held-out evaluation (:class:`sgpo_jax.eval.preference.PreferenceEvaluator`):
+        started with the run's reference, its figures join the step's metrics every
+        ``train.eval_every`` steps and at the last step, and the summary's ``eval`` holds the
+        last one with its intervals.
     """
     with PreemptionGuard() as guard:
         trainer = Trainer(config, workdir, model=model, params=params, pairs=pairs, mesh=mesh,
-                          reference_params=reference_params, gaps=gaps, mode=mode, desc=desc, guard=guard)
+                          reference_params=reference_params, gaps=gaps, mode=mode, desc=desc, guard=guard,
+                          evaluator=evaluator)
         trainer.restore()
         return trainer.run()

@@ -64,17 +64,21 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+from ml_collections import ConfigDict
 
 from sgpo_jax.data.tokenize import Prompt
+from sgpo_jax.eval.evaluator import Evaluator
+from sgpo_jax.eval.intervals import paired_change, wilson_interval
 from sgpo_jax.models.llama import Decoder
 from sgpo_jax.ssapo.instructions import ASSETS_DIR, HELDOUT, VerifiableTask, load_tasks
 from sgpo_jax.ssapo.sampling import sample_batches
 from sgpo_jax.training.workdir import write_file
 
-__all__ = ["INSTRUCTION_ACC", "INSTRUCTION_CI", "METRIC", "PROMPT_ACC", "PROMPT_CI", "evaluate_heldout",
-           "export_alpaca_eval", "export_mt_bench_answers", "generate_responses", "instruction_pass_rate",
-           "mean_interval", "paired_change", "pairwise_win_rate", "wilson_interval"]
+__all__ = ["INSTRUCTION_ACC", "INSTRUCTION_CI", "METRIC", "PROMPT_ACC", "PROMPT_CI", "TaskEvaluator", "eval_fields",
+           "evaluate_heldout", "export_alpaca_eval", "export_mt_bench_answers", "generate_responses",
+           "instruction_pass_rate", "pairwise_win_rate", "pass_rate_text", "task_evaluator"]
 
 Judge = Callable[[str, str, str], float]
 
@@ -82,49 +86,6 @@ Judge = Callable[[str, str, str], float]
 PROMPT_ACC, INSTRUCTION_ACC = "prompt_level_strict_acc", "instruction_level_strict_acc"
 PROMPT_CI, INSTRUCTION_CI = "prompt_level_ci95", "instruction_level_ci95"
 METRIC = "verifiable-instruction pass rate (IFEval-style) on sgpo_jax's held-out tasks"
-Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
-
-
-def wilson_interval(successes: int, n: int, z: float = Z95) -> Tuple[float, float]:
-    r"""The Wilson score interval for a binomial proportion (default 95%, ``z = 1.96``):
-
-    .. math:: \frac{\hat p + \frac{z^2}{2n} \pm z \sqrt{\frac{\hat p (1 - \hat p)}{n} + \frac{z^2}{4n^2}}}
-              {1 + \frac{z^2}{n}}, \qquad \hat p = \text{successes} / n.
-
-    Unlike the normal (Wald) interval it stays inside ``[0, 1]`` and is not degenerate at 0 or
-    ``n`` successes (``wilson_interval(10, 32) == (0.1795..., 0.4857...)``;
-    ``wilson_interval(100, 100)`` has lower end 0.963). Raises ``ValueError`` unless
-    ``0 <= successes <= n`` and ``n > 0``.
-    """
-    if n <= 0 or not 0 <= successes <= n:
-        raise ValueError(f"wilson_interval needs 0 <= successes <= n and n > 0, got {successes} of {n}")
-    p = successes / n
-    z2 = z * z
-    denom = 1 + z2 / n
-    center = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-# The t distribution's 97.5% quantile by degrees of freedom (standard tables, 3 decimals).
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def mean_interval(values: Sequence[float]) -> Tuple[float, float]:
-    r"""``(mean, half-width)`` of the 95% Student t interval of the mean of ``values`` (e.g. one
-    score per seed): :math:`t_{0.975, n-1}\, s / \sqrt{n}` with :math:`s` the sample standard
-    deviation. The half-width is NaN for a single value; beyond 31 values the normal quantile
-    1.96 stands in for t (at most 4% narrower). Raises ``ValueError`` for no values."""
-    if not len(values):
-        raise ValueError("mean_interval needs at least one value")
-    n = len(values)
-    mean = math.fsum(values) / n
-    if n < 2:
-        return mean, math.nan
-    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
-    t = T975[n - 2] if n - 1 <= len(T975) else Z95
-    return mean, t * sd / math.sqrt(n)
 
 
 def instruction_pass_rate(tasks: Sequence[VerifiableTask], responses: Sequence[str]) -> Dict[str, Any]:
@@ -184,34 +145,6 @@ def instruction_pass_rate(tasks: Sequence[VerifiableTask], responses: Sequence[s
     }
 
 
-def paired_change(before: Sequence[bool], after: Sequence[bool], alpha: float = 0.05) -> Dict[str, Any]:
-    r"""Whether the prompt-level pass rate changed between two evaluations of the *same* tasks:
-    the exact McNemar test (two-sided) on the per-prompt outcomes ``passed`` of
-    :func:`instruction_pass_rate`.
-
-    Only the discordant prompts carry information: ``gained`` (failed before, passes after) and
-    ``lost`` (the reverse). Under "no change" each of the ``m = gained + lost`` discordant
-    prompts is a fair coin, so
-
-    .. math:: p = \min\Big(1,\ 2 \sum_{i=0}^{\min(g, l)} \binom{m}{i} 2^{-m}\Big).
-
-    Returns ``{"change", "gained", "lost", "p_value", "significant"}`` where ``change`` is
-    ``(gained - lost) / n`` (the difference of the two pass rates) and ``significant`` is
-    ``p_value < alpha``. A change that is not significant is within noise and must not be read as
-    a gain or a loss. Raises ``ValueError`` if the lengths differ or are 0.
-    """
-    if len(before) != len(after) or not before:
-        raise ValueError(f"paired_change needs two equally long, non-empty outcome lists, got {len(before)} "
-                         f"and {len(after)}")
-    gained = sum(1 for b, a in zip(before, after) if a and not b)
-    lost = sum(1 for b, a in zip(before, after) if b and not a)
-    m = gained + lost
-    tail = sum(math.comb(m, i) for i in range(min(gained, lost) + 1)) / 2 ** m
-    p_value = min(1.0, 2 * tail)
-    return {"change": (gained - lost) / len(before), "gained": gained, "lost": lost, "p_value": p_value,
-            "significant": p_value < alpha}
-
-
 def generate_responses(model: Decoder, params: Any, tokenizer: Any, prompts: Sequence[Prompt], *,
                        max_new_tokens: int, batch_size: int, max_prompt_length: int, temperature: float = 0.0,
                        top_p: float = 1.0, top_k: int = 0, stop_strings: Optional[Sequence[str]] = None,
@@ -265,6 +198,71 @@ def evaluate_heldout(model: Decoder, params: Any, tokenizer: Any, tasks: Optiona
     responses = generate_responses(model, params, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, max_prompt_length=max_prompt_length, **generation)
     return {**instruction_pass_rate(tasks, responses), "prompts": prompts, "responses": responses}
+
+
+class TaskEvaluator(Evaluator):
+    """The verifiable-instruction pass rate on fixed tasks (:func:`evaluate_heldout`, greedy), as
+    an :class:`~sgpo_jax.eval.evaluator.Evaluator`: the SSAPO loop calls it after every round,
+    ``dpo``/``sgpo`` runs at the end.
+
+    Args:
+      model, tokenizer: as in :func:`generate_responses`.
+      tasks: the tasks scored.
+      max_new_tokens, batch_size, max_prompt_length, seed: the generation settings.
+    """
+
+    def __init__(self, model: Decoder, tokenizer: Any, tasks: Sequence[VerifiableTask], *, max_new_tokens: int,
+                 batch_size: int, max_prompt_length: int, seed: int):
+        self.model, self.tokenizer, self.tasks = model, tokenizer, list(tasks)
+        self.settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             max_prompt_length=max_prompt_length, seed=seed)
+
+    def evaluate(self, params: Any, step: int) -> Dict[str, Any]:
+        """:func:`evaluate_heldout`'s dict (``step`` does not enter: generation is seeded by ``seed``)."""
+        del step
+        return evaluate_heldout(self.model, params, self.tokenizer, self.tasks, **self.settings)
+
+
+def task_evaluator(config: ConfigDict, model: Decoder, tokenizer: Any) -> Optional[TaskEvaluator]:
+    """The run's :class:`TaskEvaluator` from ``eval.*`` (``eval.tasks``: ``"heldout"`` = the bundled
+    tasks, or a task JSONL; the first ``eval.limit``, 0 = all; generation seeded by
+    ``train.seed``, prompts cut to ``data.max_prompt_length``), or None when ``eval.tasks`` is empty."""
+    e = config.eval
+    if not e.tasks:
+        return None
+    tasks = load_tasks(ASSETS_DIR / HELDOUT if e.tasks == "heldout" else e.tasks)[: e.limit or None]
+    return TaskEvaluator(model, tokenizer, tasks, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                         max_prompt_length=config.data.max_prompt_length, seed=config.train.seed)
+
+
+def eval_fields(evaluation: Dict[str, Any], initial: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The summary fields of one held-out evaluation (:func:`instruction_pass_rate`): both pass
+    rates with their 95% intervals and, given the initial model's evaluation on the same tasks,
+    ``vs_initial``: the paired change of the prompt-level rate
+    (:func:`sgpo_jax.eval.intervals.paired_change`)."""
+    fields = {"pass_rate_prompt": evaluation[PROMPT_ACC], "pass_rate_prompt_ci95": evaluation[PROMPT_CI],
+              "pass_rate_instruction": evaluation[INSTRUCTION_ACC],
+              "pass_rate_instruction_ci95": evaluation[INSTRUCTION_CI], "eval_tasks": evaluation["num_tasks"]}
+    if initial is not None:
+        fields["vs_initial"] = paired_change(initial["passed"], evaluation["passed"])
+    return fields
+
+
+def pass_rate_text(fields: Dict[str, Any]) -> str:
+    """One line for the console: the pass rates with their intervals, and the change against the
+    initial model with its verdict (a change within noise is said to be one)."""
+    lo, hi = fields["pass_rate_prompt_ci95"]
+    ilo, ihi = fields["pass_rate_instruction_ci95"]
+    text = (f"held-out pass rate {fields['pass_rate_prompt']:.3f} [95% CI {lo:.3f}, {hi:.3f}] (prompt), "
+            f"{fields['pass_rate_instruction']:.3f} [{ilo:.3f}, {ihi:.3f}] (instruction), "
+            f"{fields['eval_tasks']} tasks")
+    change = fields.get("vs_initial")
+    if change is not None:
+        verdict = ("a significant " + ("gain" if change["change"] > 0 else "loss") if change["significant"]
+                   else "within noise")
+        text += (f"; vs initial {change['change']:+.3f} (+{change['gained']}/-{change['lost']} prompts, "
+                 f"McNemar p={change['p_value']:.2f}: {verdict})")
+    return text
 
 
 def _as_list(value: Union[str, Sequence[str]], n: int, name: str) -> List[str]:
