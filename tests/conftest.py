@@ -37,10 +37,11 @@ def x64():
 # The files that take longest on 2 cores (measured with --durations=0), first: pytest-xdist's
 # --dist loadfile hands whole files to the workers in collection order, so starting the long ones
 # early keeps one worker from finishing minutes after the other.
-LONGEST_FIRST = ("test_aot.py", "test_distributed.py", "test_follower.py", "test_models.py", "test_logps.py",
-                 "test_step.py", "test_sampling.py", "test_train.py", "test_attention.py", "test_memory.py",
-                 "test_gguf.py", "test_cli.py", "test_pipeline.py", "test_sharding.py", "test_bf16.py",
-                 "test_annotate.py")
+LONGEST_FIRST = ("test_aot.py", "test_distributed.py", "test_follower.py", "test_pair_losses.py", "test_lora.py",
+                 "test_models.py", "test_packing.py", "test_tunix.py", "test_logps.py", "test_step.py",
+                 "test_sampling.py", "test_train.py", "test_attention.py", "test_checkpoint.py", "test_memory.py",
+                 "test_gguf.py", "test_cli.py", "test_pipeline.py", "test_eval_preference.py", "test_sharding.py",
+                 "test_bf16.py", "test_annotate.py")
 
 
 def pytest_unconfigure(config):
