@@ -167,7 +167,7 @@ def test_dpo_run_reports_eval_metrics_with_intervals(files, tmp_path):
                   data__eval_fraction=0.25, checkpoint__every=100, eval__tasks=str(tasks_file),
                   eval__max_new_tokens=4, eval__batch_size=4)
     the_plan = runner.plan(config)
-    assert the_plan.programs == ("reference_logps", "train_step", "prefill", "decode")
+    assert the_plan.programs == ("train_step", "reference_logps", "eval_generate")
     assert the_plan.stages[1:4] == (
         "hold out data.eval_fraction=0.25 of the pairs (by a hash of the source row)",
         "reference log-probs (cached in workdir/cache) of the training and held-out pairs",
