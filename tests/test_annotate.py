@@ -8,7 +8,6 @@ called directly with the documented per-batch key. The model is a tiny random de
 word-level test tokenizer of ``test_data.py`` (``wK`` has id ``K + 8``).
 """
 
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +18,7 @@ from test_data import ASSISTANT, BOS, END, EOS, PAD, USER, make_tokenizer, w
 from sgpo_jax.data import encode_prompts, left_pad, tokenize_prompts
 from sgpo_jax.models import Decoder, DecoderConfig, decoder_logps_fn
 from sgpo_jax.parallel import mesh as mesh_lib
+from sgpo_jax.ssapo import annotate as annotate_lib
 from sgpo_jax.ssapo.annotate import (
     DROP_EMPTY,
     DROP_IDENTICAL,
@@ -255,21 +255,17 @@ def test_annotate_is_deterministic_by_seed_and_resumes_by_batch(policy, ref, ful
     assert [(r["chosen"], r["rejected"]) for r in other] != [(r["chosen"], r["rejected"]) for r in rows]
 
 
-def test_dropped_prompts_are_reported_with_reasons(policy, ref, caplog):
+def test_dropped_prompts_are_reported_with_reasons(policy, ref, monkeypatch):
     settings = dict(SETTINGS, temperature=0.0, num_samples=2)
     # the handler goes on the module's logger itself: once the console has printed a line, the
     # "sgpo_jax" logger no longer propagates to the root logger, where caplog listens by default
-    annotate_logger = logging.getLogger("sgpo_jax.ssapo.annotate")
-    annotate_logger.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.WARNING, logger="sgpo_jax.ssapo.annotate"):
-            rows = annotate(MODEL, policy, ref, TOKENIZER, PROMPTS, progress=False, **settings)
-    finally:
-        annotate_logger.removeHandler(caplog.handler)
+    lines = []  # the report's console line, taken at say()
+    monkeypatch.setattr(annotate_lib, "say", lambda message: lines.append(str(message)))
+    rows = annotate(MODEL, policy, ref, TOKENIZER, PROMPTS, progress=False, **settings)
     report = rows.report
     assert rows == [] and report.dropped == {DROP_IDENTICAL: 5} and report.num_dropped == 5
     assert [i for i, _ in report.examples] == [0, 1, 2, 3, 4]
-    assert "dropped 5" in caplog.text and DROP_IDENTICAL in caplog.text
+    assert len(lines) == 1 and "dropped 5" in lines[0] and DROP_IDENTICAL in lines[0]
     # A final norm of zeros makes every logit 0: greedy decoding emits token 0, the special <pad>,
     # which decodes to "": every sample is empty.
     blank = jax.tree.map(lambda x: x, policy)

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # xdist workers may each load libtpu
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no pod metadata here: one host, quietly
 
 import importlib.util  # noqa: E402
 
@@ -72,6 +71,20 @@ def test_target_names():
     for bad in ("v5p-6", "tpu", "8xB300"):
         with pytest.raises(ConfigError, match="--target="):
             aot.parse_target(bad)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_tpu_host():
+    """libtpu reads TPU_WORKER_HOSTNAMES when it loads (no pod metadata here: one host, quietly).
+    Only while this module runs: the CLI tests that follow on this worker inherit the environment,
+    and sgpo_jax.parallel.distributed takes the variable for a TPU pod."""
+    old = os.environ.get("TPU_WORKER_HOSTNAMES")
+    os.environ["TPU_WORKER_HOSTNAMES"] = "localhost"
+    yield
+    if old is None:
+        del os.environ["TPU_WORKER_HOSTNAMES"]
+    else:
+        os.environ["TPU_WORKER_HOSTNAMES"] = old
 
 
 @pytest.fixture(scope="module")
