@@ -312,7 +312,7 @@ def _programs(config: Any, model_cfg: Any, mesh: Mesh, hbm: int, only: Tuple[str
     from sgpo_jax.data.batching import default_buckets
     from sgpo_jax.models import Decoder, decoder_logps_fn
     from sgpo_jax.parallel import sharding
-    from sgpo_jax.parallel.mesh import BATCH_AXES
+    from sgpo_jax.parallel.mesh import BATCH_AXES, batch_split
     from sgpo_jax.ssapo.sampling import batch_keys, lower_generation
     from sgpo_jax.training.scoring import scoring_program
     from sgpo_jax.training.trainer import make_optimizer
@@ -342,8 +342,7 @@ def _programs(config: Any, model_cfg: Any, mesh: Mesh, hbm: int, only: Tuple[str
     key = jax.eval_shape(lambda: batch_keys(0, 0)[0])
 
     def prompts(b: int):
-        axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-        ways = math.prod(mesh.shape[a] for a in axes)
+        axes, ways = batch_split(mesh)
         spec = NamedSharding(mesh, P(axes) if b % ways == 0 else P())  # as sharding.place_rows places them
         return (jax.ShapeDtypeStruct((b, prompt), jnp.int32, sharding=spec),
                 jax.ShapeDtypeStruct((b, prompt), jnp.bool_, sharding=spec))

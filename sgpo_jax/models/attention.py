@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from sgpo_jax import compat
 from sgpo_jax.console import say_once
-from sgpo_jax.parallel.mesh import BATCH_AXES
+from sgpo_jax.parallel.mesh import batch_split
 from sgpo_jax.parallel.sharding import current_activation_mesh
 
 Array = jax.Array
@@ -208,10 +208,7 @@ def _attend_splash(q: Array, k: Array, v: Array, key_valid: Array, cfg: Any) -> 
     if mesh is None or mesh.size == 1:
         return _attend_splash_local(q, k, v, key_valid, cfg)
     b, kh = q.shape[0], q.shape[2]
-    batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    ways = 1
-    for a in batch_axes:
-        ways *= mesh.shape[a]
+    batch_axes, ways = batch_split(mesh)
     rows = batch_axes if batch_axes and b % ways == 0 else None
     heads = "tensor" if "tensor" in mesh.axis_names and kh % mesh.shape["tensor"] == 0 else None
     spec_q, spec_kv, spec_valid = P(rows, None, heads, None, None), P(rows, None, heads, None), P(rows, None)

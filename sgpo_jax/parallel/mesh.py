@@ -25,13 +25,20 @@ from jax.sharding import AxisType, Mesh
 
 from sgpo_jax.console import warn
 
-__all__ = ["AXES", "BATCH_AXES", "auto_mesh", "make_mesh", "mesh_sizes", "split_mesh_shape", "device_grid",
-           "host_batch_rows", "check_batch_layout"]
+__all__ = ["AXES", "BATCH_AXES", "auto_mesh", "batch_split", "make_mesh", "mesh_sizes", "split_mesh_shape",
+           "device_grid", "host_batch_rows", "check_batch_layout"]
 
 AXES = ("data", "fsdp", "tensor")
 
 
 BATCH_AXES = ("data", "fsdp")
+
+
+def batch_split(mesh: Mesh) -> Tuple[Tuple[str, ...], int]:
+    """``(axes, ways)``: the :data:`BATCH_AXES` that ``mesh`` has, and the number of ways a batch's
+    rows split over them (their sizes' product; 1 without any)."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return axes, math.prod(mesh.shape[a] for a in axes)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Optional[Sequence[Any]] = None) -> Mesh:

@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sgpo_jax.parallel.mesh import BATCH_AXES, auto_mesh, check_batch_layout
+from sgpo_jax.parallel.mesh import BATCH_AXES, auto_mesh, batch_split, check_batch_layout
 
 DEFAULT_RULES: Tuple[Tuple[str, P], ...] = (
     (r"embed_tokens/embedding$", P("tensor", "fsdp")),  # [V, H]
@@ -144,8 +144,7 @@ def place_rows(mesh: Optional[Mesh], *trees: Any) -> Tuple[Any, ...]:
     if mesh is None:
         return trees
     mesh = auto_mesh(mesh)
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    axes, ways = batch_split(mesh)
 
     def place(x):
         x = np.asarray(x)
@@ -190,5 +189,5 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     mesh = _ACTIVATION_MESH.get()
     if mesh is None:
         return x
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    axes, _ = batch_split(mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(axes, *([None] * (x.ndim - 1)))))

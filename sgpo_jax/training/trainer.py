@@ -43,7 +43,7 @@ from sgpo_jax.models import lora as lora_lib
 from sgpo_jax.models.llama import Decoder
 from sgpo_jax.models.logps import decoder_logps_fn
 from sgpo_jax.parallel import distributed, sharding
-from sgpo_jax.parallel.mesh import BATCH_AXES
+from sgpo_jax.parallel.mesh import BATCH_AXES, batch_split
 from sgpo_jax.training import memory
 from sgpo_jax.training.checkpoint import Checkpointer, NonFiniteState, Preempted, PreemptionGuard
 from sgpo_jax.training.divergence import DivergenceMonitor
@@ -195,7 +195,7 @@ class Trainer:
         if jax.process_count() > 1:
             raise DataError("data.prefix_sharing and data.packing_budget run on one process only (packed rows "
                             "index the slots of one host's batch)", "set both off for multi-host runs")
-        ways = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES if a in self.mesh.axis_names]))
+        _, ways = batch_split(self.mesh)
         return pack_batch(batch, share_prompt=bool(d.prefix_sharing), budget=d.packing_budget or None,
                           buckets=self.buckets or (), pad_id=self.pairs.pad_id, row_multiple=ways)
 
