@@ -311,6 +311,7 @@ def _programs(config: Any, model_cfg: Any, mesh: Mesh, hbm: int, only: Tuple[str
     from sgpo_jax.core.step import TrainState, make_sgpo_step
     from sgpo_jax.data.batching import default_buckets
     from sgpo_jax.models import Decoder, decoder_logps_fn
+    from sgpo_jax.models import lora as lora_lib
     from sgpo_jax.parallel import sharding
     from sgpo_jax.parallel.mesh import BATCH_AXES, batch_split
     from sgpo_jax.ssapo.sampling import batch_keys, lower_generation
@@ -329,8 +330,23 @@ def _programs(config: Any, model_cfg: Any, mesh: Mesh, hbm: int, only: Tuple[str
     param_shardings = sharding.param_sharding(params, mesh)
     params_in = _abstract(params, param_shardings)
     tx, _ = make_optimizer(t, 1000)
-    state = jax.eval_shape(lambda p: TrainState.create(apply_fn=model.apply, params=p, tx=tx, config=sgpo,
-                                                       rng=jax.random.PRNGKey(t.seed), logps_fn=logps_fn), params)
+    lora = lora_lib.lora_config(config.model)
+    reference_fn, reference_in = logps_fn, params_in
+    if lora is None:
+        state = jax.eval_shape(lambda p: TrainState.create(apply_fn=model.apply, params=p, tx=tx, config=sgpo,
+                                                           rng=jax.random.PRNGKey(t.seed), logps_fn=logps_fn), params)
+    else:  # the trainer's LoRA state: adapters (+ AdamW) trained on the frozen (maybe quantized) base
+        step_logps_fn = lora_lib.lora_logps_fn(model, lora, chunk_size=config.model.logps_chunk)
+
+        def lora_state(p):
+            frozen, adapters = lora_lib.frozen_and_adapters(p, model, lora, jax.random.PRNGKey(t.seed))
+            return TrainState.create(apply_fn=model.apply, params=adapters, tx=tx, config=sgpo,
+                                     rng=jax.random.PRNGKey(t.seed), logps_fn=step_logps_fn, frozen=frozen)
+
+        state = jax.eval_shape(lora_state, params)
+        if lora.quantize:  # the reference is the quantized base with zero adapters (the policy at init)
+            parts = (state.frozen, state.params)
+            reference_fn, reference_in = step_logps_fn, _abstract(parts, sharding.param_sharding(parts, mesh))
     state_sharding = sharding.param_sharding(state, mesh)
     step_fn = make_sgpo_step(mesh, state, batch_axes=BATCH_AXES, state_sharding=state_sharding)
     batch = _step_batch(config, sgpo, follower, int(t.batch_size), seq)
@@ -349,7 +365,7 @@ def _programs(config: Any, model_cfg: Any, mesh: Mesh, hbm: int, only: Tuple[str
 
     # every program a run can execute; runner.plan(config) says which this run does
     programs = [("train_step", lambda: step_fn.lower(state, batch)),
-                ("reference_logps", lambda: scoring_program(logps_fn, mesh).lower(params_in, reference)),
+                ("reference_logps", lambda: scoring_program(reference_fn, mesh).lower(reference_in, reference)),
                 ("sample", lambda: lower_generation(
                     model, params_in, *prompts(int(s.generation_batch_size)), key,
                     max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature), top_p=float(s.top_p),
@@ -444,8 +460,8 @@ def compile_run(config: Any, target: Any, *, model_cfg: Any = None, model_preset
         programs = _programs(config, model_cfg, mesh, target.hbm_bytes, tuple(programs))
     step = next((p for p in programs if p["program"] == "train_step"), {})
     if step.get("memory"):
-        step["planner_bytes"] = plan.total
-        step["planner_ratio"] = plan.total / step["memory"]["peak"]
+        step["planner_bytes"] = plan.program_bytes  # the step program's share (QLoRA's caller's base is outside it)
+        step["planner_ratio"] = plan.program_bytes / step["memory"]["peak"]
     return {
         "target": dataclasses.asdict(target), "device_kind": str(devices[0].device_kind),
         "mesh": dict(mesh.shape), "jax": jax.__version__,

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 pytest.importorskip("qwix")  # the lora extra (also in the test extra)
 from sgpo_jax import runner
@@ -327,19 +328,94 @@ def test_ssapo_rounds_merge_their_adapters_and_reference_the_previous_policy(tmp
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_bf16_compute_applies_the_float32_adapters_and_returns_float32_gradients():
-    """The recipes' setting: bf16 compute on float32 weights. qwix must still find the (cast) kernels."""
+@pytest.mark.parametrize("quantize", ["", "nf4"])
+def test_bf16_compute_applies_the_float32_adapters_and_returns_float32_gradients(quantize):
+    """The recipes' setting: bf16 compute on float32 weights. qwix must still find the (cast) kernels;
+    with QLoRA the float32 scales are cast too (else the scanned layer's carry turns float32)."""
     cfg = DecoderConfig(**SMALL, scan_layers=True, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     model, ones = Decoder(cfg), jnp.ones_like(IDS)
     base = model.init(jax.random.PRNGKey(0), IDS)
-    config = lora.LoraConfig(rank=2, alpha=4.0)
+    config = lora.LoraConfig(rank=2, alpha=4.0, quantize=quantize)
     adapters = random_adapters(base, config)
     logps = lora.lora_logps_fn(model, config, chunk_size=4)
     plain = decoder_logps_fn(model, chunk_size=4)
+    base = lora.quantize_base(base, model, config) if quantize else base
     got = np.asarray(logps((base, adapters), IDS, ones, ones))
     merged = np.asarray(plain(lora.merge(base, adapters, config), IDS, ones, ones))
     # bf16 activations (8-bit mantissa) through 2 layers, rounded differently in the two forms; sums of 5 tokens
     np.testing.assert_allclose(got, merged, rtol=2e-2)
-    assert np.min(np.abs(got - np.asarray(plain(base, IDS, ones, ones)))) > 0.5  # the adapters are applied
+    assert np.min(np.abs(got - np.asarray(plain(lora.dequantize_base(base), IDS, ones, ones)))) > 0.5  # adapters on
     grads = jax.grad(lambda a: logps((base, a), IDS, ones, ones).sum())(adapters)
     assert all(g.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+
+
+# -- the frozen base: one copy, not donated; QLoRA's leaves sharded like their kernel ----------------
+
+
+def test_the_step_donates_the_adapters_state_only_and_reads_the_base_in_place(quantize="nf4"):
+    """Oracles: XLA's ``memory_analysis()`` of the compiled QLoRA step on a 4-device (fsdp 2, tensor 2)
+    mesh (aliased bytes = what is donated; argument bytes = what is read), the device buffers
+    themselves, and the same step unsharded on one device. (The unquantized base: the trainer test below.)"""
+    import optax
+
+    from sgpo_jax.core.step import make_sgpo_step
+    from sgpo_jax.parallel import mesh as mesh_lib
+    from sgpo_jax.parallel import sharding
+    from sgpo_jax.training import memory
+
+    model, base = model_and_params(True)
+    config = lora.LoraConfig(rank=2, alpha=4.0, quantize=quantize)
+    mesh = mesh_lib.make_mesh(1, 2, 2, devices=jax.devices()[:4])
+    frozen, adapters = lora.frozen_and_adapters(sharding.shard_params(base, mesh), model, config,
+                                                jax.random.PRNGKey(1))
+    adapters = random_adapters(base, config)  # B != 0: the comparison below sees B's path
+    state = TrainState.create(apply_fn=model.apply, params=adapters, tx=optax.adamw(1e-2),
+                              config=SGPOConfig(mode="dpo"), rng=jax.random.PRNGKey(0),
+                              logps_fn=lora.lora_logps_fn(model, config, chunk_size=4), frozen=frozen)
+    unsharded, want = jax.jit(sgpo_step)(state, preference_batch())
+    state_sharding = sharding.param_sharding(state, mesh)
+    state = jax.device_put(state, state_sharding)
+    step = make_sgpo_step(mesh, state, batch_axes=mesh_lib.BATCH_AXES, state_sharding=state_sharding)
+    batch = sharding.place_rows(mesh, preference_batch())[0]
+    m = step.lower(state, batch).compile().memory_analysis()
+    on_device = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+    trainable = on_device((state.step, state.params, state.opt_state, state.rng))  # float32 / int32: exact
+    assert m.alias_size_in_bytes == trainable  # donated: the adapters, their moments, step and rng; not the base
+    plan = memory.estimate(model.cfg, {"fsdp": 2, "tensor": 2}, batch_size=4, seq_len=8, logps_chunk=4,
+                           lora=config)
+    frozen_read = m.argument_size_in_bytes - trainable - on_device(batch)  # XLA's bytes (nf4 packed, 4 bits)
+    assert plan.components["parameters"] - on_device(state.params) == frozen_read  # the planner's base, exactly
+    # codes split like their kernel, per-channel scales like its output axis (not replicated)
+    kernel = sharding.spec_for("params/layers/self_attn/q_proj/kernel", (2, 16, 16), mesh)
+    leaf = state.frozen["params"]["layers"]["self_attn"]["q_proj"]["kernel"].array
+    assert leaf.qvalue.sharding.spec == kernel == P(None, "fsdp", "tensor")
+    assert leaf.scale.sharding.spec == P(None, None, "tensor")
+    buffers = lambda tree: [s.data.unsafe_buffer_pointer() for x in jax.tree.leaves(tree) for s in x.addressable_shards]
+    before, old = buffers(state.frozen), state
+    state, metrics = step(state, batch)
+    assert all(x.is_deleted() for x in jax.tree.leaves(old.params))  # donated
+    assert not any(x.is_deleted() for x in jax.tree.leaves(old.frozen)) and buffers(state.frozen) == before
+    # the same step on one device: float32 sums in another order over the split rows and columns
+    np.testing.assert_allclose(float(metrics["loss"]), float(want["loss"]), rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(unsharded.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+def test_the_trainer_trains_on_the_callers_base_without_a_copy(tokenizer_dir, data_file, tmp_path):
+    """The trainer's frozen base is the caller's device buffers (no copy) and stays valid after the run."""
+    from sgpo_jax.data.pairs import load_pairs
+    from sgpo_jax.parallel import sharding
+    from sgpo_jax.training.trainer import Trainer
+
+    config = lora_tiny(tokenizer_dir, data_file, train__max_steps=2)
+    ready = runner.setup(config)
+    params = sharding.shard_params(ready.params, ready.mesh)  # placed as the trainer places them
+    values = jax.device_get(params)
+    pairs, _ = load_pairs(config.data, ready.tokenizer)
+    trainer = Trainer(config, tmp_path, model=ready.model, params=params, pairs=pairs, mesh=ready.mesh)
+    buffers = lambda tree: [s.data.unsafe_buffer_pointer() for x in jax.tree.leaves(tree) for s in x.addressable_shards]
+    assert buffers(trainer.state.frozen) == buffers(params)
+    trainer.run()
+    assert trainer.step == 2 and buffers(trainer.state.frozen) == buffers(params)
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(values)):
+        np.testing.assert_array_equal(np.asarray(x), y)  # not deleted, not changed

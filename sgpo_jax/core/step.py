@@ -360,6 +360,24 @@ def sgpo_step(state: TrainState, batch: PreferenceBatch) -> Tuple[TrainState, Di
     return new_state, {"loss": total / mass, "grad_norm": grad_norm, **metrics, **extra}
 
 
+class _SteppedApart:
+    """The jitted step ``(trainable, frozen, batch) -> (trainable, metrics)`` called as
+    ``step(state, batch) -> (state, metrics)``: ``trainable`` is the state without its ``frozen``
+    part (donated when the step donates), ``frozen`` is passed alone, never donated and never
+    copied, and rejoins the new state as the very same arrays. :meth:`lower` lowers the same
+    program from a whole state (``jax.ShapeDtypeStruct`` leaves are fine)."""
+
+    def __init__(self, jitted):
+        self.jitted = jitted
+
+    def __call__(self, state: TrainState, batch: PreferenceBatch) -> Tuple[TrainState, Dict[str, Array]]:
+        new_state, metrics = self.jitted(state.replace(frozen=None), state.frozen, batch)
+        return new_state.replace(frozen=state.frozen), metrics
+
+    def lower(self, state: TrainState, batch: PreferenceBatch):
+        return self.jitted.lower(state.replace(frozen=None), state.frozen, batch)
+
+
 def make_sgpo_step(
     mesh: Mesh,
     state: TrainState,
@@ -369,22 +387,29 @@ def make_sgpo_step(
     donate: bool = True,
 ) -> Callable[[TrainState, PreferenceBatch], Tuple[TrainState, Dict[str, Array]]]:
     """``sgpo_step`` jitted over ``mesh``: the batch split along ``batch_axes`` on its leading
-    axis, the state placed by ``state_sharding`` (a pytree of shardings matching ``state``;
-    default: replicated) and donated, metrics replicated. The pair count must be divisible by
-    the product of the ``batch_axes`` sizes. The mesh's axes are used in ``Auto`` mode."""
+    axis, the state placed by ``state_sharding`` (a :class:`TrainState` of shardings matching
+    ``state``; default: replicated), metrics replicated. The state's trainable part (``step``,
+    ``params``, ``opt_state``, ``rng``) is donated: updated in place. Its ``frozen`` part (LoRA's
+    base) is a separate argument of the compiled program that is neither donated nor copied, so
+    the caller's arrays stay valid and exist once; the returned state holds the same ``frozen``
+    arrays. The pair count must be divisible by the product of the ``batch_axes`` sizes. The mesh's
+    axes are used in ``Auto`` mode. The result is called as ``step(state, batch)`` and lowered
+    as ``step.lower(state, batch)``."""
     mesh = auto_mesh(mesh)
     replicated = NamedSharding(mesh, P())
     if state_sharding is None:
         state_sharding = jax.tree.map(lambda _: replicated, state)
     batch_sharding = NamedSharding(mesh, P(tuple(batch_axes)))
+    trainable_sharding = state_sharding.replace(frozen=None)
 
-    def step(state: TrainState, batch: PreferenceBatch):
+    def step(trainable: TrainState, frozen: Any, batch: PreferenceBatch):
         with activation_sharding(mesh):  # models' constrain_batch() calls see the mesh while tracing
-            return sgpo_step(state, batch)
+            new_state, metrics = sgpo_step(trainable.replace(frozen=frozen), batch)
+        return new_state.replace(frozen=None), metrics
 
-    return jax.jit(
+    return _SteppedApart(jax.jit(
         step,
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, replicated),
+        in_shardings=(trainable_sharding, state_sharding.frozen, batch_sharding),
+        out_shardings=(trainable_sharding, replicated),
         donate_argnums=(0,) if donate else (),
-    )
+    ))

@@ -52,8 +52,8 @@ from sgpo_jax.models.llama import Decoder
 from sgpo_jax.models.logps import decoder_logps_fn
 
 __all__ = ["ADAPTER_LEAVES", "LORA_TARGETS", "QUANTIZATIONS", "LoraConfig", "adapter_count", "dequantize_base",
-           "init_adapters", "is_adapter", "join", "lora_config", "lora_logps_fn", "lora_model", "merge",
-           "quantize_base", "split", "target_modules"]
+           "frozen_and_adapters", "init_adapters", "is_adapter", "join", "lora_config", "lora_logps_fn", "lora_model",
+           "merge", "quantize_base", "split", "target_modules"]
 
 # target -> the projection's module name (the same in transformers, hence in PEFT's target_modules)
 LORA_TARGETS: Dict[str, str] = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -150,9 +150,21 @@ def dequantize_base(base: Mapping[str, Any], dtype: Any = jnp.float32) -> Dict[s
     ``dtype`` array (``qwix.dequantize``); other leaves unchanged (a plain tree comes back as is)."""
     import qwix
 
-    is_quantized = lambda x: hasattr(x, "array") and hasattr(x, "how")  # qwix's PTQ leaf, WithAux (not exported)
-    return jax.tree.map(lambda x: qwix.dequantize(x.array).astype(dtype) if is_quantized(x) else x, dict(base),
-                        is_leaf=is_quantized)
+    return jax.tree.map(lambda x: qwix.dequantize(x.array).astype(dtype) if _is_quantized(x) else x, dict(base),
+                        is_leaf=_is_quantized)
+
+
+def _is_quantized(x: Any) -> bool:
+    """Whether a leaf is a :func:`quantize_base` kernel (qwix's PTQ ``WithAux``, not exported by qwix)."""
+    return hasattr(x, "array") and hasattr(x, "how")
+
+
+def _scales_in(base: Mapping[str, Any], dtype: Any) -> Any:
+    """``base`` with every quantized kernel's scales cast to ``dtype``: qwix dequantizes ``W = q s``
+    in the scales' dtype, so this is the compute dtype of the quantized matmuls (as the plain
+    Dense layers cast their kernels to it); other leaves unchanged."""
+    cast = lambda x: x.replace(array=x.array.replace(scale=x.array.scale.astype(dtype))) if _is_quantized(x) else x
+    return jax.tree.map(cast, base, is_leaf=_is_quantized)
 
 
 def is_adapter(path: Tuple[str, ...]) -> bool:
@@ -203,6 +215,16 @@ def init_adapters(base: Mapping[str, Any], lora: LoraConfig, rng: jax.Array) -> 
     return {"params": traverse_util.unflatten_dict(out)}
 
 
+def frozen_and_adapters(base: Mapping[str, Any], model: Decoder, lora: LoraConfig,
+                        rng: jax.Array) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(frozen, adapters)``, the LoRA training state's two parts on ``base``: ``frozen`` is
+    ``base`` itself (the very same arrays: never copied) or, for QLoRA, :func:`quantize_base` of
+    it; ``adapters`` are :func:`init_adapters`' fresh ones. Shape-only under ``jax.eval_shape``
+    (the ahead-of-time compile builds the trainer's state with it)."""
+    frozen = quantize_base(base, model, lora) if lora.quantize else base
+    return frozen, init_adapters(base, lora, rng)
+
+
 def adapter_count(adapters: Mapping[str, Any]) -> int:
     """Trainable elements in an adapter tree."""
     return sum(int(x.size) for x in jax.tree.leaves(adapters))
@@ -228,14 +250,15 @@ def merge(base: Mapping[str, Any], adapters: Mapping[str, Any], lora: LoraConfig
 def lora_logps_fn(model: Decoder, lora: LoraConfig, **kwargs: Any) -> Callable[..., jax.Array]:
     """``logps_fn((base, adapters), input_ids, attention_mask, loss_mask) -> [B]``: the LoRA
     model's sequence log-probs (:func:`sgpo_jax.models.logps.decoder_logps_fn`, ``kwargs`` passed
-    on), with the float32 adapters cast to the compute dtype (their gradient flows back in
-    float32). The form :class:`sgpo_jax.core.step.TrainState` calls with a ``frozen`` part."""
+    on), with the float32 adapters and a QLoRA base's scales cast to the compute dtype (the
+    adapters' gradient flows back in float32). The form :class:`sgpo_jax.core.step.TrainState`
+    calls with a ``frozen`` part."""
     inner = decoder_logps_fn(lora_model(model, lora), **kwargs)
     dtype = model.cfg.dtype
 
     def logps_fn(parts, input_ids, attention_mask, loss_mask):
         base, adapters = parts
-        return inner(join(base, jax.tree.map(lambda x: x.astype(dtype), adapters)), input_ids, attention_mask,
-                     loss_mask)
+        return inner(join(_scales_in(base, dtype), jax.tree.map(lambda x: x.astype(dtype), adapters)), input_ids,
+                     attention_mask, loss_mask)
 
     return logps_fn

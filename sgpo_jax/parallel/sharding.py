@@ -66,16 +66,19 @@ def spec_for(name: str, shape: Tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES)
     """The PartitionSpec of one parameter; checks that every sharded dimension divides.
 
     Unmatched parameters are replicated. A rule with fewer entries than the array's rank is
-    right-aligned (extra leading axes, e.g. scanned layers, stay unsharded). LoRA adapters
-    (``.../kernel_lora_a [.., in, r]``, ``.../kernel_lora_b [.., r, out]``, see
-    :mod:`sgpo_jax.models.lora`) follow their kernel's rule: ``A`` keeps the kernel's input-axis
-    split, ``B`` its output-axis split, the rank axis is never split.
+    right-aligned (extra leading axes, e.g. scanned layers, stay unsharded). The leaves that
+    belong to a kernel ``[.., in, out]`` (see :mod:`sgpo_jax.models.lora`) follow its rule
+    ``(s_in, s_out)``: LoRA's ``kernel_lora_a [.., in, r]`` gets ``(s_in, None)`` and
+    ``kernel_lora_b [.., r, out]`` ``(None, s_out)`` (the rank axis is never split); QLoRA's
+    quantized kernel (qwix's ``kernel/array/qvalue [.., in, out]``, the codes) gets ``(s_in,
+    s_out)`` and its per-output-channel scales (``kernel/array/scale [.., 1, out]``) ``(None, s_out)``.
     """
-    adapter = re.search(r"/kernel_lora_(a|b)$", name)
-    if adapter:
-        kernel = spec_for(name[:adapter.start()] + "/kernel", (1, 1), _Unsplit(), rules)
-        kernel = P(*([None] * (2 - len(kernel)) + list(kernel)))
-        spec = P(kernel[0], None) if adapter.group(1) == "a" else P(None, kernel[1])
+    derived = re.search(r"/kernel(_lora_a|_lora_b|/array/qvalue|/array/scale)$", name)
+    if derived:
+        kernel = spec_for(name[:derived.start()] + "/kernel", (1, 1), _Unsplit(), rules)
+        s_in, s_out = P(*([None] * (2 - len(kernel)) + list(kernel)))
+        spec = {"_lora_a": P(s_in, None), "_lora_b": P(None, s_out), "/array/qvalue": P(s_in, s_out),
+                "/array/scale": P(None, s_out)}[derived.group(1)]
         rules = ((re.escape(name) + "$", spec),)
     for pattern, spec in rules:
         if re.search(pattern, name):

@@ -22,7 +22,8 @@ optimizer      ``m * sum_x P_x * p``; ``m = 2`` for adam/adamw (mu, nu), 1 lion,
 update         ``sum_x P_x * p``: the optimizer's update tree before it is applied (0 on a CUDA
                target, where XLA fuses it into the in-place parameter update)
 weight copies  compute-dtype copies of the weights that the forward pass keeps for the
-               backward pass: FSDP all-gathers (``fsdp > 1``) or casts (``s != p``);
+               backward pass: FSDP all-gathers (``fsdp > 1``) or casts (``s != p``; full
+               fine-tuning only: a frozen LoRA base keeps no cast copy);
                ``L`` layers without remat, 2 with remat (re-gathered per layer), plus the
                output head (or the tied embedding) ``V * H / t * s``; the embedding lookup
                reads the sharded table
@@ -44,12 +45,16 @@ With LoRA (``lora=``, :mod:`sgpo_jax.models.lora`) the parameters are the frozen
 p`` plus the float32 adapters ``sum_a P_a * 4`` (``A [in, r]``, ``B [r, out]`` per targeted
 projection, split like their kernel's input resp. output axis); gradients, optimizer moments and
 the update tree cover the adapters only (``sum_a P_a * 4`` each), and every layer keeps each
-projection's ``x A`` (``r`` elements per token) for the backward pass. With QLoRA the targeted
-kernels take 1 (int8) or 0.5 (nf4) bytes per element plus a float32 scale per output column, held
-whole on every device (qwix's quantized leaves are not split by the rules). The reference is the base
-with the adapters off, so it is never a second copy. The output head is not adapted; its float32
-gradient accumulator in ``log-probs`` is kept in the estimate (the chunked head's backward
-computes it), as before not in the lower bound.
+projection's ``x A`` (``r`` elements per token) for the backward pass. The base is held once: the
+step neither donates nor copies it (it is the caller's arrays). With QLoRA the frozen base is the
+trainer's quantized tree, counted leaf by leaf at its bit width under the rules (the codes split like
+their kernel, 8 or 4 bits each; the scales ``[.., 1, out]`` like its output axis); the caller
+still holds the unquantized targeted kernels, ``sum_k P_k * p`` resident outside the step
+(:data:`CALLERS_BASE`; :attr:`MemoryPlan.program_bytes` is the total without it). The reference is
+the base with the adapters off, so it is never a second copy. The output head is not adapted, so
+``log-probs`` has no head gradient accumulator (autodiff forms no cotangent for a frozen input:
+the 8B recipe's XLA:GPU peak is the same for Llama-3's 128k and Mistral's 32k vocabularies,
+``bench/results/aot-*-lora16-*.json``).
 
 The activation coefficients are a least-squares fit to per-layer footprints on XLA:CPU, which
 fuses little (``tests/test_memory.py`` compares whole-step estimates with
@@ -79,6 +84,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -87,11 +93,12 @@ import numpy as np
 from sgpo_jax.errors import UserError
 
 __all__ = ["MemoryPlan", "MemoryPlanError", "estimate", "check", "plan_for_run", "device_memory_bytes",
-           "param_count", "format_bytes", "main", "verdict", "MODEL_PRESETS", "OPTIMIZER_MOMENTS", "REFERENCE_SOURCES",
-           "USABLE_FRACTION"]
+           "param_count", "format_bytes", "main", "verdict", "CALLERS_BASE", "MODEL_PRESETS", "OPTIMIZER_MOMENTS",
+           "REFERENCE_SOURCES", "USABLE_FRACTION"]
 
 OPTIMIZER_MOMENTS = {"adamw": 2, "adam": 2, "lion": 1, "sgd": 0}
 REFERENCE_SOURCES = ("cached", "model")  # where the reference log-probs come from
+CALLERS_BASE = "caller's base"  # QLoRA: the unquantized kernels the caller keeps (resident, outside the step)
 USABLE_FRACTION = 0.92  # of a device's memory, what a step may use (the runtime and XLA keep the rest)
 
 # per token and layer, in elements of the compute dtype (see the module docstring)
@@ -135,6 +142,12 @@ class MemoryPlan:
     def lower_bound(self) -> float:
         """Bytes per device that any compilation of this step needs (see the module docstring)."""
         return float(sum(self.lower.values()))
+
+    @property
+    def program_bytes(self) -> float:
+        """The estimate of the compiled step program alone: :attr:`total` less what stays resident
+        outside it (:data:`CALLERS_BASE`); what ``memory_analysis()``'s peak measures."""
+        return self.total - self.components.get(CALLERS_BASE, 0.0)
 
     @property
     def state_bytes(self) -> float:
@@ -197,8 +210,9 @@ def param_count(model_cfg) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(_param_shapes(model_cfg))))
 
 
-def _per_device(tree: Any, sizes: Mapping[str, int]) -> float:
-    """Per-device elements of a params tree (arrays or shapes) under the default rules."""
+def _per_device(tree: Any, sizes: Mapping[str, int], *, in_bytes: bool = False) -> float:
+    """Per-device elements (``in_bytes``: bytes, at each leaf's dtype's bit width, 4 bits for
+    nf4 codes) of a params tree (arrays or shapes) under the default rules."""
     import jax
 
     from sgpo_jax.parallel import sharding
@@ -212,7 +226,8 @@ def _per_device(tree: Any, sizes: Mapping[str, int]) -> float:
         for axes in spec:
             for axis in (axes if isinstance(axes, tuple) else (axes,)) if axes is not None else ():
                 split *= sizes[axis]
-        total += float(np.prod(leaf.shape)) / split
+        width = jax.dtypes.itemsize_bits(leaf.dtype) / 8 if in_bytes else 1
+        total += float(np.prod(leaf.shape)) / split * width
     return total
 
 
@@ -299,7 +314,7 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
 
     elements, layer_elements, head_elements = _sharded_elements(c, sizes)
     weights = elements * p
-    trained, trained_elements, lora_per_token, notes_quantized = weights, elements, 0.0, ""
+    trained, trained_elements, lora_per_token, notes_quantized, callers_base = weights, elements, 0.0, "", 0.0
     if lora is not None:
         import jax
 
@@ -310,14 +325,17 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
         trained_elements = _per_device(shapes, sizes)
         trained = trained_elements * 4
         lora_per_token = s * lora.rank * len(target_modules(lora))
-        if lora.quantize:  # QLoRA: targeted kernels as int8 (1 B) or nf4 (0.5 B) codes + a float32 scale per column
+        if lora.quantize:  # QLoRA: the trainer's quantized base, leaf by leaf, sharded by the rules
+            from sgpo_jax.models import Decoder
+            from sgpo_jax.models.lora import quantize_base
+
+            base_p = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(param_dtype or c.param_dtype)),
+                                  base_shapes)
             targeted = "(" + "|".join(target_modules(lora)) + ")/kernel"
-            quantized = {k: v for k, v in _flat_names(base_shapes).items() if k.endswith("/kernel")
-                         and any(k.endswith(m + "/kernel") for m in target_modules(lora))}
-            # the quantized leaves are not matched by the sharding rules: every device holds them whole
-            q_total = sum(float(np.prod(v.shape)) for v in quantized.values())
-            scales = sum(float(np.prod(v.shape[:-2])) * v.shape[-1] for v in quantized.values()) * 4
-            weights += q_total * (1.0 if lora.quantize == "int8" else 0.5) + scales - _per_device(quantized, sizes) * p
+            kernels = {k: v for k, v in _flat_names(base_p).items() if re.search(targeted + "$", k)}
+            frozen = jax.eval_shape(lambda b: quantize_base(b, Decoder(c), lora), base_p)
+            weights = _per_device(frozen, sizes, in_bytes=True)
+            callers_base = _per_device(kernels, sizes) * p
             notes_quantized = f"; {targeted} in {lora.quantize}"
 
     if attention is None:
@@ -333,7 +351,9 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
         return (s * (k["h"] * H + k["q"] * ND / t + k["kv"] * KD / t + k["i"] * I / t) + lora_per_token
                 + N / t * keys * (4 * k["score_f32"] + s * k["score_compute"]))
 
-    copies = sizes["fsdp"] > 1 or s != p
+    # a frozen (LoRA) base's casts are not kept for the backward pass: no weight gradient needs them (XLA:GPU
+    # compiles the 8B LoRA step with the same temporaries on a float32 and a bfloat16 base)
+    copies = sizes["fsdp"] > 1 or (s != p and lora is None)
     kept_layers = 2 if remat else L
     comp: Dict[str, float] = {}
     low: Dict[str, float] = {}
@@ -371,14 +391,18 @@ def estimate(model_cfg, mesh_shape: Any, *, batch_size: int, micro_batches: int 
         low["activations"] = L * tok * per_token(_MINIMAL)
         notes["activations"] = f"{L} layers x {tok:g} tok x {per_token(_CENTRAL):,.0f} B/tok"
     # the head's float32 gradient accumulator is sharded like the head (fsdp and tensor)
-    head_grad = 4 * V * H / (t * sizes["fsdp"]) * (2 if c.tie_word_embeddings else 1)
+    head_grad = 0.0 if lora is not None else 4 * V * H / (t * sizes["fsdp"]) * (2 if c.tie_word_embeddings else 1)
     comp["log-probs"] = tok * (H * s + 4) + 2 * 4 * b * chunk * V / t + head_grad
     low["log-probs"] = tok * (H * s + 4) + 4 * b * chunk * V / t
-    notes["log-probs"] = f"hidden + lse, chunk {chunk}: 2 x 4 x {b:g} x {chunk} x V/t, head grad"
+    notes["log-probs"] = f"hidden + lse, chunk {chunk}: 2 x 4 x {b:g} x {chunk} x V/t" + (
+        ", head grad" if head_grad else "")
     comp["batch"] = low["batch"] = 2 * batch_size / shards * seq_len * 12 + 4 * 4 * batch_size / shards
     notes["batch"] = "token ids, attention and loss masks (int32)"
     comp["reference"] = low["reference"] = weights if reference == "model" else 0.0
     notes["reference"] = "frozen copy of the parameters" if reference == "model" else "cached log-probs (none resident)"
+    if callers_base:
+        comp[CALLERS_BASE] = low[CALLERS_BASE] = callers_base
+        notes[CALLERS_BASE] = "QLoRA: the unquantized targeted kernels the caller holds (outside the step)"
     settings = dict(mesh=sizes, batch_size=batch_size, micro_batches=micro_batches, seq_len=seq_len,
                     rows_per_device=b, param_dtype=str(jnp.dtype(param_dtype if param_dtype is not None
                                                                  else c.param_dtype)),

@@ -139,16 +139,16 @@ class Trainer:
         same_reference = reference_params is None or reference_params is params
         params = sharding.shard_params(params, mesh)
         reference = params if same_reference else sharding.shard_params(reference_params, mesh)
-        params = jax.tree.map(jnp.copy, params)  # the step donates its state; the caller's arrays stay valid
         frozen, self.policy_logps_fn = None, self.logps_fn
-        if self.lora is not None:  # train adapters on the frozen base; the reference is the base, adapters off
-            frozen, params = params, sharding.shard_params(
-                lora_lib.init_adapters(params, self.lora, jax.random.PRNGKey(t.seed)), mesh)
+        if self.lora is None:
+            params = jax.tree.map(jnp.copy, params)  # the step donates its params; the caller's arrays stay valid
+        else:  # adapters train on the frozen base (the caller's arrays: the step neither donates nor copies them);
+            # the reference is the base, adapters off
+            frozen, params = lora_lib.frozen_and_adapters(params, model, self.lora, jax.random.PRNGKey(t.seed))
+            params = sharding.shard_params(params, mesh)
             self.policy_logps_fn = lora_lib.lora_logps_fn(model, self.lora, chunk_size=config.model.logps_chunk)
-            if self.lora.quantize:  # QLoRA: the policy at init is the quantized base, so is the reference
-                frozen = lora_lib.quantize_base(frozen, model, self.lora)
-                if same_reference:
-                    reference = (frozen, jax.tree.map(jnp.zeros_like, params))
+            if self.lora.quantize and same_reference:  # QLoRA: the policy at init is the quantized base, so is
+                reference = (frozen, jax.tree.map(jnp.zeros_like, params))  # the reference
         self.key = cache_key(reference, pairs.fingerprint())
         reference_fn = self.policy_logps_fn if isinstance(reference, tuple) else self.logps_fn
         batching = f"_b{t.reference_batch_size}_{'-'.join(map(str, self.buckets or ()))}_p{jax.process_count()}"
