@@ -10,8 +10,9 @@ with 10% warmup, max length 2048 (prompt 1024), bf16, eps 0.01 (the paper's best
 
 On one 80 GB GPU: LoRA on a bf16 frozen base, ``--config.model.lora.rank=16
 --config.model.param_dtype=bfloat16`` with a LoRA learning rate (e.g. ``--config.train.learning_rate=5e-5
---config.ssapo.seed_learning_rate=5e-5``): 45.7 GiB per step (QLoRA nf4: 36.0 GiB) by the memory planner at 8 pairs
-x 2048 tokens per micro-batch; full fine-tuning needs an FSDP slice (README: "LoRA and QLoRA").
+--config.ssapo.seed_learning_rate=5e-5``): 33.7 GiB per step by the memory planner
+(XLA: 31.1 GiB on one H100) at 8 pairs x 2048 tokens per micro-batch;
+full fine-tuning needs an FSDP slice (README: "LoRA and QLoRA").
 """
 
 from sgpo_jax.config import base_config, seven_to_eight_b
