@@ -22,7 +22,6 @@ Usage (a tunix or MaxText user adds)::
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Dict, Tuple
 
 import jax
@@ -72,6 +71,10 @@ def use_sgpo(trainer: Any, config: SGPOConfig) -> Any:
         raise ValueError(f"use_sgpo needs SGPOConfig(mode='sgpo'), got mode={config.mode!r}")
     if config.micro_batches != 1:
         raise ValueError("SGPOConfig.micro_batches applies to sgpo_step; tunix runs the loss on its own batches")
-    trainer.with_loss_fn(functools.partial(sgpo_loss_fn, config=config), has_aux=True)
+
+    def loss_fn(model, train_example):  # a plain signature: nnx.value_and_grad binds tunix's keyword
+        return sgpo_loss_fn(model, train_example, config=config)  # arguments to it (a partial fails)
+
+    trainer.with_loss_fn(loss_fn, has_aux=True)
     trainer.with_gen_model_input_fn(lambda example: {"train_example": example})
     return trainer
