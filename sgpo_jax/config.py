@@ -273,9 +273,6 @@ def _train_problems(config: ConfigDict) -> List[str]:
     if d.packing_budget and d.packing_budget < needed:
         problems.append(f"data.packing_budget ({d.packing_budget}) must be 0 (off) or >= {needed} (the longest "
                         f"{'shared pair' if d.prefix_sharing else 'sequence'} of data.max_length {d.max_length})")
-    if (d.prefix_sharing or d.packing_budget) and t.micro_batches > 1:
-        problems.append("data.prefix_sharing and data.packing_budget need train.micro_batches=1 (packed rows are not "
-                        "split into micro-batches)")
     if (d.prefix_sharing or d.packing_budget) and config.model.lora.rank > 0:
         problems.append("data.prefix_sharing and data.packing_budget do not run with LoRA yet (model.lora.rank > 0): "
                         "turn one of them off")

@@ -49,6 +49,9 @@ class PackedPairs:
         (``c_0`` the prompt's last token, then the response's tokens; 0 past the end).
       chosen_mask, rejected_mask: ``[B, L]``, 1 at chain entries ``l >= 1`` that are response
         tokens to score; a padding pair (weight 0) has none.
+      groups: static; ``m`` when the pairs were laid out in ``m`` groups of rows for ``m``
+        micro-batches (:func:`sgpo_jax.data.packing.pack_batch` ``groups``): rows
+        ``[g R, (g + 1) R)`` hold exactly pairs ``[g B / m, (g + 1) B / m)``.
     """
 
     ids: Array
@@ -59,3 +62,4 @@ class PackedPairs:
     chosen_mask: Array
     rejected_index: Array
     rejected_mask: Array
+    groups: int = struct.field(pytree_node=False, default=1)
