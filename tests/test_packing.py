@@ -2,6 +2,7 @@
 batch. The oracle is the naive per-row computation (``sequence_logps`` of the decoder's full logits
 on each chosen and rejected row alone), which never sees a segment id or a shared prompt."""
 
+import dataclasses
 import json
 
 import jax
@@ -169,6 +170,35 @@ def test_attention_kernel_fallback_says_once(monkeypatch):
     assert sum("using 'xla' instead of 'cudnn' for packed or prefix-shared rows" in line for line in lines) == 1
 
 
+def test_packed_rows_without_sharing_run_splash_on_their_segment_ids(monkeypatch):
+    """Packing alone: splash (Pallas interpret mode on CPU, as in tests/test_attention.py) takes the
+    rows' segment ids, its local mask in slots being the sliding window in positions; the
+    log-probs equal the einsum's (the backward kernels take the same mask and segment ids; their
+    gradients are checked in tests/test_attention.py). Shared rows still fall back to the einsum."""
+    monkeypatch.setattr(attention, "_CPU_STANDIN", True)
+    calls = []
+    real_splash = attention._attend_splash_local
+    monkeypatch.setattr(attention, "_attend_splash_local", lambda *a: calls.append(1) or real_splash(*a))
+    cfg = small_cfg(sliding_window=3)
+    params = random_params(cfg, scale=0.3)
+    packed = preference_batch(pack_batch(batch_dict(False), share_prompt=False, budget=128)).packed
+    assert packed.branch_ids is None and packed.ids.shape == (1, 128)  # splash's block: 128 slots
+
+    def logps(attention_kernel):
+        logps_fn = decoder_logps_fn(Decoder(dataclasses.replace(cfg, attention=attention_kernel)), chunk_size=4)
+        return np.asarray(jax.jit(logps_fn.packed)(params, packed))
+
+    want, got = logps("xla"), logps("splash")
+    assert len(calls) == 2  # both layers ran splash
+    # the float32 reasons at ATOL; key padding alone as segment ids (sequences seeing each other)
+    # would move them by O(1)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    assert np.all(want[:, [0, 1, 2, 4]] < -1.0)  # not vacuous
+    shared = preference_batch(pack_batch(batch_dict(False), share_prompt=True, budget=128)).packed
+    jax.eval_shape(decoder_logps_fn(Decoder(dataclasses.replace(cfg, attention="splash"))).packed, params, shared)
+    assert len(calls) == 2  # branches: the einsum (traced only)
+
+
 @pytest.mark.parametrize("mode, layout", [("dpo", "shared"), ("sgpo", "shared_packed")])
 def test_a_step_on_packed_pairs_equals_the_unpacked_step(mode, layout):
     cfg = small_cfg()
@@ -227,6 +257,8 @@ def test_micro_batched_packed_steps_equal_the_unpacked_micro_batched_step():
     assert float(a["grad_norm"]) > 1e-3
     for x, y, p in zip(jax.tree.leaves(b_state.params), jax.tree.leaves(a_state.params), jax.tree.leaves(params)):
         np.testing.assert_allclose(np.asarray(p - x), np.asarray(p - y), rtol=1e-4, atol=1e-5)  # the gradients
+    atoms = (np.zeros((4, 2)), np.full((4, 2), 0.5))  # precomputed atoms (the epoch follower) keep the layout
+    assert preference_batch(grouped, ref, atoms).packed.groups == 2
     # the whole grouped batch still scores right in one pass (the reference and follower passes)
     whole = chosen_rejected_logps(state.logps_fn, params, preference_batch(grouped, ref))
     np.testing.assert_allclose(np.asarray(whole[0]), np.asarray(naive_logps(model, params, batch)[0]), rtol=RTOL,

@@ -7,7 +7,8 @@ sequences in rows:
 
 * ``share_prompt=True``: one sequence per pair, ``[prompt, chosen, rejected]`` (branch ids
   ``0 / 1 / 2``, the rejected positions restarting at the prompt's length); ``False``: two,
-  ``[prompt, chosen]`` and ``[prompt, rejected]``.
+  ``[prompt, chosen]`` and ``[prompt, rejected]``, and no branch ids (``packed_branch_ids`` is
+  ``None``: splash attention can then take the rows' segment ids).
 * ``budget=None``: each pair in its own row (``b`` rows), padded to the smallest of ``buckets``
   that holds the longest pair's sequences (or the next power of two); ``budget=T``: rows of ``T``
   slots filled first-fit, longest sequence first (no attention crosses sequences: segment ids),
@@ -58,7 +59,7 @@ def _split_row(ids: np.ndarray, attention: np.ndarray, loss_mask: np.ndarray, in
 
 def _sequences(prompt: np.ndarray, chosen: np.ndarray, rejected_prompt: np.ndarray, rejected: np.ndarray,
                share_prompt: bool) -> List[Dict[str, np.ndarray]]:
-    """The pair's sequences: each ``ids``, ``positions``, ``branch`` and the chains (slot offsets
+    """The pair's sequences: each ``ids``, ``positions``, ``branch`` (shared only) and the chains (slot offsets
     within the sequence, with their score masks) of the responses it holds."""
     def chain(first: int, length: int, prompt_len: int) -> Tuple[np.ndarray, np.ndarray]:
         slots = np.arange(first, first + length)
@@ -73,9 +74,8 @@ def _sequences(prompt: np.ndarray, chosen: np.ndarray, rejected_prompt: np.ndarr
                      branch=np.concatenate([np.zeros(p), np.ones(c), np.full(r, 2)]),
                      chosen=chain(p, c, p), rejected=chain(p + c, r, p))]
     q = len(rejected_prompt)
-    return [dict(ids=np.concatenate([prompt, chosen]), positions=np.arange(p + c), branch=np.zeros(p + c),
-                 chosen=chain(p, c, p)),
-            dict(ids=np.concatenate([rejected_prompt, rejected]), positions=np.arange(q + r), branch=np.zeros(q + r),
+    return [dict(ids=np.concatenate([prompt, chosen]), positions=np.arange(p + c), chosen=chain(p, c, p)),
+            dict(ids=np.concatenate([rejected_prompt, rejected]), positions=np.arange(q + r),
                  rejected=chain(q, r, q))]
 
 
@@ -135,6 +135,8 @@ def pack_batch(batch: Dict[str, np.ndarray], *, share_prompt: bool, budget: Opti
     chain_len = row_length(max([len(s[side][0]) for _, s in sequences for side in ("chosen", "rejected") if side in s],
                                default=1), buckets)
     out = {name: np.zeros((rows, t), np.int32) for name in ("positions", "segment_ids", "branch_ids")}
+    if not share_prompt:
+        out["branch_ids"] = None
     out["ids"] = np.full((rows, t), pad_id, np.int32)
     for side in ("chosen", "rejected"):
         out[f"{side}_index"] = np.zeros((b, chain_len), np.int32)
@@ -144,7 +146,8 @@ def pack_batch(batch: Dict[str, np.ndarray], *, share_prompt: bool, budget: Opti
         out["ids"][row, start:start + n] = seq["ids"]
         out["positions"][row, start:start + n] = seq["positions"]
         out["segment_ids"][row, start:start + n] = out["segment_ids"][row].max() + 1
-        out["branch_ids"][row, start:start + n] = seq["branch"]
+        if share_prompt:
+            out["branch_ids"][row, start:start + n] = seq["branch"]
         for side in ("chosen", "rejected"):
             if side in seq:
                 slots, mask = seq[side]
