@@ -23,7 +23,8 @@ data.max_length     prompt + response tokens; data.max_prompt_length: prompts ar
 data.buckets        padded sequence lengths (bounded recompilation); () = powers of two
 data.on_bad_row     "error" (stop, naming file/row/field) or "skip" (drop and report)
 data.prefix_sharing each pair as one row [prompt, chosen, rejected]: the prompt runs once, chosen and
-                    rejected see it and not each other (same log-probs; off by default)
+                    rejected see it and not each other (same log-probs; off by default); the SSAPO
+                    judge likewise scores a prompt once with all its samples
 data.packing_budget 0 = off; else pack several pairs per row of this many tokens (segment ids, no
                     attention across pairs); >= max_length, >= 2 * max_length with prefix_sharing
 data.score_columns  (chosen, rejected) per-pair score columns read as chosen_reward /
