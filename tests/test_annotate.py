@@ -8,6 +8,7 @@ called directly with the documented per-batch key. The model is a tiny random de
 word-level test tokenizer of ``test_data.py`` (``wK`` has id ``K + 8``).
 """
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -135,16 +136,45 @@ def test_implicit_rewards_equal_float64_log_softmax_sums_of_unpadded_sequences(p
     output = GenerationOutput(tokens=jnp.asarray(tokens), lengths=jnp.asarray(lengths),
                               finished=jnp.asarray(lengths < t), prompt_index=jnp.repeat(jnp.arange(3), n))
     logps_fn = decoder_logps_fn(MODEL, chunk_size=4)
-    fn = jax.jit(lambda p, r, o: implicit_rewards(logps_fn, p, r, ids, mask, o))
-    got = np.asarray(fn(policy, ref, output))
-    got_beta = np.asarray(jax.jit(lambda p, r, o: implicit_rewards(logps_fn, p, r, ids, mask, o, beta=0.5))(
-        policy, ref, output))
+    # one program: unshared, prefix-shared (each prompt once, in one row with its samples), beta
+    plain, shared, scaled = jax.jit(lambda p, r, o: [implicit_rewards(logps_fn, p, r, ids, mask, o, **kw) for kw in (
+        {}, dict(share_prompt=True), dict(beta=0.5, share_prompt=True))])(policy, ref, output)
     expected = oracle_rewards(policy, ref, [(prompts[row // n], tokens[row, :lengths[row]])
                                             for row in range(len(tokens))]).reshape(3, n)
-    assert got.shape == (3, n)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(got_beta, 0.5 * expected, rtol=1e-5, atol=1e-4)
+    assert plain.shape == shared.shape == (3, n)
+    np.testing.assert_allclose(np.asarray(plain), expected, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(shared), expected, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(scaled), 0.5 * expected, rtol=1e-5, atol=1e-4)
     assert np.abs(expected).min() > 1e-2  # policy and reference really differ
+
+
+def test_shared_prompt_rows_by_hand_and_with_a_sliding_window():
+    """Two prompts (real lengths 2 and 3 of P = 3) with n = 2 samples of T = 2: the row layout
+    written out; then a windowed model (the window counts RoPE positions, not slots) gives the
+    unshared rewards with the prompt shared."""
+    ids = jnp.asarray([[PAD, 11, 12], [13, 14, 15]], jnp.int32)
+    mask = jnp.asarray([[0, 1, 1], [1, 1, 1]], jnp.int32)
+    tokens = jnp.asarray([[21, 22], [23, 0], [24, 25], [26, 27]], jnp.int32)
+    response = jnp.asarray([[1, 1], [1, 0], [1, 1], [1, 1]], bool)
+    row_ids, positions, segments, branches, (index, chain_mask) = annotate_lib.shared_prompt_rows(
+        ids, mask, tokens, response)
+    assert np.asarray(row_ids).tolist() == [[PAD, 11, 12, 21, 22, 23, 0], [13, 14, 15, 24, 25, 26, 27]]
+    assert np.asarray(positions).tolist() == [[0, 0, 1, 2, 3, 2, 3], [0, 1, 2, 3, 4, 3, 4]]
+    assert np.asarray(segments).tolist() == [[0, 1, 1, 1, 1, 1, 0], [1] * 7]
+    assert np.asarray(branches).tolist() == [[0, 0, 0, 1, 1, 2, 2]] * 2
+    assert np.asarray(index).tolist() == [[2, 3, 4], [2, 5, 6], [9, 10, 11], [9, 12, 13]]
+    assert np.asarray(chain_mask).tolist() == [[0, 1, 1], [0, 1, 0], [0, 1, 1], [0, 1, 1]]
+
+    windowed = Decoder(dataclasses.replace(CFG, sliding_window=3))
+    policy, ref = (jax.jit(windowed.init)(jax.random.PRNGKey(k), jnp.zeros((1, 2), jnp.int32)) for k in (2, 3))
+    output = GenerationOutput(tokens=tokens, lengths=jnp.sum(response, axis=1), finished=jnp.zeros(4, bool),
+                              prompt_index=jnp.repeat(jnp.arange(2), 2))
+    logps_fn = decoder_logps_fn(windowed, chunk_size=2)
+    shared, plain = jax.jit(lambda p, r: [implicit_rewards(logps_fn, p, r, ids, mask, output, share_prompt=share)
+                                          for share in (True, False)])(policy, ref)
+    # float32 both ways; the tolerance of tests/test_packing.py (other key layout, same visible keys)
+    np.testing.assert_allclose(np.asarray(shared), np.asarray(plain), rtol=2e-5, atol=2e-4)
+    assert np.abs(np.asarray(plain)).min() > 1e-2  # not vacuous
 
 
 def test_identical_samples_compares_tokens_up_to_each_length():
@@ -253,6 +283,19 @@ def test_annotate_is_deterministic_by_seed_and_resumes_by_batch(policy, ref, ful
     assert tail_report.prompts == 1 and tail_report.start_batch == 2
     other = annotate(MODEL, policy, ref, TOKENIZER, PROMPTS, seed=4, progress=False, **SETTINGS)
     assert [(r["chosen"], r["rejected"]) for r in other] != [(r["chosen"], r["rejected"]) for r in rows]
+
+
+def test_annotate_with_the_prompt_shared_keeps_the_same_pairs(policy, ref, full_run):
+    """Prefix sharing in the judge (``share_prompt``, the pipeline's ``data.prefix_sharing``): the
+    same samples, the same labels, rewards within float32 rounding of the unshared judge's."""
+    rows, _, _ = full_run
+    shared = annotate(MODEL, policy, ref, TOKENIZER, PROMPTS, seed=3, progress=False, share_prompt=True, **SETTINGS)
+    rewards = ("chosen_reward", "rejected_reward")
+    assert [{k: v for k, v in r.items() if k not in rewards} for r in shared] == \
+        [{k: v for k, v in r.items() if k not in rewards} for r in rows]
+    # the tolerance of the float64 oracle above: both judges are float32 of the same sums
+    np.testing.assert_allclose([[r[k] for k in rewards] for r in shared], [[r[k] for k in rewards] for r in rows],
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_dropped_prompts_are_reported_with_reasons(policy, ref, monkeypatch):

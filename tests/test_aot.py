@@ -115,6 +115,33 @@ def test_programs_compile_with_splash_on_a_sharded_mesh(report):
 
 
 @needs_libtpu
+def test_packed_rows_without_sharing_lower_to_splash_with_segment_ids():
+    """On one v5p chip, the gradient of the log-probs of packed rows (2 rows of 128 slots, no
+    branch ids) holds splash's forward and two backward kernels per layer, their "segmented"
+    variants: the rows' segment ids are the kernel's (shared rows fall back to the einsum:
+    tests/test_packing.py)."""
+    import dataclasses
+
+    from sgpo_jax import compat
+    from sgpo_jax.models.logps import packed_pair_logps
+    from sgpo_jax.models.packed import PackedPairs
+
+    one_chip = jax.sharding.SingleDeviceSharding(aot.target_devices(aot.parse_target("v5p-8"))[0])
+    model = Decoder(dataclasses.replace(_model(_config(), 256), attention="splash"))
+    spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_chip)
+    params = jax.tree.map(spec, jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))))
+    rows, chains = jax.ShapeDtypeStruct((2, 128), jnp.int32, sharding=one_chip), \
+        jax.ShapeDtypeStruct((4, 64), jnp.int32, sharding=one_chip)
+    packed = PackedPairs(ids=rows, positions=rows, segment_ids=rows, branch_ids=None, chosen_index=chains,
+                         chosen_mask=chains, rejected_index=chains, rejected_mask=chains)
+    loss = lambda p, b: sum(jnp.sum(x) for x in packed_pair_logps(model, p, b))
+    with compat.compile_target("tpu"):
+        text = jax.jit(jax.grad(loss)).lower(params, packed).compile().as_text()
+    kernels = [line for line in text.splitlines() if "tpu_custom_call" in line]
+    assert len(kernels) == 3 * LAYERS and all("splash_mqa" in k and "_segmented" in k for k in kernels)
+
+
+@needs_libtpu
 def test_step_arguments_are_the_sharded_state_exactly(report):
     """XLA's per-chip argument bytes of the step = the state's (params, AdamW moments, step, rng)
     and the batch's per-chip shards, each from its global shape, dtype and jax's shard shape under

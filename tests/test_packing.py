@@ -2,6 +2,7 @@
 batch. The oracle is the naive per-row computation (``sequence_logps`` of the decoder's full logits
 on each chosen and rejected row alone), which never sees a segment id or a shared prompt."""
 
+import dataclasses
 import json
 
 import jax
@@ -169,6 +170,35 @@ def test_attention_kernel_fallback_says_once(monkeypatch):
     assert sum("using 'xla' instead of 'cudnn' for packed or prefix-shared rows" in line for line in lines) == 1
 
 
+def test_packed_rows_without_sharing_run_splash_on_their_segment_ids(monkeypatch):
+    """Packing alone: splash (Pallas interpret mode on CPU, as in tests/test_attention.py) takes the
+    rows' segment ids, its local mask in slots being the sliding window in positions; the
+    log-probs equal the einsum's (the backward kernels take the same mask and segment ids; their
+    gradients are checked in tests/test_attention.py). Shared rows still fall back to the einsum."""
+    monkeypatch.setattr(attention, "_CPU_STANDIN", True)
+    calls = []
+    real_splash = attention._attend_splash_local
+    monkeypatch.setattr(attention, "_attend_splash_local", lambda *a: calls.append(1) or real_splash(*a))
+    cfg = small_cfg(sliding_window=3)
+    params = random_params(cfg, scale=0.3)
+    packed = preference_batch(pack_batch(batch_dict(False), share_prompt=False, budget=128)).packed
+    assert packed.branch_ids is None and packed.ids.shape == (1, 128)  # splash's block: 128 slots
+
+    def logps(attention_kernel):
+        logps_fn = decoder_logps_fn(Decoder(dataclasses.replace(cfg, attention=attention_kernel)), chunk_size=4)
+        return np.asarray(jax.jit(logps_fn.packed)(params, packed))
+
+    want, got = logps("xla"), logps("splash")
+    assert len(calls) == 2  # both layers ran splash
+    # the float32 reasons at ATOL; key padding alone as segment ids (sequences seeing each other)
+    # would move them by O(1)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    assert np.all(want[:, [0, 1, 2, 4]] < -1.0)  # not vacuous
+    shared = preference_batch(pack_batch(batch_dict(False), share_prompt=True, budget=128)).packed
+    jax.eval_shape(decoder_logps_fn(Decoder(dataclasses.replace(cfg, attention="splash"))).packed, params, shared)
+    assert len(calls) == 2  # branches: the einsum (traced only)
+
+
 @pytest.mark.parametrize("mode, layout", [("dpo", "shared"), ("sgpo", "shared_packed")])
 def test_a_step_on_packed_pairs_equals_the_unpacked_step(mode, layout):
     cfg = small_cfg()
@@ -196,8 +226,43 @@ def test_a_step_on_packed_pairs_equals_the_unpacked_step(mode, layout):
         np.testing.assert_allclose(np.asarray(p - x), np.asarray(p - y), rtol=1e-4, atol=1e-5)
     assert np.allclose(np.asarray(chosen_rejected_logps(state.logps_fn, params, packed)[1]),
                        np.asarray(chosen_rejected_logps(state.logps_fn, params, plain)[1]), rtol=RTOL, atol=ATOL)
-    with pytest.raises(ValueError, match="cannot be split into micro-batches"):
+    with pytest.raises(ValueError, match="laid out in 1 group\\(s\\) of rows cannot be split into 5 micro-batches"):
         sgpo_step(state.replace(config=SGPOConfig(mode=mode, micro_batches=5)), packed)
+
+
+def test_micro_batched_packed_steps_equal_the_unpacked_micro_batched_step():
+    """Six pairs (the batch plus a copy of pair 0) in 2 micro-batches: each group packed into its
+    own rows (shared and packed), and the step (the in-step follower seeing the whole batch, a
+    forward pass then one value_and_grad per micro-batch) equals the unpacked micro-batched one."""
+    mode, layout = "sgpo", "shared_packed"
+    cfg = small_cfg()
+    model = Decoder(cfg)
+    params = random_params(cfg, scale=0.3)
+    batch = {k: np.concatenate([v, v[:1]]) for k, v in batch_dict(False).items()}
+    ref = (np.linspace(-30, -20, 4), np.linspace(-25, -28, 4))
+    config = SGPOConfig(mode=mode, epsilon=0.1, beta=0.5, micro_batches=2)
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(1.0), config=config,
+                              rng=jax.random.PRNGKey(0), logps_fn=decoder_logps_fn(model, chunk_size=4))
+    grouped = pack_batch(batch, **LAYOUTS[layout], groups=2)
+    rows = grouped["packed_segment_ids"].shape[0] // 2
+    for g, pairs in enumerate(([0, 1, 2], [4, 5])):  # group g's chains lie in its own rows
+        for side in ("chosen", "rejected"):
+            slots = grouped[f"packed_{side}_index"][pairs][grouped[f"packed_{side}_mask"][pairs] > 0]
+            assert np.all(slots // grouped["packed_ids"].shape[1] // rows == g), (g, side)
+    step = jax.jit(sgpo_step)
+    a_state, a = step(state, preference_batch(batch, ref))
+    b_state, b = step(state, preference_batch(grouped, ref))
+    for name in a:  # same float32 reasoning as ATOL; loss and follower values are O(1)
+        np.testing.assert_allclose(float(b[name]), float(a[name]), rtol=1e-4, atol=1e-5, err_msg=name)
+    assert float(a["grad_norm"]) > 1e-3
+    for x, y, p in zip(jax.tree.leaves(b_state.params), jax.tree.leaves(a_state.params), jax.tree.leaves(params)):
+        np.testing.assert_allclose(np.asarray(p - x), np.asarray(p - y), rtol=1e-4, atol=1e-5)  # the gradients
+    atoms = (np.zeros((4, 2)), np.full((4, 2), 0.5))  # precomputed atoms (the epoch follower) keep the layout
+    assert preference_batch(grouped, ref, atoms).packed.groups == 2
+    # the whole grouped batch still scores right in one pass (the reference and follower passes)
+    whole = chosen_rejected_logps(state.logps_fn, params, preference_batch(grouped, ref))
+    np.testing.assert_allclose(np.asarray(whole[0]), np.asarray(naive_logps(model, params, batch)[0]), rtol=RTOL,
+                               atol=ATOL)
 
 
 @pytest.fixture(scope="module")
@@ -206,12 +271,14 @@ def tiny_files(tmp_path_factory):
 
 
 def test_training_runs_with_sharing_and_packing_match_the_default_run(tiny_files, tmp_path, monkeypatch):
-    """The run's cached reference pass, epoch follower and steps all take the packed layout."""
+    """The run's cached reference pass, epoch follower and steps all take the packed layout (the
+    packed run also splits its steps into 2 micro-batches, each its own group of packed rows)."""
     monkeypatch.syspath_prepend(str(ROOT))
     runs = {}
     # DPO: at step 1 the policy is the reference, so every margin is 0 up to rounding, and the
     # follower's choice among those ties would follow the rounding of each layout
-    for name, extra in (("plain", {}), ("shared_packed", dict(data__prefix_sharing=True, data__packing_budget=128))):
+    for name, extra in (("plain", {}), ("shared_packed", dict(data__prefix_sharing=True, data__packing_budget=128,
+                                                              train__micro_batches=2))):
         runner.run(tiny(*tiny_files, data__limit=16, train__epochs=1, train__mode="dpo", export=False, **extra),
                    tmp_path / name)
         runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]

@@ -264,8 +264,23 @@ def _numerator(config: SGPOConfig, support, pc: Array, pr: Array, mb: Preference
 
 
 def _split(tree: Any, parts: int) -> Any:
-    """``[B, ...] -> [parts, B / parts, ...]`` on every leaf."""
-    return jax.tree.map(lambda x: x.reshape(parts, x.shape[0] // parts, *x.shape[1:]), tree)
+    """``[B, ...] -> [parts, B / parts, ...]`` on every leaf; a
+    :class:`~sgpo_jax.models.packed.PackedPairs` laid out in ``parts`` groups splits into its
+    groups' rows ``[parts, R, T]`` and pairs, each group's chains re-based to its own rows: an
+    entry ``c`` of group ``g`` becomes ``max(c - g R T, 0)`` (every real entry of the group lies in
+    its rows, so only the unused zero entries are clipped)."""
+    def leaves(x):
+        return x.reshape(parts, x.shape[0] // parts, *x.shape[1:])
+
+    def split(node):
+        if not isinstance(node, PackedPairs):
+            return jax.tree.map(leaves, node)
+        out = jax.tree.map(leaves, node)
+        offset = (jnp.arange(parts, dtype=out.ids.dtype) * out.ids[0].size)[:, None, None]
+        rebase = lambda index: jnp.maximum(index - offset, 0)
+        return out.replace(chosen_index=rebase(out.chosen_index), rejected_index=rebase(out.rejected_index))
+
+    return jax.tree.map(split, tree, is_leaf=lambda node: isinstance(node, PackedPairs))
 
 
 _METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -290,13 +305,15 @@ def sgpo_step(state: TrainState, batch: PreferenceBatch) -> Tuple[TrainState, Di
     the loss depends on the parameters only through :math:`\ell`, the atoms are constants. With
     several micro-batches and the in-step follower (or a coupled ``loss_type``), a forward pass
     computes all margins first (the follower and the coupling need the whole batch), then each
-    micro-batch runs ``value_and_grad``.
+    micro-batch runs ``value_and_grad``. A packed batch (``batch.packed``) splits into
+    micro-batches only when laid out in as many groups of rows (``pack_batch(..., groups=m)``):
+    each micro-batch then holds its own rows and pairs (:func:`_split`).
     """
     config = state.config
     parts = config.micro_batches
-    if parts > 1 and batch.packed is not None:
-        raise ValueError("packed batches (prefix sharing, packing) cannot be split into micro-batches; "
-                         "use micro_batches=1")
+    if parts > 1 and batch.packed is not None and batch.packed.groups != parts:
+        raise ValueError(f"a packed batch laid out in {batch.packed.groups} group(s) of rows cannot be split into "
+                         f"{parts} micro-batches: pack it with pack_batch(..., groups={parts})")
     if batch.weight.shape[0] % parts:
         raise ValueError(f"batch of {batch.weight.shape[0]} pairs is not divisible into {parts} micro-batches")
     extra: Dict[str, Array] = {}

@@ -214,10 +214,11 @@ def preference_batch(batch: Dict[str, np.ndarray], ref: Optional[Tuple[np.ndarra
     tokens = {f.name: batch[f.name] for f in dataclasses.fields(PreferenceBatch) if f.name in batch}
     extra = {}
     if "packed_ids" in batch:  # a pack_batch dict
-        extra["packed"] = PackedPairs(**{name: batch[f"packed_{name}"] for name in PACKED_FIELDS})
+        extra["packed"] = PackedPairs(**{name: batch[f"packed_{name}"] for name in PACKED_FIELDS},
+                                      groups=int(batch["packed_groups"]))
     if atoms is not None:
         shift, mass = atoms
-        extra = dict(atom_shift=np.where(real[:, None], shift[rows], 0).astype(np.float32),
+        extra.update(atom_shift=np.where(real[:, None], shift[rows], 0).astype(np.float32),
                      atom_mass=np.where(real[:, None], mass[rows], 0).astype(np.float32))
         if support is not None:
             extra["support"] = np.tile(np.asarray(support, np.float32), (index.shape[0], 1))

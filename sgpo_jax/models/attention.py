@@ -168,15 +168,16 @@ def _attend_dot_product(q: Array, k: Array, v: Array, key_valid: Array, cfg: Any
     return out.reshape(b, t, kh, g, d)
 
 
-def _attend_splash_local(q: Array, k: Array, v: Array, key_valid: Array, cfg: Any) -> Array:
+def _attend_splash_local(q: Array, k: Array, v: Array, segments: Array, cfg: Any) -> Array:
     r"""Pallas' TPU splash attention of the rows and heads on one device.
 
-    Shapes as :func:`_attend_dot_product`. One MQA kernel per key/value head (its ``G`` query
-    heads share the head's keys), ``vmap``-ed over key/value heads and the batch. The causal
-    (``CausalMask``) or windowed (``LocalMask`` with window ``(w - 1, 0)``) mask is static; the
-    padding comes in as segment ids (1 real, 0 padding), so a real query attends only real keys;
-    a padding query attends padding keys (never none, so never a division by zero). Splash does
-    not scale the scores: ``q`` is multiplied by ``D ** -0.5`` first.
+    Shapes as :func:`_attend_dot_product`, ``segments [B, T]`` int. One MQA kernel per key/value
+    head (its ``G`` query heads share the head's keys), ``vmap``-ed over key/value heads and the
+    batch. The causal (``CausalMask``) or windowed (``LocalMask`` with window ``(w - 1, 0)``) mask
+    is static; the padding (and the sequences of packed rows) come in as segment ids: a query
+    attends only keys of its own segment, so a padding query (segment 0) attends padding keys
+    (never none, so never a division by zero). Splash does not scale the scores: ``q`` is
+    multiplied by ``D ** -0.5`` first.
     """
     kernel_lib, mask_lib = compat.splash_attention()
     b, t, kh, g, d = q.shape
@@ -186,8 +187,6 @@ def _attend_splash_local(q: Array, k: Array, v: Array, key_valid: Array, cfg: An
         base = mask_lib.LocalMask(shape=(t, t), window_size=(cfg.sliding_window - 1, 0), offset=0)
     kernel = kernel_lib.make_splash_mqa_single_device(mask_lib.MultiHeadMask([base] * g),
                                                       interpret=_CPU_STANDIN)
-    segments = key_valid.astype(jnp.int32)
-
     def one_kv_head(q_, k_, v_, seg):  # [G, T, D], [T, D], [T, D], [T]
         return kernel(q_, k_, v_, segment_ids=kernel_lib.SegmentIds(q=seg, kv=seg))
 
@@ -197,7 +196,7 @@ def _attend_splash_local(q: Array, k: Array, v: Array, key_valid: Array, cfg: An
     return out.astype(q.dtype).transpose(0, 3, 1, 2, 4)
 
 
-def _attend_splash(q: Array, k: Array, v: Array, key_valid: Array, cfg: Any) -> Array:
+def _attend_splash(q: Array, k: Array, v: Array, segments: Array, cfg: Any) -> Array:
     """Splash attention on the activation mesh (:func:`~sgpo_jax.parallel.sharding.activation_sharding`):
     under ``shard_map`` with the rows split over the mesh's batch axes (``data``, ``fsdp``) and the
     key/value heads over ``tensor``, each where the sizes divide (else that dimension is
@@ -206,7 +205,7 @@ def _attend_splash(q: Array, k: Array, v: Array, key_valid: Array, cfg: Any) -> 
     mixes rows or key/value heads, so the blocks are independent."""
     mesh = current_activation_mesh()
     if mesh is None or mesh.size == 1:
-        return _attend_splash_local(q, k, v, key_valid, cfg)
+        return _attend_splash_local(q, k, v, segments, cfg)
     b, kh = q.shape[0], q.shape[2]
     batch_axes, ways = batch_split(mesh)
     rows = batch_axes if batch_axes and b % ways == 0 else None
@@ -214,12 +213,15 @@ def _attend_splash(q: Array, k: Array, v: Array, key_valid: Array, cfg: Any) -> 
     spec_q, spec_kv, spec_valid = P(rows, None, heads, None, None), P(rows, None, heads, None), P(rows, None)
     local = compat.shard_map(lambda q_, k_, v_, m_: _attend_splash_local(q_, k_, v_, m_, cfg), mesh,
                              in_specs=(spec_q, spec_kv, spec_kv, spec_valid), out_specs=spec_q)
-    return local(q, k, v, key_valid)
+    return local(q, k, v, segments)
 
 
-def attend_fused(kernel: str, q: Array, k: Array, v: Array, key_valid: Array, cfg: Any) -> Array:
+def attend_fused(kernel: str, q: Array, k: Array, v: Array, key_valid: Array, cfg: Any,
+                 segments: Optional[Array] = None) -> Array:
     """Causal self-attention of a whole chunk with the fused ``kernel`` (``"cudnn"`` or
     ``"splash"``, as :func:`attention_kernel` chose): ``q [B, T, K, G, D]``, ``k, v [B, T, K, D]``,
-    ``key_valid [B, T]`` (True at real tokens) -> ``[B, T, K, G, D]``."""
-    attend = {"cudnn": _attend_dot_product, "splash": _attend_splash}[kernel]
-    return attend(q, k, v, key_valid, cfg)
+    ``key_valid [B, T]`` (True at real tokens) -> ``[B, T, K, G, D]``. ``segments`` (splash only):
+    ``[B, T]`` int segment ids of packed rows, 0 at padding (default: ``key_valid`` as 1 / 0)."""
+    if kernel == "cudnn":
+        return _attend_dot_product(q, k, v, key_valid, cfg)
+    return _attend_splash(q, k, v, key_valid.astype(jnp.int32) if segments is None else segments, cfg)

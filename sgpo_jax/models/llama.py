@@ -458,7 +458,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, layer_cache: Optional[Tuple[Array, Array]], cos: Array, sin: Array,
-                 mask: Array, cache_index: Optional[Array]) -> Tuple[Array, Optional[Tuple[Array, Array]]]:
+                 mask: Array, cache_index: Optional[Array], segments: Optional[Array] = None
+                 ) -> Tuple[Array, Optional[Tuple[Array, Array]]]:
         """Attention output.
 
         Args:
@@ -467,6 +468,9 @@ class Attention(nn.Module):
           cos, sin: ``[B, T, D]`` RoPE tables of the chunk's positions.
           mask: ``[B, T, S]`` bool (``S = T`` without a cache), True where query may attend key.
           cache_index: int32 scalar slot of the chunk's first token (with a cache).
+          segments: ``None``, or ``[B, T]`` int segment ids (packed rows without branches, 0 =
+            padding) for splash, whose segment ids then express ``mask`` exactly
+            (:meth:`Decoder.__call__`).
 
         Returns ``([B, T, H], updated (k, v) or None)``.
         """
@@ -484,7 +488,7 @@ class Attention(nn.Module):
         kernel = "xla" if layer_cache is not None or self.is_initializing() else attention_kernel(cfg, t)
         if kernel != "xla":  # fused kernels: the whole chunk at once, key padding from the mask's diagonal
             key_valid = jnp.diagonal(mask, axis1=1, axis2=2)  # [B, T]: slot j is a real token
-            out = attend_fused(kernel, q, k, v, key_valid, cfg).reshape(b * t, kh * g * d)
+            out = attend_fused(kernel, q, k, v, key_valid, cfg, segments).reshape(b * t, kh * g * d)
             return _dense(cfg, cfg.hidden_size, "o_proj")(out).reshape(b, t, cfg.hidden_size), layer_cache
         # Head-major: q [B, K, T, G, D] (query head = kv_head * G + group, transformers' repeat_kv),
         # k/v [B, K, T, D].
@@ -527,11 +531,12 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, layer_cache: Optional[Tuple[Array, Array]], cos: Array, sin: Array,
-                 mask: Array, cache_index: Optional[Array]) -> Tuple[Array, Optional[Tuple[Array, Array]]]:
+                 mask: Array, cache_index: Optional[Array], segments: Optional[Array] = None
+                 ) -> Tuple[Array, Optional[Tuple[Array, Array]]]:
         """``x [B, T, H] -> ([B, T, H], updated layer cache)``; other arguments as :class:`Attention`."""
         cfg = self.cfg
         h, layer_cache = Attention(cfg, name="self_attn")(_norm(cfg, "input_layernorm")(x), layer_cache, cos, sin,
-                                                           mask, cache_index)
+                                                           mask, cache_index, segments)
         x = x + h
         x = x + MLP(cfg, name="mlp")(_norm(cfg, "post_attention_layernorm")(x))
         return constrain_batch(x), layer_cache
@@ -580,9 +585,11 @@ class Decoder(nn.Module):
           segment_ids, branch_ids: ``None``, or ``[B, T]`` int arrays for rows that hold several
             sequences (packed pairs, a prompt shared by its two responses; see
             :func:`segment_mask`), without a cache; ``positions`` is then required and
-            ``attention_mask`` defaults to ``segment_ids > 0``. The fused kernels cannot take
-            this mask, so such calls run the ``"xla"`` einsum (saying so once where the config
-            asked for another kernel).
+            ``attention_mask`` defaults to ``segment_ids > 0``. Without ``branch_ids`` (packing
+            alone) splash takes the mask as its segment ids (its causal or local mask in slots
+            equals the mask's, positions being consecutive within a sequence); otherwise (branches,
+            or cuDNN) such calls run the ``"xla"`` einsum (saying so once where the config asked
+            for another kernel).
 
         Returns ``logits [B, T, V]`` (or ``hidden [B, T, H]``) in the compute dtype; with a cache,
         ``(logits or hidden, new_cache)``.
@@ -606,10 +613,11 @@ class Decoder(nn.Module):
         if cfg.sliding_window is not None:
             visible &= k_slot[None, :] > q_slot[:, None] - cfg.sliding_window
         mask = key_valid[:, None, :] & visible[None]  # [B, T, S]
-        layer_cfg = cfg
+        layer_cfg, segments = cfg, None
         if segment_ids is not None:
             mask = segment_mask(segment_ids, branch_ids, positions, cfg.sliding_window) & key_valid[:, None, :]
-            layer_cfg = _segment_layer_config(cfg, t)
+            layer_cfg = _segment_layer_config(cfg, t, branch_ids is not None)
+            segments = segment_ids.astype(jnp.int32) if layer_cfg.attention == "splash" else None
         cos, sin = _rope_cos_sin(cfg, positions)
 
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
@@ -618,14 +626,14 @@ class Decoder(nn.Module):
         layer = nn.remat(DecoderLayer, prevent_cse=not cfg.scan_layers) if cfg.remat else DecoderLayer
         if cfg.scan_layers:
             stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                             length=cfg.num_hidden_layers)
-            x, kv = stack(layer_cfg, name="layers")(x, kv, cos, sin, mask, index)
+            x, kv = stack(layer_cfg, name="layers")(x, kv, cos, sin, mask, index, segments)
         else:
             new_kv = []
             for i in range(cfg.num_hidden_layers):
                 layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-                x, layer_kv = layer(layer_cfg, name=f"layers_{i}")(x, layer_kv, cos, sin, mask, index)
+                x, layer_kv = layer(layer_cfg, name=f"layers_{i}")(x, layer_kv, cos, sin, mask, index, segments)
                 new_kv.append(layer_kv)
             if kv is not None:
                 kv = tuple(zip(*new_kv))  # per-layer buffers: (k_0, ..., k_{L-1}), (v_0, ...)
@@ -693,12 +701,20 @@ def segment_mask(segment_ids: Array, branch_ids: Optional[Array], positions: Arr
     return mask
 
 
-def _segment_layer_config(cfg: DecoderConfig, t: int) -> DecoderConfig:
-    """The layers' config for a :func:`segment_mask`: the ``"xla"`` einsum (the fused kernels take
-    a causal or windowed mask plus key padding only; splash's segment ids cannot let two branches
-    see one prompt but not each other) and no slot-based window (the mask holds it in positions,
-    so every query block scores all keys before it). Says once per kernel when it replaces one."""
+def _segment_layer_config(cfg: DecoderConfig, t: int, branches: bool) -> DecoderConfig:
+    """The layers' config for a :func:`segment_mask`.
+
+    Splash without ``branches`` (packed sequences only): the config itself, its segment ids being
+    the rows' (query ``i`` sees key ``j`` iff ``s_i = s_j`` and the causal, or local, mask in
+    slots allows it; within a sequence slots and RoPE positions differ by a constant, so a
+    window in slots is the mask's window in positions; a padding query, ``s = 0``, sees padding
+    keys, and its output is unused). Else the ``"xla"`` einsum (cuDNN takes a causal or windowed
+    mask plus key padding only; splash's segment ids cannot let two branches see one prompt but
+    not each other) and no slot-based window (the mask holds it in positions, so every query
+    block scores all keys before it). Says once per kernel when it replaces one."""
     kernel = attention_kernel(cfg, t) if cfg.attention != "xla" else "xla"
+    if kernel == "splash" and not branches:
+        return dataclasses.replace(cfg, attention="splash")
     if kernel != "xla":
         say_once(f"attention={cfg.attention!r}: using 'xla' instead of {kernel!r} for packed or prefix-shared rows "
             "(the kernel cannot express their mask)")

@@ -35,7 +35,7 @@ more head matmul (the forward logits are recomputed in the backward pass).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,7 @@ Array = jax.Array
 DEFAULT_CHUNK_SIZE = 64
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "METHODS", "chosen_rejected_logps", "chunked_sequence_logps", "decoder_logps_fn",
-           "packed_pair_logps"]
+           "packed_pair_logps", "segment_logps"]
 
 
 METHODS = ("custom_vjp", "checkpoint")
@@ -217,7 +217,10 @@ def decoder_logps_fn(model: Decoder, *, chunk_size: int = DEFAULT_CHUNK_SIZE, me
     The returned function also carries ``logps_fn.packed(params, packed) -> (chosen [B],
     rejected [B])``: :func:`packed_pair_logps` of this model (same ``chunk_size`` and ``method``)
     for batches laid out as :class:`~sgpo_jax.models.packed.PackedPairs` (prefix sharing,
-    packing), which :func:`chosen_rejected_logps` uses when a batch carries one.
+    packing), which :func:`chosen_rejected_logps` uses when a batch carries one; and
+    ``logps_fn.segments(params, ids, positions, segment_ids, branch_ids, chains)``:
+    :func:`segment_logps` of this model (e.g. a prompt shared by ``n`` samples, in the judge of
+    :func:`sgpo_jax.ssapo.annotate.implicit_rewards`).
     """
     if response_length is not None and (not isinstance(response_length, int) or isinstance(response_length, bool)
                                         or response_length < 1):
@@ -242,34 +245,46 @@ def decoder_logps_fn(model: Decoder, *, chunk_size: int = DEFAULT_CHUNK_SIZE, me
                             lambda h: score(h, input_ids, loss_mask), hidden)
 
     logps_fn.packed = functools.partial(packed_pair_logps, model, chunk_size=chunk_size, method=method)
+    logps_fn.segments = functools.partial(segment_logps, model, chunk_size=chunk_size, method=method)
     return logps_fn
+
+
+def segment_logps(model: Decoder, params: Mapping[str, Any], ids: Array, positions: Array, segment_ids: Array,
+                  branch_ids: Array, chains: Sequence[Tuple[Array, Array]], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                  method: str = "custom_vjp") -> Tuple[Array, ...]:
+    r"""Sequence log-probs of responses laid out in rows of several sequences and branches
+    (:func:`sgpo_jax.models.llama.segment_mask`): one decoder pass over the ``[R, T]`` rows
+    (``Decoder.__call__`` with ``segment_ids``, ``branch_ids`` and ``positions``) to the final
+    normed hidden states ``h [R, T, H]``, then per ``(index [K, L], mask [K, L])`` of ``chains``
+    the chain of flat slots ``c = index`` gathered, :math:`\tilde h_{k,l} = h_{c_{k,l}}`,
+    :math:`\tilde x_{k,l} = x_{c_{k,l}}`, and scored by :func:`chunked_sequence_logps`
+    (``hidden[:, l]`` predicts token ``l + 1``):
+    :math:`\log p(y_k) = \sum_{l \ge 1} m_{k,l} \log \mathrm{softmax}(\tilde h_{k,l-1} W)_{\tilde x_{k,l}}`.
+    ``c_{k,0}`` is the slot before the response (the prompt's last token), so a response in a
+    branch after another one is still predicted from its own prompt. Returns one ``[K]`` per
+    chain set. The gather's transpose adds the gradients of a slot used by several chains (a
+    shared prompt). ``params`` is ``{"params": ...}`` or the inner dict."""
+    cfg = model.cfg
+    variables = params if set(params) == {"params"} else {"params": params}
+    hidden = model.apply(variables, ids, None, positions, return_hidden=True, segment_ids=segment_ids,
+                         branch_ids=branch_ids)
+    head = output_head(variables, cfg).astype(cfg.dtype)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_ids = ids.reshape(-1)
+    return tuple(chunked_sequence_logps(jnp.take(flat_hidden, index, axis=0), head, jnp.take(flat_ids, index), mask,
+                                        chunk_size=chunk_size, tied=cfg.tie_word_embeddings, method=method)
+                 for index, mask in chains)
 
 
 def packed_pair_logps(model: Decoder, params: Mapping[str, Any], packed: PackedPairs, *,
                       chunk_size: int = DEFAULT_CHUNK_SIZE, method: str = "custom_vjp") -> Tuple[Array, Array]:
-    r"""``(chosen [B], rejected [B])`` sequence log-probs of pairs packed into rows
-    (:class:`~sgpo_jax.models.packed.PackedPairs`): one decoder pass over its ``[R, T]`` rows
-    (``Decoder.__call__`` with ``segment_ids``, ``branch_ids`` and ``positions``) to the final
-    normed hidden states ``h [R, T, H]``, then per side the chain ``c [B, L]`` of flat slots
-    gathered, :math:`\tilde h_{b,l} = h_{c_{b,l}}`, :math:`\tilde x_{b,l} = x_{c_{b,l}}`, and
-    scored by :func:`chunked_sequence_logps` (``hidden[:, l]`` predicts token ``l + 1``), so
-    :math:`\log p(y_b) = \sum_{l \ge 1} m_{b,l} \log \mathrm{softmax}(\tilde h_{b,l-1} W)_{\tilde x_{b,l}}`.
-    Equal to :func:`chosen_rejected_logps` of the unpacked batch up to float rounding, values and
-    gradients (the gather's transpose adds the gradients of a shared prompt's two uses).
-    ``params`` is ``{"params": ...}`` or the inner dict."""
-    cfg = model.cfg
-    variables = params if set(params) == {"params"} else {"params": params}
-    hidden = model.apply(variables, packed.ids, None, packed.positions, return_hidden=True,
-                         segment_ids=packed.segment_ids, branch_ids=packed.branch_ids)
-    head = output_head(variables, cfg).astype(cfg.dtype)
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_ids = packed.ids.reshape(-1)
-
-    def side(index: Array, mask: Array) -> Array:
-        return chunked_sequence_logps(jnp.take(flat_hidden, index, axis=0), head, jnp.take(flat_ids, index), mask,
-                                      chunk_size=chunk_size, tied=cfg.tie_word_embeddings, method=method)
-
-    return side(packed.chosen_index, packed.chosen_mask), side(packed.rejected_index, packed.rejected_mask)
+    """``(chosen [B], rejected [B])`` sequence log-probs of pairs packed into rows
+    (:class:`~sgpo_jax.models.packed.PackedPairs`): :func:`segment_logps` of its rows with the
+    chosen and the rejected chains. Equal to :func:`chosen_rejected_logps` of the unpacked batch
+    up to float rounding, values and gradients."""
+    return segment_logps(model, params, packed.ids, packed.positions, packed.segment_ids, packed.branch_ids,
+                         ((packed.chosen_index, packed.chosen_mask), (packed.rejected_index, packed.rejected_mask)),
+                         chunk_size=chunk_size, method=method)
 
 
 def _response_window(loss_mask: Array, width: int) -> Tuple[Array, Array]:

@@ -26,6 +26,8 @@ follow it in the row).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 from flax import struct
 
@@ -43,19 +45,24 @@ class PackedPairs:
       positions: ``[R, T]`` RoPE positions, restarting at 0 per sequence (and for rejected, at
         the prompt's length when the prompt is shared).
       segment_ids: ``[R, T]`` the sequence of each slot within its row, ``1, 2, ...``; 0 = padding.
-      branch_ids: ``[R, T]`` 0 on tokens every branch of the sequence sees (the prompt, or the
-        whole sequence without sharing), 1 chosen, 2 rejected when the prompt is shared.
+      branch_ids: ``[R, T]`` 0 on tokens every branch of the sequence sees (the prompt), 1
+        chosen, 2 rejected, when the prompt is shared; ``None`` without sharing (every
+        sequence one branch), which lets splash attention run on the segment ids.
       chosen_index, rejected_index: ``[B, L]`` each pair's chain of flat slots ``row * T + slot``
         (``c_0`` the prompt's last token, then the response's tokens; 0 past the end).
       chosen_mask, rejected_mask: ``[B, L]``, 1 at chain entries ``l >= 1`` that are response
         tokens to score; a padding pair (weight 0) has none.
+      groups: static; ``m`` when the pairs were laid out in ``m`` groups of rows for ``m``
+        micro-batches (:func:`sgpo_jax.data.packing.pack_batch` ``groups``): rows
+        ``[g R, (g + 1) R)`` hold exactly pairs ``[g B / m, (g + 1) B / m)``.
     """
 
     ids: Array
     positions: Array
     segment_ids: Array
-    branch_ids: Array
+    branch_ids: Optional[Array]
     chosen_index: Array
     chosen_mask: Array
     rejected_index: Array
     rejected_mask: Array
+    groups: int = struct.field(pytree_node=False, default=1)

@@ -23,7 +23,8 @@ Pipeline (:func:`annotate`), per batch of ``batch_size`` prompts:
    (:func:`sgpo_jax.ssapo.sampling.decode_text`); with ``stop_strings`` a sample is cut to the longest
    token prefix whose text ends before the first stop string, and that prefix is what is scored
    and stored (text and reward always describe the same tokens);
-3. on device, one jitted call: :func:`implicit_rewards` under the policy and the reference, then
+3. on device, one jitted call: :func:`implicit_rewards` under the policy and the reference
+   (with ``share_prompt``, each prompt computed once for all its samples), then
    :func:`select_pairs`;
 4. rows for the kept prompts; the others are reported with a reason (:data:`DROP_REASONS`).
 
@@ -68,7 +69,7 @@ Array = jax.Array
 LogpsFn = Callable[[Any, Array, Array, Array], Array]
 
 __all__ = ["AnnotatedRows", "AnnotationReport", "DROP_EMPTY", "DROP_IDENTICAL", "DROP_REASONS", "STRATEGIES",
-           "annotate", "identical_samples", "implicit_rewards", "select_pairs"]
+           "annotate", "identical_samples", "implicit_rewards", "select_pairs", "shared_prompt_rows"]
 
 STRATEGIES = ("best_worst", "max_chosen")
 DROP_EMPTY = "fewer than two non-empty samples"
@@ -82,7 +83,7 @@ DROP_REASONS = (DROP_EMPTY, DROP_IDENTICAL)
 
 
 def implicit_rewards(logps_fn: LogpsFn, policy_params: Any, ref_params: Any, prompt_ids: Array, prompt_mask: Array,
-                     output: GenerationOutput, *, beta: Optional[float] = None) -> Array:
+                     output: GenerationOutput, *, beta: Optional[float] = None, share_prompt: bool = False) -> Array:
     r"""Implicit rewards of generated samples, ``[B, n]``, on device and jittable.
 
     Row ``r`` of ``output`` (prompt ``output.prompt_index[r]``) becomes the sequence
@@ -95,15 +96,26 @@ def implicit_rewards(logps_fn: LogpsFn, policy_params: Any, ref_params: Any, pro
 
     with ``beta = None`` meaning no factor (the authors' score).
 
+    ``share_prompt`` (prefix sharing, as ``data.prefix_sharing`` in training) scores the same
+    sequences with each prompt computed once: prompt ``b`` and its ``n`` samples become one row
+    ``[prompt_ids[b], y_{b,1}, ..., y_{b,n}]`` of ``P + nT`` slots (:func:`shared_prompt_rows`),
+    every sample a branch that sees the prompt and itself, its RoPE positions restarting at the
+    prompt's length, so every token has the hidden state of its unshared row; the log-probs are
+    :func:`sgpo_jax.models.logps.segment_logps` (``logps_fn.segments``) of the samples' chains.
+    The prompt's work drops from ``n`` times to once per prompt; the result is the unshared one
+    up to float rounding (the softmax runs over a differently laid out, masked key set).
+
     Args:
       logps_fn: ``logps_fn(params, ids, attention, loss_mask) -> [N]`` summed log-probs, e.g.
-        :func:`sgpo_jax.models.decoder_logps_fn` of the model.
+        :func:`sgpo_jax.models.decoder_logps_fn` of the model (which also carries the
+        ``logps_fn.segments`` that ``share_prompt`` needs).
       policy_params, ref_params: the two models' variables.
       prompt_ids: ``[B, P]`` int prompts as given to :func:`~sgpo_jax.ssapo.sampling.generate`
         (left-padded; ids at padding in range).
       prompt_mask: ``[B, P]``, 1 on real prompt tokens.
       output: ``N = B * n`` rows, prompt-major (as :func:`~sgpo_jax.ssapo.sampling.generate` returns).
       beta: optional factor.
+      share_prompt: one row per prompt with its ``n`` samples (above).
 
     Returns ``[B, n]`` rewards in the log-probs' dtype (float32 for float32/bfloat16 models).
     """
@@ -112,15 +124,52 @@ def implicit_rewards(logps_fn: LogpsFn, policy_params: Any, ref_params: Any, pro
     if n_rows % b:
         raise ValueError(f"output has {n_rows} rows, not a multiple of the {b} prompts")
     response = jnp.arange(t)[None, :] < output.lengths[:, None]  # [N, T]
-    ids = jnp.concatenate([jnp.take(prompt_ids, output.prompt_index, axis=0).astype(jnp.int32),
-                           jnp.where(response, output.tokens, 0).astype(jnp.int32)], axis=1)
-    prompt_mask = jnp.take(prompt_mask, output.prompt_index, axis=0).astype(jnp.int32)
-    attention = jnp.concatenate([prompt_mask, response.astype(jnp.int32)], axis=1)
-    loss_mask = jnp.concatenate([jnp.zeros_like(prompt_mask), response.astype(jnp.int32)], axis=1)
-    rewards = logps_fn(policy_params, ids, attention, loss_mask) - logps_fn(ref_params, ids, attention, loss_mask)
+    tokens = jnp.where(response, output.tokens, 0).astype(jnp.int32)
+    if share_prompt:
+        *rows, chain = shared_prompt_rows(prompt_ids, prompt_mask, tokens, response)
+        logps = lambda params: logps_fn.segments(params, *rows, (chain,))[0]
+    else:
+        ids = jnp.concatenate([jnp.take(prompt_ids, output.prompt_index, axis=0).astype(jnp.int32), tokens], axis=1)
+        prompt_mask = jnp.take(prompt_mask, output.prompt_index, axis=0).astype(jnp.int32)
+        attention = jnp.concatenate([prompt_mask, response.astype(jnp.int32)], axis=1)
+        loss_mask = jnp.concatenate([jnp.zeros_like(prompt_mask), response.astype(jnp.int32)], axis=1)
+        logps = lambda params: logps_fn(params, ids, attention, loss_mask)
+    rewards = logps(policy_params) - logps(ref_params)
     if beta is not None:
         rewards = beta * rewards
     return rewards.reshape(b, n_rows // b)
+
+
+def shared_prompt_rows(prompt_ids: Array, prompt_mask: Array, tokens: Array, response: Array
+                       ) -> Tuple[Array, Array, Array, Array, Tuple[Array, Array]]:
+    """``(ids, positions, segment_ids, branch_ids, (index, mask))``: each left-padded prompt
+    ``[B, P]`` with its ``n`` samples ``tokens [B * n, T]`` (prompt-major; ``response`` marks
+    their real tokens) as one row of ``W = P + nT`` slots for
+    :func:`sgpo_jax.models.logps.segment_logps`.
+
+    With :math:`p_b` the prompt's real length: slots ``[0, P)`` the prompt (branch 0, positions
+    ``0..p_b - 1`` on its real tokens), slots ``P + iT + [0, T)`` sample ``i`` (branch ``i + 1``,
+    positions ``p_b, p_b + 1, ...``); segment id 1 on real tokens, 0 on padding (never attended).
+    Sample ``r = bn + i``'s chain: ``index = bW + [P - 1, P + iT, ..., P + iT + T - 1]`` (the
+    prompt's last slot predicts the first token) and ``mask = [0, response_r]``."""
+    b, p = prompt_ids.shape
+    n_rows, t = tokens.shape
+    n = n_rows // b
+    width = p + n * t
+    ids = jnp.concatenate([prompt_ids.astype(jnp.int32), tokens.reshape(b, n * t)], axis=1)
+    segment_ids = jnp.concatenate([prompt_mask.astype(jnp.int32), response.reshape(b, n * t).astype(jnp.int32)],
+                                  axis=1)
+    length = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)[:, None]
+    positions = jnp.concatenate([jnp.maximum(jnp.cumsum(prompt_mask, axis=1, dtype=jnp.int32) - 1, 0),
+                                 length + jnp.tile(jnp.arange(t, dtype=jnp.int32), n)[None, :]], axis=1)
+    branch_ids = jnp.broadcast_to(jnp.concatenate([jnp.zeros(p, jnp.int32), jnp.repeat(jnp.arange(1, n + 1), t)]),
+                                  (b, width)).astype(jnp.int32)
+    rows = jnp.arange(n_rows, dtype=jnp.int32)
+    prompt_end = (rows // n) * width + p - 1  # the prompt's last slot
+    first = prompt_end + 1 + (rows % n) * t  # the sample's first slot
+    index = jnp.concatenate([prompt_end[:, None], first[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]], axis=1)
+    mask = jnp.concatenate([jnp.zeros((n_rows, 1), jnp.int32), response.astype(jnp.int32)], axis=1)
+    return ids, positions, segment_ids, branch_ids, (index, mask)
 
 
 def identical_samples(output: GenerationOutput, num_samples: int) -> Array:
@@ -177,14 +226,16 @@ def select_pairs(rewards: Array, same: Array, *, strategy: str = "best_worst", r
 
 
 @functools.lru_cache(maxsize=16)
-def _score_and_select(model: Decoder, chunk_size: int, strategy: str, beta: Optional[float]) -> Callable:
+def _score_and_select(model: Decoder, chunk_size: int, strategy: str, beta: Optional[float],
+                      share_prompt: bool) -> Callable:
     """The jitted device step of :func:`annotate`, one per model and setting (cached, so repeated
     calls reuse the compilation)."""
     logps_fn = decoder_logps_fn(model, chunk_size=chunk_size)
 
     @jax.jit
     def run(policy_params, ref_params, prompt_ids, prompt_mask, output, same, valid, rng):
-        rewards = implicit_rewards(logps_fn, policy_params, ref_params, prompt_ids, prompt_mask, output, beta=beta)
+        rewards = implicit_rewards(logps_fn, policy_params, ref_params, prompt_ids, prompt_mask, output, beta=beta,
+                                   share_prompt=share_prompt)
         chosen, rejected, keep = select_pairs(rewards, same, strategy=strategy, rng=rng, valid=valid)
         return rewards, chosen, rejected, keep
 
@@ -243,7 +294,7 @@ def annotate(model: Decoder, policy_params: Any, ref_params: Any, tokenizer: Any
              temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
              strategy: str = "best_worst", beta: Optional[float] = None, stop_strings: Optional[Sequence[str]] = None,
              eos_token_ids: Optional[Sequence[int]] = None, logps_chunk: int = DEFAULT_CHUNK_SIZE,
-             start_batch: int = 0,
+             share_prompt: bool = False, start_batch: int = 0,
              on_batch: Optional[Callable[[int, List[Dict[str, Any]], List[Dict[str, Any]]], None]] = None,
              progress: bool = True) -> AnnotatedRows:
     """Self-annotated preference pairs: sample, score by implicit reward, select (module docstring).
@@ -266,6 +317,8 @@ def annotate(model: Decoder, policy_params: Any, ref_params: Any, tokenizer: Any
       eos_token_ids: ids that end a sample; default ``(tokenizer.eos_token_id,)``.
       logps_chunk: sequence positions per chunk of the log-prob head
         (:func:`sgpo_jax.models.decoder_logps_fn`).
+      share_prompt: score each prompt once with all its samples (prefix sharing,
+        :func:`implicit_rewards`; the pipeline passes ``data.prefix_sharing``).
       start_batch: resume at this batch (the rows of earlier batches are not produced).
       on_batch: called after each batch as ``on_batch(batch_index, rows, dropped)`` with that
         batch's rows and ``dropped`` entries ``{"prompt_index", "batch", "reason"}`` (e.g. to
@@ -295,7 +348,8 @@ def annotate(model: Decoder, policy_params: Any, ref_params: Any, tokenizer: Any
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     n = int(num_samples)
     mesh = sharding.mesh_of(policy_params)
-    step = _score_and_select(model, int(logps_chunk), strategy, None if beta is None else float(beta))
+    step = _score_and_select(model, int(logps_chunk), strategy, None if beta is None else float(beta),
+                             bool(share_prompt))
     rows: List[Dict[str, Any]] = []
     report = AnnotationReport(start_batch=start_batch)
     for batch in sample_batches(model, policy_params, tokenizer, prompts, num_samples=n,

@@ -108,7 +108,7 @@ def _annotate_round(config: ConfigDict, directory: Path, round_index: int, promp
             top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
             max_prompt_length=config.data.max_prompt_length, batch_size=size,
             seed=_seed_for(config.train.seed, round_index), strategy=s.strategy, beta=s.judge_beta or None,
-            logps_chunk=config.model.logps_chunk, start_batch=done,
+            logps_chunk=config.model.logps_chunk, share_prompt=bool(config.data.prefix_sharing), start_batch=done,
             on_batch=lambda b, rows, dropped: write_jsonl(batch_file(b), rows + [{"dropped": d} for d in dropped]))
     rows, dropped = [], {}
     for b in range(num_batches):

@@ -186,9 +186,10 @@ class Trainer:
         return map(self._layout, ordered_batches(self.pairs, self.config.train.reference_batch_size,
                                                  buckets=self.buckets, **self._hosts()))
 
-    def _layout(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    def _layout(self, batch: Dict[str, np.ndarray], groups: int = 1) -> Dict[str, np.ndarray]:
         """The batch as :func:`~sgpo_jax.data.packing.pack_batch` lays it out under
-        ``data.prefix_sharing`` / ``data.packing_budget`` (the same pairs and weights), else itself."""
+        ``data.prefix_sharing`` / ``data.packing_budget`` (the same pairs and weights), in
+        ``groups`` groups of rows (the step's micro-batches), else itself."""
         d = self.config.data
         if not (d.prefix_sharing or d.packing_budget):
             return batch
@@ -197,7 +198,7 @@ class Trainer:
                             "index the slots of one host's batch)", "set both off for multi-host runs")
         _, ways = batch_split(self.mesh)
         return pack_batch(batch, share_prompt=bool(d.prefix_sharing), budget=d.packing_budget or None,
-                          buckets=self.buckets or (), pad_id=self.pairs.pad_id, row_multiple=ways)
+                          buckets=self.buckets or (), pad_id=self.pairs.pad_id, row_multiple=ways, groups=groups)
 
     def restore(self) -> int:
         """Restores the latest checkpoint, if any; returns the step the run continues from."""
@@ -297,7 +298,8 @@ class Trainer:
                         atoms, support, epoch_metrics = follower_cache[epoch]
                     for batch in self.batcher.epoch(epoch, start_step=in_epoch):
                         begin = time.perf_counter()
-                        host_batch = preference_batch(self._layout(batch), ref, atoms, support)
+                        host_batch = preference_batch(self._layout(batch, self.config.train.micro_batches), ref,
+                                                      atoms, support)
                         device_batch = sharding.place_local_rows(host_batch, self.mesh)
                         state, metrics = run_step(self.step_fn, state, device_batch, self.config)
                         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
