@@ -58,16 +58,6 @@ def test_dry_run_reports_and_compiles_nothing(files, tmp_path):
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_a_rerun_says_where_it_continues(files, tmp_path):
-    first = run(files, tmp_path, "--config.checkpoint.every=1", "--config.train.max_steps=1")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert f"starting fresh in {tmp_path}" in first.stdout
-    second = run(files, tmp_path, "--config.checkpoint.every=1", "--config.train.max_steps=2")
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert (f"resuming {tmp_path}: training: continuing after step 1 (checkpoint {tmp_path}/checkpoints/1)"
-            in second.stdout), second.stdout
-
-
 def test_an_unknown_config_key_names_the_closest_one(files, tmp_path):
     out = run(files, tmp_path, "--config.sgpo.epsilonn=0.1")
     assert out.returncode == 2, out.stderr[-2000:]
@@ -86,7 +76,8 @@ def test_the_dry_run_refuses_a_mesh_the_devices_cannot_form(files, tmp_path):
 
 def test_an_interrupted_run_saves_and_exits_75_then_resumes(files, tmp_path):
     """Ctrl-C (SIGINT) after step 1: the CLI saves step 1 and exits with EX_TEMPFAIL (75), so a
-    scheduler tells it from a finished run; the rerun continues after step 1."""
+    scheduler tells it from a finished run; the rerun says where it continues (after step 1, from
+    which checkpoint) and does."""
     hook = ("import os, signal, sys\n"
             "from sgpo_jax.training.metrics import MetricsLog\n"
             "write = MetricsLog.write\n"
@@ -103,8 +94,10 @@ def test_an_interrupted_run_saves_and_exits_75_then_resumes(files, tmp_path):
     out = subprocess.run([sys.executable, "-c", hook, *flags], capture_output=True, text=True, cwd=ROOT, timeout=300,
                          env={**os.environ, "SGPO_VERBOSE": ""})
     assert out.returncode == 75, out.stderr[-3000:]
+    assert f"starting fresh in {tmp_path}" in out.stdout
     assert f"SIGINT: saved step 1 in {tmp_path}; rerun the same command to resume" in out.stdout
     assert "Traceback" not in out.stderr
     second = run(files, tmp_path, "--config.checkpoint.every=100")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"resuming {tmp_path}: training: continuing after step 1" in second.stdout
+    assert (f"resuming {tmp_path}: training: continuing after step 1 (checkpoint {tmp_path}/checkpoints/1)"
+            in second.stdout), second.stdout
