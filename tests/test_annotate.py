@@ -103,14 +103,8 @@ def test_encode_prompts_applies_the_template_truncates_left_and_pads_left():
         tokenize_prompts(TOKENIZER, ["w1", "  "], max_prompt_length=9)
 
 
-def test_encode_prompts_matches_transformers_chat_template_on_smollm2():
-    pytest.importorskip("gguf", reason="GGUF loading needs the gguf package")
-    from sgpo_jax.models.gguf import load_gguf, smollm2_gguf_path
-
-    try:
-        tokenizer = load_gguf(smollm2_gguf_path())[2]
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+def test_encode_prompts_matches_transformers_chat_template_on_smollm2(smollm2_gguf):
+    tokenizer = smollm2_gguf[2]
     questions = ["What is the capital of France?", "Hi"]
     ids, mask = encode_prompts(tokenizer, questions, max_prompt_length=64)
     for row, q in enumerate(questions):

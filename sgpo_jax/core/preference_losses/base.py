@@ -78,7 +78,16 @@ class PiecewiseLoss(FollowerLoss):
         """``(slopes a, intercepts b)``, each ``[K]``, ``K = num_tangents``."""
 
     def value(self, loss: Any, v: Array) -> Array:
-        return jnp.max(v[..., None] * loss.slopes + loss.intercepts, axis=-1)
+        r"""The active piece's value, taken by index rather than by ``jnp.max``: the gradient of a
+        max compares the lines :math:`a_k v + b_k` with the max again and divides by the number
+        that are equal, and XLA recomputes the lines inside each fusion that reads them, where
+        they may round differently (at ``--xla_backend_optimization_level=0`` on CPU the fusion
+        that counts found no line equal to the max while the one that selects found one: a
+        gradient of ``-inf``). Taken by index, the gradient is the active piece's slope whatever
+        the rounding; at a kink, the slope of the first tied piece in the loss's order."""
+        lines = v[..., None] * loss.slopes + loss.intercepts
+        active = jnp.argmax(lines, axis=-1)[..., None]
+        return jnp.take_along_axis(lines, active, axis=-1)[..., 0]
 
     def chord_slope(self, loss: Any, x: Array, lower: Array) -> Array:
         r"""Exact (the piece's own slope) whenever ``x`` and ``lower`` lie on the same piece, so
