@@ -914,9 +914,15 @@ def diag_breakdown(args, methods, rows, model, params, ref_params, cached, fns, 
     return out
 
 
+# The targets of the throughput issue, on the UltraFeedback-shaped lengths: with cached reference
+# log-probs (i) >= 6x TRL's DPOTrainer with its reference model and >= 1.5x the hand-written torch
+# step; with the reference forward in the step (ii) >= 1.2x that torch step.
+TARGETS = {"i": {"vs_trl_ref": 6.0, "vs_best_torch": 1.5}, "ii": {"vs_best_torch": 1.2}}
+
+
 def targets(rows):
     """Ratios of the best library ``ours`` row (cached reference log-probs, and reference forward in
-    the step) to TRL and torch."""
+    the step) to TRL and torch, and whether each meets its entry in ``TARGETS``."""
     def best(kind, ref=None):
         c = {n: r for n, r in rows.items() if r.get("kind") == kind and (ref is None or r["ref"] == ref)}
         return max(c.items(), key=lambda kv: kv[1]["tokens_per_s"]) if c else (None, None)
@@ -932,14 +938,13 @@ def targets(rows):
         entry = {"row": name, "tokens_per_s": row["tokens_per_s"]}
         if trl_ref:
             entry["vs_trl_ref"] = row["tokens_per_s"] / trl_ref["tokens_per_s"]
-            entry["trl_ref_target_3x"] = entry["vs_trl_ref"] >= 3.0
         if trl_pre:
             entry["vs_trl_precompute"] = row["tokens_per_s"] / trl_pre["tokens_per_s"]
-            entry["trl_precompute_target_3x"] = entry["vs_trl_precompute"] >= 3.0
         if torch_row:
             entry["vs_best_torch"] = row["tokens_per_s"] / torch_row["tokens_per_s"]
             entry["best_torch_row"] = torch_name
-            entry["torch_target_1.2x"] = entry["vs_best_torch"] >= 1.2
+        entry["targets"] = {key: dict(target=t, met=entry[key] >= t)
+                            for key, t in TARGETS[label].items() if key in entry}
         out[f"ours ({label})"] = entry
     return out
 
@@ -969,11 +974,13 @@ def print_table(results, args):
     print()
     for label, e in results["targets"].items():
         parts = [f"{label}: {e['row']}, {e['tokens_per_s']:,.0f} tokens/s"]
-        comparisons = (("vs_trl_ref", "TRL (ref model)", 3.0), ("vs_trl_precompute", "TRL (precompute)", 3.0),
-                       ("vs_best_torch", e.get("best_torch_row"), 1.2))
-        for key, what, target in comparisons:
+        comparisons = (("vs_trl_ref", "TRL (ref model)"), ("vs_trl_precompute", "TRL (precompute)"),
+                       ("vs_best_torch", e.get("best_torch_row")))
+        for key, what in comparisons:
             if key in e:
-                parts.append(f"{e[key]:.2f}x {what} (target {target:g}x: {'PASS' if e[key] >= target else 'FAIL'})")
+                t = e["targets"].get(key)
+                verdict = f" (target {t['target']:g}x: {'PASS' if t['met'] else 'FAIL'})" if t else ""
+                parts.append(f"{e[key]:.2f}x {what}{verdict}")
         print("; ".join(parts))
     if results["breakdown"]:
         bd = results["breakdown"]
