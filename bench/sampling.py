@@ -156,6 +156,10 @@ def decode_cost(cfg, params, batch: int, context: float):
     return 4 * (weights + kv + batch * cfg.hidden_size), flops
 
 
+# The throughput issue's target: a decode step at batch 32 reaches half of its roofline time.
+ROOFLINE_TARGET_BATCH, ROOFLINE_TARGET = 32, 0.5
+
+
 def roofline(args):
     """The roofline table (module docstring); returns its results dict."""
     cfg = model_config(args, args.prompt + args.new_tokens, scan_layers=args.scan_layers)
@@ -194,6 +198,10 @@ def roofline(args):
     for r in rows:
         print(f"| {r['batch']} | {1e3 * r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['bytes'] / 1e6:.2f} | "
               f"{r['flops'] / 1e6:.1f} | {r['bound']} | {1e3 * r['roofline_s']:.3f} | {r['fraction']:.1%} |")
+    for r in rows:
+        if r["batch"] == ROOFLINE_TARGET_BATCH:
+            print(f"\nbatch {r['batch']}: {r['fraction']:.1%} of the roofline (target {ROOFLINE_TARGET:.0%}: "
+                  f"{'PASS' if r['fraction'] >= ROOFLINE_TARGET else 'FAIL'})")
     return {"bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": flop_rate, "mean_context": context,
             "loadavg_before": loadavg, "rows": rows}
 

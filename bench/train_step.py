@@ -918,6 +918,7 @@ def diag_breakdown(args, methods, rows, model, params, ref_params, cached, fns, 
 # log-probs (i) >= 6x TRL's DPOTrainer with its reference model and >= 1.5x the hand-written torch
 # step; with the reference forward in the step (ii) >= 1.2x that torch step.
 TARGETS = {"i": {"vs_trl_ref": 6.0, "vs_best_torch": 1.5}, "ii": {"vs_best_torch": 1.2}}
+SHARING_TARGET = 1.15  # prefix sharing alone against the same head on unshared rows
 
 
 def targets(rows):
@@ -982,6 +983,11 @@ def print_table(results, args):
                 verdict = f" (target {t['target']:g}x: {'PASS' if t['met'] else 'FAIL'})" if t else ""
                 parts.append(f"{e[key]:.2f}x {what}{verdict}")
         print("; ".join(parts))
+    plain, shared = rows.get("ours chunked, cached ref"), rows.get("ours chunked shared, cached ref")
+    if plain and shared:
+        speedup = plain["step_s"] / shared["step_s"]
+        print(f"prefix sharing: {speedup:.2f}x the unshared step (target {SHARING_TARGET:g}x: "
+              f"{'PASS' if speedup >= SHARING_TARGET else 'FAIL'})")
     if results["breakdown"]:
         bd = results["breakdown"]
         print(f"\nparts of a step (medians, ms; ours: {bd['variant']}, step {bd['step_s'] * 1e3:,.0f} ms; "
