@@ -9,10 +9,9 @@ import tempfile
 # time is XLA compiling small programs. Optimization level 0 (LLVM's passes off) and the element-
 # wise emitter instead of the MLIR fusion emitters compile a tiny train step about 3x faster and
 # take about 40% off the suite. They change the machine code (e.g. where a multiply-add is fused),
-# not what the programs compute, and every tolerance here must absorb
-# such differences anyway ("any CPU"). Level 0 is also the stricter setting: it exposed a gradient
-# that depended on two fusions rounding alike
-# (tests/test_losses.py::test_piecewise_loss_gradient_is_the_active_slope_under_jit).
+# not what the programs compute, and every tolerance here must absorb such differences anyway
+# ("any CPU"). Level 0 is also the stricter setting: it exposed a gradient that depended on two
+# fusions rounding alike (tests/test_losses.py::test_piecewise_loss_gradient_is_the_active_slope_under_jit).
 os.environ["XLA_FLAGS"] = " ".join([
     os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
     "--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",

@@ -22,12 +22,6 @@ TORCH_REASON = "PyTorch is the parity oracle: pip install torch==2.13.0 (the CPU
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    """``(cfg, params, tokenizer)`` of SmolLM2-135M-Instruct (conftest's, loaded once)."""
-    return smollm2_gguf
-
-
 def greedy(cfg, params, prompt, new_tokens):
     """``new_tokens`` greedy continuations of ``prompt`` ([T] ids): one jitted prefill + scan of cached steps."""
     model = Decoder(cfg)
@@ -53,8 +47,8 @@ def greedy(cfg, params, prompt, new_tokens):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_smollm2_config(smollm2):
-    cfg, params, _ = smollm2
+def test_smollm2_config(smollm2_gguf):
+    cfg, params, _ = smollm2_gguf
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (30, 576, 1536)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (9, 3, 64)
     assert cfg.vocab_size == 49152 and cfg.tie_word_embeddings and cfg.rope_theta == 100000.0
@@ -62,8 +56,8 @@ def test_smollm2_config(smollm2):
     assert params["params"]["embed_tokens"]["embedding"].shape == (49152, 576) and "lm_head" not in params["params"]
 
 
-def test_smollm2_tokenizer(smollm2):
-    _, _, tokenizer = smollm2
+def test_smollm2_tokenizer(smollm2_gguf):
+    _, _, tokenizer = smollm2_gguf
     assert isinstance(tokenizer, transformers.PreTrainedTokenizerFast)
     # Ids as transformers' AutoTokenizer.from_pretrained(..., gguf_file=...) gives them.
     assert tokenizer("Hello world, café!")["input_ids"] == [19556, 905, 28, 37366, 17]
@@ -80,8 +74,8 @@ def test_smollm2_tokenizer(smollm2):
     assert chat.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_smollm2_greedy_answer(smollm2):
-    cfg, params, tokenizer = smollm2
+def test_smollm2_greedy_answer(smollm2_gguf):
+    cfg, params, tokenizer = smollm2_gguf
     prompt = tokenizer(tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True))
     tokens = list(greedy(cfg, params, prompt["input_ids"], 12))
     answer = tokenizer.decode(tokens[:tokens.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in tokens
@@ -89,9 +83,9 @@ def test_smollm2_greedy_answer(smollm2):
     assert "Paris" in answer, answer  # "The capital of France is Paris."
 
 
-def test_smollm2_matches_transformers(smollm2):
+def test_smollm2_matches_transformers(smollm2_gguf):
     torch = pytest.importorskip("torch", reason=TORCH_REASON)
-    cfg, params, tokenizer = smollm2
+    cfg, params, tokenizer = smollm2_gguf
     hf_config = to_hf_config(cfg)
     hf_config._attn_implementation = "eager"
     model = transformers.LlamaForCausalLM(hf_config).eval()
