@@ -633,27 +633,26 @@ def main(args):
                                          ref_logps=pair_logps(eval_fn), ref_in_step=ref_in_step),
                 kind="ours", variant=variant, ref="in step" if ref_in_step else "cached")
 
+    def add_chunked_cached(layout, batches):
+        """The chunked head with cached reference log-probs on ``batches`` (a layout's row)."""
+        name = "ours chunked, cached ref" if layout == "plain" else f"ours chunked {layout}, cached ref"
+        add(name, lambda: OursMethod(name, model=model, params=params, ref_params=ref_params, batches=batches,
+                                     config=sgpo, tx=tx, apply_fn=model.apply, logps_fn=fns["chunked"][0],
+                                     ref_logps=pair_logps(fns["chunked"][1]), ref_in_step=False),
+            kind="ours", variant="chunked" if layout == "plain" else f"chunked {layout}", ref="cached")
+
     layout_batches = {}
     for layout in args.layouts:
         if layout == "plain":
             if "chunked" not in args.ours:
-                add("ours chunked, cached ref", lambda: OursMethod(
-                    "ours chunked, cached ref", model=model, params=params, ref_params=ref_params, batches=cached,
-                    config=sgpo, tx=tx, apply_fn=model.apply, logps_fn=fns["chunked"][0],
-                    ref_logps=pair_logps(fns["chunked"][1]), ref_in_step=False),
-                    kind="ours", variant="chunked", ref="cached")
+                add_chunked_cached(layout, cached)
             continue
         shared = layout.startswith("shared")
         budget = None
         if layout.endswith("packed"):
             budget = args.pack_budget or 2 * (args.prompt + (2 if shared else 1) * args.response)
         layout_batches[layout] = [packed_batch(b, shared, budget) for b in cached]
-        name = f"ours chunked {layout}, cached ref"
-        add(name, lambda: OursMethod(name, model=model, params=params, ref_params=ref_params,
-                                     batches=layout_batches[layout], config=sgpo, tx=tx, apply_fn=model.apply,
-                                     logps_fn=fns["chunked"][0], ref_logps=pair_logps(fns["chunked"][1]),
-                                     ref_in_step=False),
-            kind="ours", variant=f"chunked {layout}", ref="cached")
+        add_chunked_cached(layout, layout_batches[layout])
 
     # Agreement of every log-prob path with the definition on batch 0 (reference params).
     agreement = {}
